@@ -1,0 +1,202 @@
+"""Maximum-likelihood refinement of the CTF against the averaged periodogram.
+
+Model of the expected spectrum at each pixel of the band::
+
+    m(k) = B(|k_obs|) + A(|k_true|) * CTF^2(k; z, a1, a2, phase)
+
+with ``B`` (background) and ``A`` (envelope × signal) smooth cubic B-splines whose coefficients
+are fitted together with the CTF parameters. An averaged periodogram ordinate is Gamma
+distributed with mean ``m``; its negative log-likelihood (per tile) is
+``sum(log m + S / m)``. We minimise it by Fisher scoring with Levenberg–Marquardt damping,
+which is iteratively reweighted least squares with weights ``1 / m^2``. Astigmatism is
+parameterised by Cartesian components, so nothing is clamped. The inverse Fisher information
+gives the statistical uncertainty of each parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from anisoctf.fit.band import Band, radial_basis
+from anisoctf.optics.ctf import Optics
+
+__all__ = ["RefineResult", "refine_ml"]
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """Result of :func:`refine_ml` (CTF parameters in the true frame)."""
+
+    z: float
+    a1: float
+    a2: float
+    phase_deg: float
+    nll: float
+    covariance: NDArray[np.float64]  # of (z, a1, a2[, phase_rad]) in Å (and rad)
+    background: NDArray[np.float64]  # B at each band pixel
+    envelope: NDArray[np.float64]  # A at each band pixel
+    ctf2: NDArray[np.float64]  # CTF^2 at each band pixel
+    iterations: int
+
+
+def _ctf_terms(band: Band, optics: Optics, z: float, a1: float, a2: float, ph: float):
+    lam = optics.wavelength
+    f = band.feats
+    x = (
+        np.pi * lam * (z * f.k2 + a1 * f.c2 + a2 * f.s2)
+        - 0.5 * np.pi * optics.cs_angstrom * lam**3 * f.k4
+        + ph
+    )
+    w = optics.amplitude_contrast
+    sw = np.sqrt(1 - w * w)
+    sx, cx = np.sin(x), np.cos(x)
+    c = -sw * sx - w * cx
+    dc = -sw * cx + w * sx
+    return c * c, 2.0 * c * dc  # CTF^2 and d(CTF^2)/d(chi)
+
+
+def refine_ml(
+    band: Band,
+    optics: Optics,
+    start: tuple[float, float, float, float],
+    n_eff: float = 1.0,
+    fit_phase: bool = False,
+    astig_sigma: float | None = None,
+    n_bg: int = 10,
+    n_env: int = 6,
+    max_iter: int = 40,
+    tol: float = 1e-10,
+) -> RefineResult:
+    """Refine ``(z, a1, a2[, phase])`` and the smooth background/envelope by maximum likelihood.
+
+    Parameters
+    ----------
+    band
+        Spectrum pixels to fit.
+    optics
+        Optics (its magnification matrix is already in ``band.feats``).
+    start
+        Starting ``(z, a1, a2, phase_deg)``.
+    n_eff
+        Effective number of periodograms averaged (scales the likelihood and the covariance).
+    fit_phase
+        Also refine the phase shift.
+    astig_sigma
+        Width (Å) of a Gaussian restraint on ``U − V``; None for none.
+    n_bg, n_env
+        Number of spline coefficients of background and envelope.
+    """
+    s = band.values
+    lam = optics.wavelength
+    f = band.feats
+    dchi = [np.pi * lam * f.k2, np.pi * lam * f.c2, np.pi * lam * f.s2]
+    if fit_phase:
+        dchi.append(np.ones_like(f.k2))
+    nt = len(dchi)
+    phi = radial_basis(band.rho, float(band.rho.min()), float(band.rho.max()), n_bg)
+    psi = radial_basis(band.rho_true, band.k_min, band.k_max, n_env)
+    theta = np.array([start[0], start[1], start[2], np.deg2rad(start[3])], dtype=float)
+
+    def unpack(t: NDArray) -> tuple[float, float, float, float]:
+        return float(t[0]), float(t[1]), float(t[2]), float(t[3])
+
+    restr = 0.0 if astig_sigma is None else 4.0 / (astig_sigma**2 * max(n_eff, 1.0))
+
+    # starting linear coefficients: weighted least squares with a smooth weight
+    c2, dc2 = _ctf_terms(band, optics, *unpack(theta))
+    x0 = np.linalg.lstsq(phi, s, rcond=None)[0]
+    ws = 1.0 / np.maximum(phi @ x0, 1e-6 * np.abs(s).mean())
+    design = np.concatenate([phi, psi * c2[:, None]], axis=1)
+    lin = np.linalg.lstsq(design * ws[:, None], s * ws, rcond=None)[0]
+    nb = phi.shape[1]
+
+    def evaluate(t: NDArray, lin_: NDArray):
+        c2_, dc2_ = _ctf_terms(band, optics, *unpack(t))
+        bg = phi @ lin_[:nb]
+        env = psi @ lin_[nb:]
+        m = bg + env * c2_
+        return m, bg, env, c2_, dc2_
+
+    def nll_of(m: NDArray, t: NDArray) -> float:
+        if np.any(m <= 0):
+            return np.inf
+        return float(np.mean(np.log(m) + s / m) + restr * 0.5 * (t[1] ** 2 + t[2] ** 2) / s.size)
+
+    m, bg, env, c2, dc2 = evaluate(theta, lin)
+    if np.any(m <= 0):  # start from a pure background fit if the envelope misbehaves
+        lin = np.concatenate([x0, np.zeros(psi.shape[1])])
+        lin[nb:] = 1e-3 * np.abs(x0).mean()
+        m, bg, env, c2, dc2 = evaluate(theta, lin)
+    nll = nll_of(m, theta)
+    mu = 1e-3
+    it = 0
+    for it in range(1, max_iter + 1):
+        inv = 1.0 / m
+        jt = [env * dc2 * d * inv for d in dchi]
+        j = np.concatenate(
+            [np.stack(jt, axis=1), phi * inv[:, None], psi * (c2 * inv)[:, None]], axis=1
+        )
+        r = (s - m) * inv
+        jtj = j.T @ j
+        g = j.T @ r
+        if restr:
+            g[1] -= restr * theta[1]
+            g[2] -= restr * theta[2]
+            jtj[1, 1] += restr
+            jtj[2, 2] += restr
+        diag = np.diag(jtj).copy()
+        improved = False
+        for _ in range(12):
+            a = jtj + mu * np.diag(diag + 1e-12 * diag.max())
+            try:
+                step = np.linalg.solve(a, g)
+            except np.linalg.LinAlgError:
+                mu *= 10
+                continue
+            t_new = theta.copy()
+            t_new[:nt] += step[:nt]
+            lin_new = lin + step[nt:]
+            m_new, bg_n, env_n, c2_n, dc2_n = evaluate(t_new, lin_new)
+            nll_new = nll_of(m_new, t_new)
+            if nll_new < nll:
+                improved = True
+                break
+            mu *= 4.0
+        if not improved:
+            break
+        rel = (nll - nll_new) / max(abs(nll), 1e-30)
+        theta, lin, nll = t_new, lin_new, nll_new
+        m, bg, env, c2, dc2 = m_new, bg_n, env_n, c2_n, dc2_n
+        mu = max(mu / 3.0, 1e-9)
+        if rel < tol:
+            break
+
+    # covariance from the Fisher information at the optimum
+    inv = 1.0 / m
+    jt = [env * dc2 * d * inv for d in dchi]
+    j = np.concatenate(
+        [np.stack(jt, axis=1), phi * inv[:, None], psi * (c2 * inv)[:, None]], axis=1
+    )
+    fisher = max(n_eff, 1.0) * (j.T @ j)
+    if restr:
+        fisher[1, 1] += restr * max(n_eff, 1.0)
+        fisher[2, 2] += restr * max(n_eff, 1.0)
+    try:
+        cov = np.linalg.inv(fisher)[:nt, :nt]
+    except np.linalg.LinAlgError:
+        cov = np.full((nt, nt), np.inf)
+    return RefineResult(
+        z=float(theta[0]),
+        a1=float(theta[1]),
+        a2=float(theta[2]),
+        phase_deg=float(np.rad2deg(theta[3])),
+        nll=nll,
+        covariance=cov,
+        background=bg,
+        envelope=env,
+        ctf2=c2,
+        iterations=it,
+    )

@@ -1,0 +1,211 @@
+"""Coarse, exhaustive search for defocus, astigmatism and phase shift.
+
+The band is split into angular sectors (in the true frame). For each sector, a 1D radial profile
+is compared with the CTF² of every candidate defocus by *variable projection*: a smooth
+background and a smooth envelope are fitted by weighted linear least squares for each
+candidate, and the score is the drop of the weighted residual (a log-likelihood ratio, so the
+scores of independent sectors add up). Astigmatism is then found by maximising, over a grid of
+mean defocus and Cartesian astigmatism ``(a1, a2)``, the sum of the sector scores at each sector's
+defocus ``z + a1 cos 2φ + a2 sin 2φ``. Nothing is bounded by clamping: the astigmatism grid is a
+disc in Cartesian components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from anisoctf.fit.band import Band, radial_basis
+from anisoctf.optics.ctf import Optics
+
+__all__ = ["SearchResult", "coarse_search", "profile_scores"]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Best candidates of the coarse search (descending score)."""
+
+    candidates: list[tuple[float, float, float, float]]  # (z, a1, a2, phase_deg)
+    scores: list[float]
+    defocus_grid: NDArray[np.float64]
+    profile_score: NDArray[np.float64]  # all-sector score against the defocus grid
+    significance: float  # best score in units of the score's noise level
+
+
+def _ctf2_1d(k: NDArray, df: NDArray, phase_rad: NDArray, optics: Optics) -> NDArray:
+    """CTF² on a (candidates × k) grid."""
+    lam = optics.wavelength
+    cs = optics.cs_angstrom
+    w = optics.amplitude_contrast
+    k2 = k * k
+    x = np.pi * lam * df[:, None] * k2[None, :] - 0.5 * np.pi * cs * lam**3 * (k2 * k2)[None, :]
+    x = x + phase_rad[:, None]
+    c = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
+    return c * c
+
+
+def profile_scores(
+    k: NDArray,
+    y: NDArray,
+    n: NDArray,
+    ctf2: NDArray,
+    k_min: float,
+    k_max: float,
+    n_bg: int = 5,
+    n_env: int = 2,
+) -> NDArray:
+    """Variable-projection score of each candidate CTF² for one radial profile.
+
+    Parameters
+    ----------
+    k, y, n
+        Bin centres (Å⁻¹), mean power and pixel count of each bin (empty bins have n = 0).
+    ctf2
+        Candidate CTF² values, shape (n_candidates, len(k)).
+    n_bg, n_env
+        Number of smooth basis functions for background and envelope.
+
+    Returns
+    -------
+    ndarray
+        Weighted residual drop for each candidate (0 where the fitted envelope is negative).
+    """
+    ok = n > 0
+    k, y, n, ctf2 = k[ok], y[ok], n[ok], ctf2[:, ok]
+    phi = radial_basis(k, k_min, k_max, n_bg)
+    # Gamma noise: variance of a bin mean ~ y_smooth^2 / n; smooth y by its own background fit
+    ys = phi @ np.linalg.lstsq(phi * np.sqrt(n)[:, None], y * np.sqrt(n), rcond=None)[0]
+    ys = np.maximum(ys, 1e-3 * np.max(np.abs(ys)) + 1e-30)
+    sw = np.sqrt(n) / ys
+    q, _ = np.linalg.qr(phi * sw[:, None])
+    yw = y * sw
+    yp = yw - q @ (q.T @ yw)
+    if n_env <= 1:
+        psi = np.ones((k.size, 1))
+    else:
+        psi = np.stack([(k / k_max) ** i for i in range(n_env)], axis=1)
+    # candidate columns z_ja = sw * psi_a * ctf2_j, projected off the background space q;
+    # everything reduces to matrix products with the (J x nb) candidate matrix
+    u = sw[:, None] * psi  # (nb, pA)
+    qtz = np.einsum("ib,ia->abi", q, u)  # (pA, pB, nb): q_b * u_a
+    proj = np.stack([ctf2 @ qtz[a].T for a in range(u.shape[1])], axis=1)  # (J, pA, pB)
+    uu = np.einsum("ia,ib->abi", u, u).reshape(-1, k.size)  # (pA*pA, nb)
+    g = ((ctf2 * ctf2) @ uu.T).reshape(-1, u.shape[1], u.shape[1])
+    g = g - np.einsum("jab,jcb->jac", proj, proj)
+    h = ctf2 @ (u * yp[:, None])  # (J, pA); yp is orthogonal to q so no correction
+    g = g + 1e-9 * np.trace(g, axis1=1, axis2=2)[:, None, None] * np.eye(g.shape[1])
+    coef = np.linalg.solve(g, h[..., None])[..., 0]
+    drop = np.einsum("ja,ja->j", h, coef)
+    amp = coef @ psi.mean(axis=0)
+    return np.where(amp > 0, drop, 0.0)
+
+
+def _bin_profile(
+    rho: NDArray, values: NDArray, k_min: float, k_max: float, width: float
+) -> tuple[NDArray, NDArray, NDArray]:
+    nb = max(8, int(np.ceil((k_max - k_min) / width)))
+    edges = np.linspace(k_min, k_max, nb + 1)
+    i = np.clip(np.searchsorted(edges, rho) - 1, 0, nb - 1)
+    n = np.bincount(i, minlength=nb).astype(float)
+    s = np.bincount(i, weights=values, minlength=nb)
+    kc = np.bincount(i, weights=rho, minlength=nb)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    k = np.where(n > 0, kc / np.maximum(n, 1), centres)
+    return k, np.where(n > 0, s / np.maximum(n, 1), 0.0), n
+
+
+def coarse_search(
+    band: Band,
+    optics: Optics,
+    df_min: float,
+    df_max: float,
+    max_astig: float,
+    phase_plate: bool = False,
+    n_sectors: int = 18,
+    n_best: int = 3,
+) -> SearchResult:
+    """Exhaustive search over mean defocus, astigmatism and (optionally) phase shift.
+
+    Parameters
+    ----------
+    band
+        Spectrum pixels of the coarse band.
+    optics
+        Optics (wavelength, Cs, amplitude contrast).
+    df_min, df_max
+        Mean defocus range (Å).
+    max_astig
+        Largest |U − V| (Å) considered.
+    phase_plate
+        Search the phase shift too.
+    n_sectors
+        Angular sectors over 180°.
+    n_best
+        Number of distinct candidates returned.
+    """
+    lam = optics.wavelength
+    kc = band.k_max
+    step = 0.25 / (np.pi * lam * kc * kc)  # phase change of ≤ 0.25 rad at the band edge
+    grid = np.arange(df_min, df_max + step, step)
+    phases = np.deg2rad(np.arange(0.0, 180.0, 15.0)) if phase_plate else np.zeros(1)
+    width = 0.5 * band.pixel_step
+    values = band.values
+
+    # 1. all-sector profile: defocus (and phase) ignoring astigmatism
+    k, y, n = _bin_profile(band.rho_true, values, band.k_min, band.k_max, width)
+    df_all = np.repeat(grid, len(phases))
+    ph_all = np.tile(phases, len(grid))
+    s_all = profile_scores(k, y, n, _ctf2_1d(k, df_all, ph_all, optics), band.k_min, band.k_max)
+    s_all = s_all.reshape(len(grid), len(phases))
+    best_phase = phases[int(np.argmax(s_all.max(axis=0)))]
+    profile_score = s_all[:, int(np.argmax(s_all.max(axis=0)))]
+
+    # 2. per-sector score curves at that phase
+    sec = np.minimum((band.theta_true / np.pi * n_sectors).astype(int), n_sectors - 1)
+    curves = np.zeros((n_sectors, grid.size))
+    centres = (np.arange(n_sectors) + 0.5) * np.pi / n_sectors
+    for s in range(n_sectors):
+        m = sec == s
+        if m.sum() < 50:
+            continue
+        ks, ys, ns = _bin_profile(band.rho_true[m], values[m], band.k_min, band.k_max, width)
+        c2 = _ctf2_1d(ks, grid, np.full(grid.size, best_phase), optics)
+        curves[s] = profile_scores(ks, ys, ns, c2, band.k_min, band.k_max)
+
+    # 3. grid over (z, a1, a2): sum of sector scores at the sector defocus
+    h_max = 0.5 * max_astig
+    na = int(np.ceil(h_max / step))
+    av = np.arange(-na, na + 1) * step
+    a1, a2 = np.meshgrid(av, av, indexing="ij")
+    disc = a1**2 + a2**2 <= (h_max + 1e-9) ** 2
+    a1, a2 = a1[disc], a2[disc]
+    # sector defocus offset in grid steps, for each astigmatism candidate: (n_ast, n_sectors)
+    off = (a1[:, None] * np.cos(2 * centres)[None, :] + a2[:, None] * np.sin(2 * centres)[None, :])
+    off = off / step
+    total = np.zeros((a1.size, grid.size))
+    zi = np.arange(grid.size)
+    for s in range(n_sectors):
+        if not curves[s].any():
+            continue
+        pos = zi[None, :] + off[:, s : s + 1]
+        total += np.interp(pos, zi, curves[s], left=0.0, right=0.0)
+
+    # 4. distinct best candidates
+    cands: list[tuple[float, float, float, float]] = []
+    scores: list[float] = []
+    flat = np.argsort(total, axis=None)[::-1]
+    for f in flat[:5000]:
+        ia, iz = np.unravel_index(f, total.shape)
+        z, b1, b2 = grid[iz], a1[ia], a2[ia]
+        if any(abs(z - c[0]) < 4 * step and np.hypot(b1 - c[1], b2 - c[2]) < 4 * step
+               for c in cands):
+            continue
+        cands.append((float(z), float(b1), float(b2), float(np.rad2deg(best_phase))))
+        scores.append(float(total[ia, iz]))
+        if len(cands) >= n_best:
+            break
+    noise = float(np.median(np.abs(profile_score - np.median(profile_score)))) + 1e-30
+    signif = float((profile_score.max() - np.median(profile_score)) / noise)
+    return SearchResult(cands, scores, grid, profile_score, signif)

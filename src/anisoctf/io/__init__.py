@@ -1,0 +1,53 @@
+"""File formats at the edge of anisoctf: MRC images, RELION STAR files, CTFFIND text.
+
+Everything inside the package works on plain arrays and frozen records; only these modules
+open files. Readers turn every kind of bad input into one-line
+:class:`~anisoctf.errors.InputError` messages; writers replace their target atomically.
+"""
+
+from anisoctf.io.atomic import atomic_path, atomic_write, write_bytes_atomic, write_text_atomic
+from anisoctf.io.ctffind import CTFFindRecord, read_ctffind_txt, write_ctffind_txt
+from anisoctf.io.mrc import (
+    MIN_MICROGRAPH_SIZE,
+    MRCHeader,
+    MRCImage,
+    read_micrograph,
+    read_mrc_header,
+    read_stack,
+    read_stack_images,
+    write_mrc,
+)
+from anisoctf.io.star import (
+    MicrographCTFRow,
+    MicrographEntry,
+    read_micrographs_ctf_star,
+    read_micrographs_star,
+    read_optics_group_names,
+    read_optics_star,
+    write_micrographs_ctf_star,
+)
+
+__all__ = [
+    "MIN_MICROGRAPH_SIZE",
+    "CTFFindRecord",
+    "MRCHeader",
+    "MRCImage",
+    "MicrographCTFRow",
+    "MicrographEntry",
+    "atomic_path",
+    "atomic_write",
+    "read_ctffind_txt",
+    "read_micrograph",
+    "read_micrographs_ctf_star",
+    "read_micrographs_star",
+    "read_mrc_header",
+    "read_optics_group_names",
+    "read_optics_star",
+    "read_stack",
+    "read_stack_images",
+    "write_bytes_atomic",
+    "write_ctffind_txt",
+    "write_micrographs_ctf_star",
+    "write_mrc",
+    "write_text_atomic",
+]
