@@ -10,12 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.interpolate import BSpline
 
-from anisoctf.optics.ctf import FrequencyFeatures, Optics, frequency_features, frequency_grid
+from anisoctf.optics.ctf import FrequencyFeatures, Optics, frequency_features
 from anisoctf.spectrum.periodogram import Spectrum
 
-__all__ = ["Band", "make_band", "radial_basis"]
+__all__ = ["Band", "binned_power", "concat_bands", "make_band", "polar_compress", "radial_basis"]
 
 
 @dataclass(frozen=True)
@@ -25,9 +24,13 @@ class Band:
     Attributes
     ----------
     values
-        Observed power at each pixel.
+        Observed power at each pixel (mean over the pixel's ``weights`` fine pixels).
+    weights
+        Number of spectrum pixels each value averages (1, or 4 for 2×2-binned pixels).
     index
-        Flat indices of the pixels in the half-plane spectrum.
+        Flat indices of the pixels in the half-plane grid of ``grid_shape`` (0 for mixed bands).
+    kx, ky
+        Observed-frame frequency of each pixel (Å⁻¹).
     rho
         ``|k_obs|`` (Å⁻¹): the detector's radial frequency (background lives here).
     rho_true
@@ -39,11 +42,16 @@ class Band:
     k_min, k_max
         Band limits (Å⁻¹, true frame).
     pixel_step
-        Radial frequency step of one spectrum pixel (Å⁻¹).
+        Radial frequency step of one (binned) pixel of this band (Å⁻¹).
+    grid_shape
+        Shape of the half-plane grid ``index`` refers to ((0, 0) for mixed bands).
     """
 
     values: NDArray[np.float64]
+    weights: NDArray[np.float64]
     index: NDArray[np.int64]
+    kx: NDArray[np.float64]
+    ky: NDArray[np.float64]
     rho: NDArray[np.float64]
     rho_true: NDArray[np.float64]
     theta_true: NDArray[np.float64]
@@ -51,6 +59,7 @@ class Band:
     k_min: float
     k_max: float
     pixel_step: float
+    grid_shape: tuple[int, int]
 
     @property
     def size(self) -> int:
@@ -58,45 +67,250 @@ class Band:
         return int(self.values.size)
 
 
-def make_band(spectrum: Spectrum, optics: Optics, k_min: float, k_max: float) -> Band:
-    """Collect the pixels of ``spectrum`` whose true-frame frequency lies in [k_min, k_max]."""
-    box = spectrum.box
-    kx, ky = frequency_grid((box, box), spectrum.pixel_size, rfft=True)
-    kx, ky = np.broadcast_arrays(kx, ky)
-    m = optics.M if optics.has_anisomag else np.eye(2)
-    kxt = m[0, 0] * kx + m[0, 1] * ky
-    kyt = m[1, 0] * kx + m[1, 1] * ky
-    rt = np.hypot(kxt, kyt)
-    sel = (rt >= k_min) & (rt <= k_max)
-    # the kx = 0 column holds both +ky and -ky, which are the same point: keep one half
-    sel[:, 0] &= ky[:, 0] >= 0
-    idx = np.flatnonzero(sel)
-    kx_s, ky_s = kx.ravel()[idx], ky.ravel()[idx]
-    feats = frequency_features(kx_s, ky_s, m if optics.has_anisomag else None)
-    kxt_s, kyt_s = kxt.ravel()[idx], kyt.ravel()[idx]
+def binned_power(spectrum: Spectrum, factor: int) -> tuple[NDArray, NDArray, NDArray]:
+    """Half-plane power binned ``factor × factor``, with the mean frequency of each bin.
+
+    Results are cached on the spectrum (binned hierarchically, by 2 from the next finer level).
+
+    Returns
+    -------
+    power
+        Array of shape ``(ny // factor, nx // (2 * factor) + 1)``; the last column holds the
+        Nyquist column (binned along y only).
+    kx, ky
+        1D frequencies (Å⁻¹) of the columns and rows.
+    """
+    cache = spectrum.cache
+    if factor in cache:
+        return cache[factor]
+    ny, nx = spectrum.shape
+    if factor == 1:
+        p = spectrum.power
+    else:
+        if ny % (2 * factor) or nx % (2 * factor):
+            raise ValueError(f"spectrum of shape {spectrum.shape} cannot be binned by {factor}")
+        finer = factor // 2 if factor % 2 == 0 else 1
+        p = _bin_half_plane(binned_power(spectrum, finer)[0], factor // finer)
+    # mean frequency of the fine pixels in each bin (FFT order is contiguous within a bin)
+    fy = np.fft.fftfreq(ny, d=spectrum.pixel_size)
+    ky = fy.reshape(ny // factor, factor).mean(axis=1)
+    fx = np.fft.rfftfreq(nx, d=spectrum.pixel_size)
+    nb_col = (fx.size - 1) // factor
+    kx = np.concatenate([fx[: nb_col * factor].reshape(nb_col, factor).mean(axis=1), fx[-1:]])
+    out = (p, kx, ky)
+    cache[factor] = out
+    return out
+
+
+def _bin_half_plane(a: NDArray, f: int) -> NDArray:
+    """Bin an rfft half-plane array by ``f`` in both directions; the Nyquist column stays on
+    its own (binned along y only)."""
+    rows, ncol = a.shape
+    nb_col = (ncol - 1) // f
+    cols = a[:, : nb_col * f].reshape(rows, nb_col, f).mean(axis=2)
+    cols = np.concatenate([cols, a[:, -1:]], axis=1)
+    return cols.reshape(rows // f, f, nb_col + 1).mean(axis=1)
+
+
+def _annulus_indices(
+    kx: NDArray, ky: NDArray, gram: NDArray, k_min: float, k_max: float
+) -> NDArray[np.int64]:
+    """Flat indices of the half-plane grid (rows ``ky``, uniform columns ``kx`` without the
+    Nyquist column) with ``k_min <= sqrt(k^T G k) <= k_max``, found row by row analytically
+    (an elliptical annulus cuts each row in at most two segments), plus a one-pixel margin."""
+    nc = kx.size
+    x0, dx = float(kx[0]), float(kx[1] - kx[0])
+    g00, g01, g11 = float(gram[0, 0]), float(gram[0, 1]), float(gram[1, 1])
+
+    def roots(r: float) -> tuple[NDArray, NDArray, NDArray]:
+        disc = (g01 * ky) ** 2 - g00 * (g11 * ky * ky - r * r)
+        sq = np.sqrt(np.maximum(disc, 0.0))
+        return disc > 0, (-g01 * ky - sq) / g00, (-g01 * ky + sq) / g00
+
+    ok_o, lo_o, hi_o = roots(k_max)
+    ok_i, lo_i, hi_i = roots(k_min)
+
+    def to_j(x: NDArray, up: bool) -> NDArray:
+        j = (x - x0) / dx
+        return (np.floor(j) + 2 if up else np.ceil(j) - 1).astype(np.int64)
+
+    # segment A: outer-left .. inner-left (whole outer chord when the inner ellipse misses)
+    a_start = to_j(lo_o, False)
+    a_end = np.where(ok_i, to_j(lo_i, True), to_j(hi_o, True))
+    # segment B: inner-right .. outer-right (only when the inner ellipse cuts the row)
+    b_start = np.where(ok_i, to_j(hi_i, False), 0)
+    b_end = np.where(ok_i, to_j(hi_o, True), 0)
+    rows = np.arange(ky.size)
+    starts = np.concatenate([a_start, b_start])
+    ends = np.concatenate([a_end, b_end])
+    rr = np.concatenate([rows, rows])
+    valid = np.concatenate([ok_o, ok_o & ok_i])
+    starts = np.clip(starts, 0, nc)
+    ends = np.clip(ends, 0, nc)
+    # segments A and B may overlap after the margins: clip B to start after A
+    half = ky.size
+    starts[half:] = np.maximum(starts[half:], ends[:half])
+    lengths = np.where(valid, np.maximum(ends - starts, 0), 0)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(rr * nc + starts - np.cumsum(lengths) + lengths, lengths)
+    return first + np.arange(total, dtype=np.int64)
+
+
+def make_band(
+    spectrum: Spectrum,
+    optics: Optics,
+    k_min: float,
+    k_max: float,
+    bin_factor: int = 1,
+    row_stride: int = 1,
+) -> Band:
+    """Collect the pixels of ``spectrum`` (optionally binned) whose true-frame frequency lies
+    in [k_min, k_max] (the Nyquist column is left out). ``row_stride > 1`` keeps every n-th
+    row only (a cheap, unbiased subsample for statistics that need no full efficiency)."""
+    power, kx1, ky1 = binned_power(spectrum, bin_factor)
+    m = optics.M if optics.has_anisomag else None
+    gram = np.eye(2) if m is None else m.T @ m
+    ncol = power.shape[1]
+    rows_used = np.arange(0, ky1.size, max(1, int(row_stride)))
+    idx = _annulus_indices(kx1[:-1], ky1[rows_used], gram, k_min, k_max)
+    row, col = np.divmod(idx, ncol - 1)
+    row = rows_used[row]
+    kx_s, ky_s = kx1[col], ky1[row]
+    if m is None:
+        kxt_s, kyt_s = kx_s, ky_s
+    else:
+        kxt_s = m[0, 0] * kx_s + m[0, 1] * ky_s
+        kyt_s = m[1, 0] * kx_s + m[1, 1] * ky_s
+    rt = np.hypot(kxt_s, kyt_s)
+    keep = (rt >= k_min) & (rt <= k_max)
+    if bin_factor == 1:  # kx = 0 holds +ky and -ky, the same point: keep one
+        keep &= (col > 0) | (ky_s >= 0)
+    row, col = row[keep], col[keep]
+    kx_s, ky_s, kxt_s, kyt_s, rt = kx_s[keep], ky_s[keep], kxt_s[keep], kyt_s[keep], rt[keep]
+    flat = row * ncol + col
     return Band(
-        values=spectrum.power.ravel()[idx].astype(np.float64),
-        index=idx,
+        values=power.ravel()[flat].astype(np.float64),
+        weights=np.full(flat.size, float(bin_factor * bin_factor)),
+        index=flat,
+        kx=kx_s,
+        ky=ky_s,
         rho=np.hypot(kx_s, ky_s),
-        rho_true=rt.ravel()[idx],
+        rho_true=rt,
         theta_true=np.mod(np.arctan2(kyt_s, kxt_s), np.pi),
-        feats=feats,
+        feats=frequency_features(kx_s, ky_s, m),
         k_min=float(k_min),
         k_max=float(k_max),
-        pixel_step=1.0 / (box * spectrum.pixel_size),
+        pixel_step=bin_factor / (spectrum.box * spectrum.pixel_size),
+        grid_shape=power.shape,
+    )
+
+
+def concat_bands(a: Band, b: Band) -> Band:
+    """One band made of the pixels of two (e.g. binned low-k and full-resolution high-k)."""
+
+    def cat(x: NDArray, y: NDArray) -> NDArray:
+        return np.concatenate([x, y])
+
+    fa, fb = a.feats, b.feats
+    return Band(
+        values=cat(a.values, b.values),
+        weights=cat(a.weights, b.weights),
+        index=np.zeros(a.size + b.size, dtype=np.int64),
+        kx=cat(a.kx, b.kx),
+        ky=cat(a.ky, b.ky),
+        rho=cat(a.rho, b.rho),
+        rho_true=cat(a.rho_true, b.rho_true),
+        theta_true=cat(a.theta_true, b.theta_true),
+        feats=FrequencyFeatures(
+            k2=cat(fa.k2, fb.k2), c2=cat(fa.c2, fb.c2), s2=cat(fa.s2, fb.s2), k4=cat(fa.k4, fb.k4)
+        ),
+        k_min=min(a.k_min, b.k_min),
+        k_max=max(a.k_max, b.k_max),
+        pixel_step=min(a.pixel_step, b.pixel_step),
+        grid_shape=(0, 0),
+    )
+
+
+def polar_compress(
+    band: Band,
+    optics: Optics,
+    defocus: float,
+    half_astig: float,
+    dchi: float = 0.4,
+    min_pixels: int = 20000,
+) -> Band:
+    """Average the band's pixels in small cells of equal CTF phase and direction.
+
+    Cells are ``dchi`` radians of phase wide radially (uniform in ``|k|^2``, so narrow where
+    rings are fine) and narrow enough in angle that astigmatism ``half_astig`` changes the
+    phase by less than ``dchi`` across them. Within a cell the expected power is nearly
+    constant, so the average keeps (almost) all the information of its pixels, with weight
+    equal to their number, at a fraction of the cost.
+    """
+    if band.size < min_pixels or defocus <= 0:
+        return band
+    m = optics.M if optics.has_anisomag else None
+    lam = optics.wavelength
+    q = band.feats.k2
+    r_idx = np.floor(np.pi * lam * defocus * q / dchi).astype(np.int64)
+    r_idx -= r_idx.min()
+    kmax2 = float(q.max())
+    n_ang = int(np.clip(np.ceil(np.pi * 2 * np.pi * lam * (abs(half_astig) + 100.0) * kmax2 / dchi),
+                        16, 1440))
+    a_idx = np.minimum((band.theta_true * (n_ang / np.pi)).astype(np.int64), n_ang - 1)
+    cell = r_idx * n_ang + a_idx
+    n_cells = int(cell.max()) + 1
+    w = band.weights
+    cnt = np.bincount(cell, weights=w, minlength=n_cells)
+    used = np.flatnonzero(cnt)
+    cnt = cnt[used]
+
+    def mean(v: NDArray) -> NDArray:
+        return np.bincount(cell, weights=v * w, minlength=n_cells)[used] / cnt
+
+    # average the quadratic/quartic features themselves: the CTF phase is linear in them, so
+    # the cell mean is exact to first order (the features of the mean k would be biased)
+    f = band.feats
+    feats = FrequencyFeatures(k2=mean(f.k2), c2=mean(f.c2), s2=mean(f.s2), k4=mean(f.k4))
+    return Band(
+        values=mean(band.values),
+        weights=cnt,
+        index=np.zeros(used.size, dtype=np.int64),
+        kx=mean(band.kx),
+        ky=mean(band.ky),
+        rho=np.sqrt(mean(band.rho * band.rho)),
+        rho_true=np.sqrt(feats.k2),
+        theta_true=np.mod(0.5 * np.arctan2(feats.s2, feats.c2), np.pi),
+        feats=feats,
+        k_min=band.k_min,
+        k_max=band.k_max,
+        pixel_step=band.pixel_step,
+        grid_shape=(0, 0),
     )
 
 
 def radial_basis(
     rho: NDArray[np.float64], k_min: float, k_max: float, n: int
 ) -> NDArray[np.float64]:
-    """Cubic B-spline basis (``len(rho) × n``) on [k_min, k_max], knots even in sqrt(k).
+    """Uniform cubic B-spline basis (``len(rho) × n``) on [k_min, k_max] in ``sqrt(k)``.
 
     Sqrt spacing puts more flexibility at low frequency, where the background changes fast.
+    Each row has four non-zero entries that sum to one.
     """
     n = max(int(n), 4)
-    degree = 3
-    inner = np.linspace(np.sqrt(k_min), np.sqrt(k_max), n - degree + 1) ** 2
-    t = np.concatenate([[inner[0]] * degree, inner, [inner[-1]] * degree])
-    x = np.clip(rho, inner[0], inner[-1] * (1 - 1e-12))
-    return BSpline.design_matrix(x, t, degree).toarray()
+    lo, hi = np.sqrt(k_min), np.sqrt(k_max)
+    h = (hi - lo) / (n - 3)
+    t = (np.sqrt(np.clip(rho, k_min, k_max)) - lo) / h
+    i = np.minimum(t.astype(np.int64), n - 4)
+    f = t - i
+    f2 = f * f
+    f3 = f2 * f
+    out = np.zeros((rho.size, n))
+    rows = np.arange(rho.size)
+    out[rows, i] = (1.0 - f) ** 3 / 6.0
+    out[rows, i + 1] = (3.0 * f3 - 6.0 * f2 + 4.0) / 6.0
+    out[rows, i + 2] = (-3.0 * f3 + 3.0 * f2 + 3.0 * f + 1.0) / 6.0
+    out[rows, i + 3] = f3 / 6.0
+    return out

@@ -15,11 +15,13 @@ answer is the true-frame defocus and astigmatism.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.typing import NDArray
 
 from anisoctf.errors import FitError, InputError
-from anisoctf.fit.band import Band, make_band
+from anisoctf.fit.band import Band, concat_bands, make_band, polar_compress
 from anisoctf.fit.quality import (
     equiphase_radius,
     figure_of_merit,
@@ -34,10 +36,9 @@ from anisoctf.optics.ctf import (
     Optics,
     chi,
     frequency_features,
-    frequency_grid,
     params_from_astig,
 )
-from anisoctf.spectrum.periodogram import Spectrum, tile_periodogram
+from anisoctf.spectrum.periodogram import Spectrum, micrograph_spectrum
 
 __all__ = ["check_image", "estimate_ctf", "fit_spectrum"]
 
@@ -78,6 +79,218 @@ def _nyquist_limited(settings: FitSettings, apix: float) -> tuple[float, list[st
     return new, [f"max-res {settings.max_res} Å is beyond Nyquist; fitted to {new:.2f} Å"]
 
 
+def _bin_factor(spectrum: Spectrum, search_box: int) -> int:
+    """The binning that brings ``spectrum`` to about ``search_box`` pixels (a power of two)."""
+    f = 1
+    ny, nx = spectrum.shape
+    while spectrum.box // (2 * f) >= search_box and ny % (4 * f) == 0 and nx % (4 * f) == 0:
+        f *= 2
+    return f
+
+
+def _mixed_band(
+    spectrum: Spectrum,
+    optics: Optics,
+    k_min: float,
+    k_max: float,
+    max_bin: int,
+    z_far: float,
+    defocus: float = 0.0,
+    half_astig: float = 0.0,
+    min_period: float = 6.0,
+    max_pixels: int | None = None,
+) -> Band:
+    """Each radial zone binned as coarsely as its Thon rings allow (≥ ``min_period`` pixels of
+    the finest grid per ring period for every binned pixel), and nothing beyond where the
+    spectrum can no longer resolve the rings (2.5 pixels per period). Zones with many pixels
+    are compressed into cells of equal phase (:func:`polar_compress`); with ``max_pixels``,
+    zones are row-subsampled to about that many pixels first."""
+    step = 1.0 / (spectrum.box * spectrum.pixel_size)
+    # radial frequency at which the ring period is p fine pixels
+    lam = optics.wavelength
+    z = max(z_far, 1.0)
+
+    def k_at(p: float) -> float:
+        return 1.0 / (2.0 * lam * z * p * step)
+
+    k_hi = min(k_max, max(k_at(2.5), k_min * 1.5))
+    bands: list[Band] = []
+    lo = k_min
+    b = max_bin
+    while lo < k_hi:
+        hi = k_hi if b == 1 else min(k_hi, k_at(min_period * b))
+        if hi > lo:
+            stride = 1
+            if max_pixels:
+                est = 0.5 * np.pi * (hi * hi - lo * lo) / (b * step) ** 2
+                stride = max(1, int(round(est / max_pixels)))
+            zone = make_band(spectrum, optics, lo, hi, b, row_stride=stride)
+            bands.append(polar_compress(zone, optics, defocus, half_astig))
+            lo = hi
+        if b == 1:
+            break
+        b //= 2
+    out = bands[0]
+    for extra in bands[1:]:
+        out = concat_bands(out, extra)
+    return out
+
+
+@dataclass(frozen=True)
+class _Search:
+    stage1: list[RefineResult]
+    grid_step: float
+    significance: float
+    k_min: float
+    k_max: float
+    warnings: list[str]
+
+
+def search_spectrum(
+    spectrum: Spectrum, optics: Optics, settings: FitSettings, name: str | None = None
+) -> _Search:
+    """Coarse search and a first likelihood refinement in the low-resolution band."""
+    opt = optics.with_pixel_size(spectrum.pixel_size)
+    max_res, warnings = _nyquist_limited(settings, spectrum.pixel_size)
+    k_min = 1.0 / settings.min_res
+    k_coarse = 1.0 / max(max_res, COARSE_MAX_RES)
+    bin_ = _bin_factor(spectrum, settings.box)
+    coarse_band = make_band(spectrum, opt, k_min, k_coarse, bin_)
+    if coarse_band.size < 200:
+        raise FitError(
+            f"too few spectrum pixels between {settings.min_res} and "
+            f"{max(max_res, COARSE_MAX_RES)} Å; use a larger --box or check --apix",
+            path=name,
+        )
+    search = coarse_search(
+        coarse_band,
+        opt,
+        settings.df_min,
+        settings.df_max,
+        settings.max_astig,
+        phase_plate=settings.phase_plate,
+    )
+    if search.significance < 4.0 or not search.candidates:
+        raise FitError(
+            f"no Thon rings found between df-min {settings.df_min:.0f} and df-max "
+            f"{settings.df_max:.0f} Å (significance {search.significance:.1f}); check the pixel "
+            "size (--apix) and the defocus range",
+            path=name,
+        )
+    stage1: list[RefineResult] = []
+    for cand in search.candidates:
+        try:
+            stage1.append(
+                refine_ml(
+                    coarse_band,
+                    opt,
+                    cand,
+                    n_eff=spectrum.n_eff,
+                    fit_phase=settings.phase_plate,
+                    astig_sigma=settings.astig_restraint,
+                    n_bg=8,
+                    n_env=4,
+                )
+            )
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            continue
+    if not stage1:
+        raise FitError("the refinement failed for every candidate", path=name)
+    stage1.sort(key=lambda r: r.nll)
+    # keep the runner-up only if it is a distinct answer that the data do not rule out
+    keep = [stage1[0]]
+    scale = spectrum.n_eff * float(coarse_band.weights.sum())
+    for r in stage1[1:]:
+        sd = np.sqrt(np.maximum(np.diag(stage1[0].covariance)[:3], 1e-12))
+        distinct = np.any(np.abs(np.array([r.z - keep[0].z, r.a1 - keep[0].a1, r.a2 - keep[0].a2])) > 3 * sd)
+        if distinct and (r.nll - keep[0].nll) * scale < 20.0:
+            keep.append(r)
+            break
+    step = float(search.defocus_grid[1] - search.defocus_grid[0])
+    return _Search(keep, step, search.significance, k_min, 1.0 / max_res, warnings)
+
+
+def refine_spectrum(
+    spectrum: Spectrum,
+    optics: Optics,
+    settings: FitSettings,
+    found: _Search,
+    diagnostics: bool = True,
+    name: str | None = None,
+) -> CTFEstimate:
+    """Full-band likelihood refinement from the search's best candidates, then quality."""
+    opt = optics.with_pixel_size(spectrum.pixel_size)
+    k_min, k_max = found.k_min, found.k_max
+    bin_ = _bin_factor(spectrum, settings.box)
+    z_far = max(abs(r.z) + np.hypot(r.a1, r.a2) for r in found.stage1)
+    top = found.stage1[0]
+    z0, h0 = top.z, float(np.hypot(top.a1, top.a2))
+    band = _mixed_band(spectrum, opt, k_min, k_max, bin_, z_far, z0, h0)
+    best: RefineResult | None = None
+    for r1 in found.stage1:
+        try:
+            r2 = refine_ml(
+                band,
+                opt,
+                (r1.z, r1.a1, r1.a2, r1.phase_deg),
+                n_eff=spectrum.n_eff,
+                fit_phase=settings.phase_plate,
+                astig_sigma=settings.astig_restraint,
+            )
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            continue
+        if best is None or r2.nll < best.nll:
+            best = r2
+    if best is None:
+        raise FitError("the refinement failed for every candidate", path=name)
+
+    phase = best.phase_deg if settings.phase_plate else 0.0
+    params = params_from_astig(best.z, best.a1, best.a2, phase)
+    warnings = list(found.warnings)
+    step = found.grid_step
+    if not settings.df_min - step <= params.mean_defocus <= settings.df_max + step:
+        raise FitError(
+            f"best defocus {params.mean_defocus:.0f} Å lies outside df-min "
+            f"{settings.df_min:.0f} .. df-max {settings.df_max:.0f} Å; widen the range or "
+            "check --apix",
+            path=name,
+        )
+    if min(params.mean_defocus - settings.df_min, settings.df_max - params.mean_defocus) < 2 * step:
+        warnings.append("defocus at the edge of the search range")
+
+    fom = figure_of_merit(band.values, best.background, best.envelope * best.ctf2)
+    nyq = 0.5 / spectrum.pixel_size
+    rings = ring_statistics(
+        _mixed_band(
+            spectrum,
+            opt,
+            k_min,
+            nyq,
+            bin_,
+            z_far,
+            params.mean_defocus,
+            0.5 * params.astigmatism,
+            min_period=3.0,
+            max_pixels=300_000,
+        ),
+        params,
+        opt,
+    )
+    diag = None
+    if diagnostics:
+        shown = make_band(spectrum, opt, k_min, nyq, bin_)
+        diag = _diagnostics(spectrum, opt, params, shown, (k_min, k_max), rings.fit_resolution)
+    return CTFEstimate(
+        params=params,
+        optics=optics,
+        figure_of_merit=fom,
+        fit_resolution=rings.fit_resolution,
+        n_tiles=spectrum.n_eff,
+        diagnostics=diag,
+        warnings=tuple(warnings),
+    )
+
+
 def fit_spectrum(
     spectrum: Spectrum,
     optics: Optics,
@@ -85,7 +298,7 @@ def fit_spectrum(
     diagnostics: bool = True,
     name: str | None = None,
 ) -> CTFEstimate:
-    """Fit the CTF to an averaged power spectrum.
+    """Fit the CTF to an averaged power spectrum (search, then refinement).
 
     Parameters
     ----------
@@ -100,94 +313,40 @@ def fit_spectrum(
     name
         File name used in error messages.
     """
-    opt = optics.with_pixel_size(spectrum.pixel_size)
-    warnings: list[str] = []
-    max_res, w = _nyquist_limited(settings, spectrum.pixel_size)
-    warnings += w
-    k_min = 1.0 / settings.min_res
-    k_max = 1.0 / max_res
-    k_coarse = 1.0 / max(max_res, COARSE_MAX_RES)
+    found = search_spectrum(spectrum, optics, settings, name)
+    return refine_spectrum(spectrum, optics, settings, found, diagnostics, name)
 
-    coarse_band = make_band(spectrum, opt, k_min, k_coarse)
-    if coarse_band.size < 200:
-        raise FitError(
-            f"too few spectrum pixels between {settings.min_res} and {max(max_res, 5.0)} Å; "
-            "use a larger --box or check --apix",
-            path=name,
-        )
-    search = coarse_search(
-        coarse_band,
-        opt,
-        settings.df_min,
-        settings.df_max,
-        settings.max_astig,
-        phase_plate=settings.phase_plate,
-    )
-    if not search.candidates:
-        raise FitError("the coarse search found no candidate", path=name)
 
-    full_band = make_band(spectrum, opt, k_min, k_max)
-    best: RefineResult | None = None
-    for cand in search.candidates:
-        try:
-            r1 = refine_ml(
-                coarse_band,
-                opt,
-                cand,
-                n_eff=spectrum.n_eff,
-                fit_phase=settings.phase_plate,
-                astig_sigma=settings.astig_restraint,
-                n_bg=8,
-                n_env=4,
-            )
-            start = (r1.z, r1.a1, r1.a2, r1.phase_deg)
-            r2 = refine_ml(
-                full_band,
-                opt,
-                start,
-                n_eff=spectrum.n_eff,
-                fit_phase=settings.phase_plate,
-                astig_sigma=settings.astig_restraint,
-            )
-        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
-            continue
-        if best is None or r2.nll < best.nll:
-            best = r2
-    if best is None:
-        raise FitError("the refinement failed for every candidate", path=name)
-
-    params = params_from_astig(best.z, best.a1, best.a2, best.phase_deg if settings.phase_plate else 0.0)
-    grid_step = float(search.defocus_grid[1] - search.defocus_grid[0])
-    if search.significance < 4.0:
-        raise FitError(
-            f"no Thon rings found between df-min {settings.df_min:.0f} and df-max "
-            f"{settings.df_max:.0f} Å (significance {search.significance:.1f}); check the pixel "
-            "size (--apix) and the defocus range",
-            path=name,
-        )
-    if params.mean_defocus < settings.df_min - grid_step or params.mean_defocus > settings.df_max + grid_step:
-        raise FitError(
-            f"best defocus {params.mean_defocus:.0f} Å lies outside df-min {settings.df_min:.0f} .. "
-            f"df-max {settings.df_max:.0f} Å; widen the range or check --apix",
-            path=name,
-        )
-    edge = min(params.mean_defocus - settings.df_min, settings.df_max - params.mean_defocus)
-    if edge < 2 * grid_step:
-        warnings.append("defocus at the edge of the search range")
-
-    fom = figure_of_merit(full_band.values, best.background, best.envelope * best.ctf2)
-    nyq_band = make_band(spectrum, opt, k_min, 0.5 / spectrum.pixel_size)
-    rings = ring_statistics(nyq_band, params, opt)
-    diag = _diagnostics(spectrum, opt, params, nyq_band, rings, (k_min, k_max)) if diagnostics else None
-    return CTFEstimate(
-        params=params,
-        optics=optics,
-        figure_of_merit=fom,
-        fit_resolution=rings.fit_resolution,
-        n_tiles=spectrum.n_eff,
-        diagnostics=diag,
-        warnings=tuple(warnings),
-    )
+def _square_display(
+    spectrum: Spectrum, band: Band, obs: NDArray, model: NDArray
+) -> tuple[NDArray[np.float32], NDArray[np.float32], float]:
+    """Put band values on a square half-plane grid for display (nearest frequency)."""
+    gy, gx = band.grid_shape
+    ny, nx = spectrum.shape
+    fy, fx = ny // gy, nx // (2 * (gx - 1))  # binning of each axis
+    n = min(gy, 2 * (gx - 1))
+    apix_disp = spectrum.pixel_size * min(ny, nx) / n
+    out_s = np.zeros((n, n // 2 + 1), dtype=np.float32)
+    out_m = np.zeros_like(out_s)
+    # frequency of each band pixel in units of the display step
+    iy, ix = np.divmod(band.index, gx)
+    ky = np.where(iy < gy // 2, iy, iy - gy) * fy / ny
+    kx = ix * fx / nx
+    dstep = 1.0 / n
+    ry = np.round(ky / dstep).astype(np.int64)
+    rx = np.round(kx / dstep).astype(np.int64)
+    ok = (np.abs(ry) < n // 2) & (rx <= n // 2)
+    for dst, v in ((out_s, obs), (out_m, model)):
+        acc = np.zeros(dst.size)
+        cnt = np.zeros(dst.size)
+        flat = (ry[ok] % n) * (n // 2 + 1) + rx[ok]
+        np.add.at(acc, flat, v[ok])
+        np.add.at(cnt, flat, 1.0)
+        dst.ravel()[:] = np.where(cnt > 0, acc / np.maximum(cnt, 1), 0.0)
+        # the kx = 0 column holds each point once: mirror it for display
+        col = dst[:, 0].copy()
+        dst[1:, 0] = np.where(col[1:] != 0, col[1:], col[1:][::-1])
+    return out_s, out_m, apix_disp
 
 
 def _diagnostics(
@@ -195,30 +354,27 @@ def _diagnostics(
     optics: Optics,
     params: CTFParams,
     band: Band,
-    rings,
     fit_band: tuple[float, float],
+    fit_resolution: float,
 ) -> FitDiagnostics:
-    box = spectrum.box
+    """Display arrays on the (binned) half-plane grid of ``band``."""
+    rings = ring_statistics(band, params, optics)
     # 2D: spectrum with its local background removed and local amplitude divided out, per ring
     w = rings.window
     amp = np.maximum(rings.amplitude, 0.0)
     good = amp > 0
-    amp_s = np.interp(rings.k, rings.k[good], amp[good]) if good.any() else np.ones_like(amp)
+    order = np.argsort(rings.k)
+    ko, ampo, goodo = rings.k[order], amp[order], good[order]
+    amp_s = np.interp(rings.k, ko[goodo], ampo[goodo]) if goodo.any() else np.ones_like(amp)
+    # beyond the fit resolution the amplitude is noise: hold the last trustworthy value
+    k_fit = 1.0 / fit_resolution
+    hold = np.interp(k_fit, ko[goodo], ampo[goodo]) if goodo.any() else 1.0
+    amp_s = np.where(rings.k > k_fit, hold, amp_s)
     amp_s = np.maximum(amp_s, 1e-12)
-    obs = (band.values - rings.intercept[w] - rings.slope[w] * (band.rho_true - rings.rho_mean[w]))
+    obs = band.values - rings.intercept[w] - rings.slope[w] * (band.rho_true - rings.rho_mean[w])
     obs = obs / amp_s[w]
     model = optics_ctf2(band, params, optics)
-    spec2d = np.zeros(box * (box // 2 + 1), dtype=np.float32)
-    mod2d = np.zeros_like(spec2d)
-    spec2d[band.index] = obs
-    mod2d[band.index] = model
-    # the kx = 0 column was halved in the band: mirror it back for display
-    spec2d = spec2d.reshape(box, box // 2 + 1)
-    mod2d = mod2d.reshape(box, box // 2 + 1)
-    col = spec2d[:, 0].copy()
-    spec2d[1:, 0] = col[1:] + col[1:][::-1]
-    colm = mod2d[:, 0].copy()
-    mod2d[1:, 0] = colm[1:] + colm[1:][::-1]
+    spec2d, mod2d, display_apix = _square_display(spectrum, band, obs, model)
     # 1D equiphase profile
     keq = equiphase_radius(band, params, optics)
     nb = int(np.ceil((band.k_max - band.k_min) / (0.5 * band.pixel_step)))
@@ -228,14 +384,14 @@ def _diagnostics(
     prof = np.bincount(i, weights=obs, minlength=nb) / np.maximum(cnt, 1)
     kc = 0.5 * (edges[1:] + edges[:-1])
     feats = frequency_features(kc, np.zeros_like(kc))
-    x = chi(feats, CTFParams(params.mean_defocus, params.mean_defocus, 0.0, params.phase_shift_deg), optics)
+    iso = CTFParams(params.mean_defocus, params.mean_defocus, 0.0, params.phase_shift_deg)
+    x = chi(feats, iso, optics)
     wc = optics.amplitude_contrast
     fit1d = (-np.sqrt(1 - wc * wc) * np.sin(x) - wc * np.cos(x)) ** 2
-    order = np.argsort(rings.k)
     quality = np.interp(kc, rings.k[order], np.clip(rings.r[order], -1, 1))
     keep = cnt > 0
     return FitDiagnostics(
-        pixel_size=spectrum.pixel_size,
+        pixel_size=display_apix,
         spectrum=spec2d,
         model=mod2d,
         k=kc[keep],
@@ -291,7 +447,7 @@ def estimate_ctf(
     """
     check_image(image, name)
     try:
-        spectrum = tile_periodogram(
+        spectrum = micrograph_spectrum(
             image,
             optics.pixel_size,
             box=settings.box,

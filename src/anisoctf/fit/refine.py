@@ -24,6 +24,7 @@ from anisoctf.fit.band import Band, radial_basis
 from anisoctf.optics.ctf import Optics
 
 __all__ = ["RefineResult", "refine_ml"]
+_DEBUG = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,13 @@ def _ctf_terms(band: Band, optics: Optics, z: float, a1: float, a2: float, ph: f
     return c * c, 2.0 * c * dc  # CTF^2 and d(CTF^2)/d(chi)
 
 
+def _solve_normal(x: NDArray, y: NDArray) -> NDArray:
+    """Least squares by the normal equations (the bases here are well conditioned)."""
+    g = x.T @ x
+    g = g + 1e-12 * np.trace(g) * np.eye(g.shape[0])
+    return np.linalg.solve(g, x.T @ y)
+
+
 def refine_ml(
     band: Band,
     optics: Optics,
@@ -68,7 +76,7 @@ def refine_ml(
     n_bg: int = 10,
     n_env: int = 6,
     max_iter: int = 40,
-    tol: float = 1e-10,
+    tol: float = 0.01,
 ) -> RefineResult:
     """Refine ``(z, a1, a2[, phase])`` and the smooth background/envelope by maximum likelihood.
 
@@ -88,8 +96,15 @@ def refine_ml(
         Width (Å) of a Gaussian restraint on ``U − V``; None for none.
     n_bg, n_env
         Number of spline coefficients of background and envelope.
+    max_iter
+        Most Fisher-scoring iterations.
+    tol
+        Stop when every CTF parameter's step is below ``tol`` times its standard error.
     """
     s = band.values
+    nu = band.weights
+    snu = np.sqrt(nu)
+    nu_mean = nu / nu.sum()
     lam = optics.wavelength
     f = band.feats
     dchi = [np.pi * lam * f.k2, np.pi * lam * f.c2, np.pi * lam * f.s2]
@@ -104,14 +119,28 @@ def refine_ml(
         return float(t[0]), float(t[1]), float(t[2]), float(t[3])
 
     restr = 0.0 if astig_sigma is None else 4.0 / (astig_sigma**2 * max(n_eff, 1.0))
+    restr_scaled = restr / band.weights.sum()
 
     # starting linear coefficients: weighted least squares with a smooth weight
     c2, dc2 = _ctf_terms(band, optics, *unpack(theta))
-    x0 = np.linalg.lstsq(phi, s, rcond=None)[0]
+    x0 = _solve_normal(phi, s)
     ws = 1.0 / np.maximum(phi @ x0, 1e-6 * np.abs(s).mean())
     design = np.concatenate([phi, psi * c2[:, None]], axis=1)
-    lin = np.linalg.lstsq(design * ws[:, None], s * ws, rcond=None)[0]
+    lin = _solve_normal(design * ws[:, None], s * ws)
     nb = phi.shape[1]
+    total_w = float(nu.sum())
+    fisher_scale = max(n_eff, 1.0) * total_w
+
+    def jacobian(m_: NDArray, env_: NDArray, c2_: NDArray, dc2_: NDArray) -> NDArray:
+        # float32 is ample: rounding stays far below the statistical noise of the sums
+        inv_ = (snu / m_).astype(np.float32)
+        j_ = np.empty((m_.size, nt + phi.shape[1] + psi.shape[1]), dtype=np.float32)
+        a_ = (env_ * dc2_).astype(np.float32) * inv_
+        for i_, d_ in enumerate(dchi):
+            j_[:, i_] = a_ * d_
+        j_[:, nt : nt + nb] = phi * inv_[:, None]
+        j_[:, nt + nb :] = psi * (c2_.astype(np.float32) * inv_)[:, None]
+        return j_
 
     def evaluate(t: NDArray, lin_: NDArray):
         c2_, dc2_ = _ctf_terms(band, optics, *unpack(t))
@@ -123,7 +152,9 @@ def refine_ml(
     def nll_of(m: NDArray, t: NDArray) -> float:
         if np.any(m <= 0):
             return np.inf
-        return float(np.mean(np.log(m) + s / m) + restr * 0.5 * (t[1] ** 2 + t[2] ** 2) / s.size)
+        return float(
+            np.dot(nu_mean, np.log(m) + s / m) + restr * 0.5 * (t[1] ** 2 + t[2] ** 2) / nu.sum()
+        )
 
     m, bg, env, c2, dc2 = evaluate(theta, lin)
     if np.any(m <= 0):  # start from a pure background fit if the envelope misbehaves
@@ -134,19 +165,15 @@ def refine_ml(
     mu = 1e-3
     it = 0
     for it in range(1, max_iter + 1):
-        inv = 1.0 / m
-        jt = [env * dc2 * d * inv for d in dchi]
-        j = np.concatenate(
-            [np.stack(jt, axis=1), phi * inv[:, None], psi * (c2 * inv)[:, None]], axis=1
-        )
-        r = (s - m) * inv
-        jtj = j.T @ j
-        g = j.T @ r
+        j = jacobian(m, env, c2, dc2)
+        r = ((s - m) * snu / m).astype(np.float32)
+        jtj = (j.T @ j).astype(np.float64) / total_w
+        g = (j.T @ r).astype(np.float64) / total_w
         if restr:
-            g[1] -= restr * theta[1]
-            g[2] -= restr * theta[2]
-            jtj[1, 1] += restr
-            jtj[2, 2] += restr
+            g[1] -= restr_scaled * theta[1]
+            g[2] -= restr_scaled * theta[2]
+            jtj[1, 1] += restr_scaled
+            jtj[2, 2] += restr_scaled
         diag = np.diag(jtj).copy()
         improved = False
         for _ in range(12):
@@ -167,20 +194,20 @@ def refine_ml(
             mu *= 4.0
         if not improved:
             break
-        rel = (nll - nll_new) / max(abs(nll), 1e-30)
         theta, lin, nll = t_new, lin_new, nll_new
         m, bg, env, c2, dc2 = m_new, bg_n, env_n, c2_n, dc2_n
         mu = max(mu / 3.0, 1e-9)
-        if rel < tol:
+        # converged when the CTF step is a small fraction of its statistical uncertainty
+        try:
+            sd = np.sqrt(np.abs(np.diag(np.linalg.inv(jtj))[:nt]) / fisher_scale)
+        except np.linalg.LinAlgError:
+            sd = np.full(nt, np.inf)
+        if np.all(np.abs(step[:nt]) < tol * sd):
             break
 
     # covariance from the Fisher information at the optimum
-    inv = 1.0 / m
-    jt = [env * dc2 * d * inv for d in dchi]
-    j = np.concatenate(
-        [np.stack(jt, axis=1), phi * inv[:, None], psi * (c2 * inv)[:, None]], axis=1
-    )
-    fisher = max(n_eff, 1.0) * (j.T @ j)
+    j = jacobian(m, env, c2, dc2)
+    fisher = max(n_eff, 1.0) * (j.T @ j).astype(np.float64)
     if restr:
         fisher[1, 1] += restr * max(n_eff, 1.0)
         fisher[2, 2] += restr * max(n_eff, 1.0)
@@ -188,6 +215,8 @@ def refine_ml(
         cov = np.linalg.inv(fisher)[:nt, :nt]
     except np.linalg.LinAlgError:
         cov = np.full((nt, nt), np.inf)
+    if _DEBUG:
+        print('refine', band.size, it, theta)
     return RefineResult(
         z=float(theta[0]),
         a1=float(theta[1]),

@@ -103,14 +103,14 @@ def profile_scores(
 
 
 def _bin_profile(
-    rho: NDArray, values: NDArray, k_min: float, k_max: float, width: float
+    rho: NDArray, values: NDArray, weights: NDArray, k_min: float, k_max: float, width: float
 ) -> tuple[NDArray, NDArray, NDArray]:
     nb = max(8, int(np.ceil((k_max - k_min) / width)))
     edges = np.linspace(k_min, k_max, nb + 1)
     i = np.clip(np.searchsorted(edges, rho) - 1, 0, nb - 1)
-    n = np.bincount(i, minlength=nb).astype(float)
-    s = np.bincount(i, weights=values, minlength=nb)
-    kc = np.bincount(i, weights=rho, minlength=nb)
+    n = np.bincount(i, weights=weights, minlength=nb)
+    s = np.bincount(i, weights=values * weights, minlength=nb)
+    kc = np.bincount(i, weights=rho * weights, minlength=nb)
     centres = 0.5 * (edges[1:] + edges[:-1])
     k = np.where(n > 0, kc / np.maximum(n, 1), centres)
     return k, np.where(n > 0, s / np.maximum(n, 1), 0.0), n
@@ -154,7 +154,9 @@ def coarse_search(
     values = band.values
 
     # 1. all-sector profile: defocus (and phase) ignoring astigmatism
-    k, y, n = _bin_profile(band.rho_true, values, band.k_min, band.k_max, width)
+    k, y, n = _bin_profile(
+        band.rho_true, values, band.weights, band.k_min, band.k_max, width
+    )
     df_all = np.repeat(grid, len(phases))
     ph_all = np.tile(phases, len(grid))
     s_all = profile_scores(k, y, n, _ctf2_1d(k, df_all, ph_all, optics), band.k_min, band.k_max)
@@ -170,7 +172,9 @@ def coarse_search(
         m = sec == s
         if m.sum() < 50:
             continue
-        ks, ys, ns = _bin_profile(band.rho_true[m], values[m], band.k_min, band.k_max, width)
+        ks, ys, ns = _bin_profile(
+            band.rho_true[m], values[m], band.weights[m], band.k_min, band.k_max, width
+        )
         c2 = _ctf2_1d(ks, grid, np.full(grid.size, best_phase), optics)
         curves[s] = profile_scores(ks, ys, ns, c2, band.k_min, band.k_max)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+
 from anisoctf.optics.ctf import frequency_grid, params_from_astig
 from anisoctf.simulate.micrograph import MicrographSpec, expected_power
 

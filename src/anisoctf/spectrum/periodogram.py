@@ -8,7 +8,8 @@ strong low-frequency content (ice gradients, carbon edges) does not leak into th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
@@ -16,7 +17,16 @@ from numpy.typing import NDArray
 
 from anisoctf.errors import InputError
 
-__all__ = ["Spectrum", "stack_periodogram", "taper_window", "tile_periodogram", "tile_starts"]
+__all__ = [
+    "Spectrum",
+    "full_periodogram",
+    "micrograph_spectrum",
+    "outlier_tile_weights",
+    "stack_periodogram",
+    "taper_window",
+    "tile_periodogram",
+    "tile_starts",
+]
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,10 @@ class Spectrum:
         Weight of each tile (1 for a normal tile, < 1 for down-weighted outliers).
     tile_origins
         (row, col) of each tile's corner in the original image's pixels.
+    shape
+        Real-space (ny, nx) of the transformed tiles (or of the whole image).
+    cache
+        Derived arrays (binned versions) computed on demand by the fit.
     """
 
     power: NDArray[np.float64]
@@ -42,11 +56,18 @@ class Spectrum:
     n_eff: float
     tile_weights: NDArray[np.float64]
     tile_origins: NDArray[np.int64]
+    shape: tuple[int, int] = (0, 0)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.shape == (0, 0):  # square tiles: the shape follows from the power array
+            n = int(self.power.shape[0])
+            object.__setattr__(self, "shape", (n, n))
 
     @property
     def box(self) -> int:
-        """Real-space tile size in pixels of ``pixel_size``."""
-        return int(self.power.shape[0])
+        """Smaller real-space side (pixels of ``pixel_size``) of the tiles or image."""
+        return int(min(self.shape))
 
 
 def taper_window(n: int, edge: float = 0.1) -> NDArray[np.float32]:
@@ -240,4 +261,149 @@ def stack_periodogram(
         n_eff=float(n) * min(1.0, (size / box) ** 2),
         tile_weights=np.ones(n),
         tile_origins=np.zeros((n, 2), dtype=np.int64),
+    )
+
+
+def _smooth_len_below(n: int, multiple: int = 16) -> int:
+    """Largest ``m <= n`` divisible by ``multiple`` whose cofactor has no prime above 11
+    (fast FFT sizes that also bin evenly)."""
+    for m in range(n - n % multiple, multiple - 1, -multiple):
+        q = m // multiple
+        for p in (2, 3, 5, 7, 11):
+            while q % p == 0:
+                q //= p
+        if q == 1:
+            return m
+    return multiple
+
+
+def _edge_taper(n: int, width: int) -> NDArray[np.float32]:
+    w = np.ones(n, dtype=np.float32)
+    m = max(1, min(width, n // 4))
+    ramp = (0.5 - 0.5 * np.cos(np.pi * (np.arange(m) + 0.5) / m)).astype(np.float32)
+    w[:m] = ramp
+    w[n - m :] = ramp[::-1]
+    return w
+
+
+def outlier_tile_weights(image: NDArray, tile: int = 512) -> tuple[NDArray, NDArray]:
+    """Robust weights of the image's non-overlapping tiles from real-space statistics.
+
+    Features per tile: mean, variance, and variance of the 16×-binned tile (low-frequency
+    content). Carbon, contamination and exposure edges stand out in at least one of them.
+
+    Returns
+    -------
+    weights, origins
+        Weight (≤ 1) and (row, col) corner of each tile.
+    """
+    img = np.asarray(image)
+    ny, nx = img.shape
+    tile = min(tile, ny, nx)
+    rows = tile_starts(ny, tile, 0.0)
+    cols = tile_starts(nx, tile, 0.0)
+    origins = np.array([(r, c) for r in rows for c in cols], dtype=np.int64)
+    b = max(1, tile // 32)
+    nb = tile // b
+    feats = np.zeros((len(origins), 3))
+    for i, (r, c) in enumerate(origins):
+        t = img[r : r + nb * b, c : c + nb * b]
+        small = t.reshape(nb, b, nb, b).mean(axis=(1, 3), dtype=np.float64)
+        m = float(small.mean())
+        feats[i] = (m, float(np.mean(np.square(t, dtype=np.float32), dtype=np.float64)) - m * m,
+                    float(small.var()))
+    feats[:, 1:] = np.log(np.maximum(feats[:, 1:], 1e-30))
+    if len(origins) < 5:
+        return np.ones(len(origins)), origins
+    return _robust_weights(feats), origins
+
+
+def full_periodogram(
+    image: NDArray,
+    pixel_size: float,
+    fit_pixel_size: float | None = None,
+    taper: int = 64,
+    workers: int = 1,
+) -> Spectrum:
+    """Periodogram of the whole image at full frequency resolution (``n_eff = 1``).
+
+    The image is cropped to an FFT-friendly size divisible by 16 (so it bins evenly), its
+    mean removed and its edges tapered over ``taper`` pixels. Fitting then bins this spectrum
+    as coarsely as the Thon rings allow, which averages neighbouring ordinates exactly as
+    averaging tiles would, without losing resolution where the rings are fine.
+
+    Parameters
+    ----------
+    image
+        2D micrograph.
+    pixel_size
+        Å per pixel.
+    fit_pixel_size
+        Fourier-crop to this pixel size (Å) if it is larger than ``pixel_size``.
+    taper
+        Width (pixels) of the raised-cosine edge taper.
+    workers
+        Threads for ``scipy.fft``.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise InputError(f"expected a 2D image, got an array of shape {img.shape}")
+    ny0, nx0 = img.shape
+    ny, nx = _smooth_len_below(ny0), _smooth_len_below(nx0)
+    if min(ny, nx) < 64:
+        raise InputError(f"image of {nx0}x{ny0} px is too small for CTF estimation (< 64 px)")
+    oy, ox = (ny0 - ny) // 2, (nx0 - nx) // 2
+    sub = img[oy : oy + ny, ox : ox + nx]
+    wy, wx = _edge_taper(ny, taper), _edge_taper(nx, taper)
+    a = np.empty((ny, nx), dtype=np.float32)
+    np.subtract(sub, np.float32(np.mean(sub, dtype=np.float64)), out=a, casting="unsafe")
+    a *= wy[:, None]
+    a *= wx[None, :]
+    norm = float(np.sum(wy.astype(np.float64) ** 2) * np.sum(wx.astype(np.float64) ** 2))
+    f = sfft.rfft2(a, workers=workers, overwrite_x=True)
+    del a
+    apix = pixel_size
+    if fit_pixel_size is not None and fit_pixel_size > pixel_size * (1 + 1e-6):
+        cy = _smooth_len_below(int(ny * pixel_size / fit_pixel_size))
+        cx = _smooth_len_below(int(nx * pixel_size / fit_pixel_size))
+        f = np.concatenate([f[: cy // 2, : cx // 2 + 1], f[ny - cy // 2 :, : cx // 2 + 1]], axis=0)
+        norm *= (ny * nx) / (cy * cx)
+        apix = pixel_size * ny / cy
+        ny, nx = cy, cx
+    fv = f.view(np.float32)
+    power = np.empty(f.shape, dtype=np.float64)
+    sq = fv * fv
+    np.add(sq[:, 0::2], sq[:, 1::2], out=power)
+    power /= norm
+    return Spectrum(
+        power=power,
+        pixel_size=apix,
+        n_eff=1.0,
+        tile_weights=np.ones(1),
+        tile_origins=np.array([[oy, ox]], dtype=np.int64),
+        shape=(ny, nx),
+    )
+
+
+def micrograph_spectrum(
+    image: NDArray,
+    pixel_size: float,
+    box: int = 512,
+    overlap: float = 0.2,
+    fit_pixel_size: float | None = None,
+    workers: int = 1,
+) -> Spectrum:
+    """The spectrum a micrograph's CTF fit starts from.
+
+    A clean micrograph gets its full-resolution periodogram (:func:`full_periodogram`); if
+    some ``box``-sized regions are outliers (carbon, contamination, the exposure edge), the
+    spectrum is instead averaged over overlapping tiles with those tiles down-weighted
+    (:func:`tile_periodogram`).
+    """
+    w, _ = outlier_tile_weights(image, box)
+    if np.all(w >= 0.999):
+        return full_periodogram(image, pixel_size, fit_pixel_size, workers=workers)
+    return tile_periodogram(
+        image, pixel_size, box=box, overlap=overlap, fit_pixel_size=fit_pixel_size,
+        workers=workers,
     )
