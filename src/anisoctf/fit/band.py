@@ -251,14 +251,16 @@ def polar_compress(
     """
     if band.size < min_pixels or defocus <= 0:
         return band
-    m = optics.M if optics.has_anisomag else None
     lam = optics.wavelength
     q = band.feats.k2
     r_idx = np.floor(np.pi * lam * defocus * q / dchi).astype(np.int64)
     r_idx -= r_idx.min()
     kmax2 = float(q.max())
-    n_ang = int(np.clip(np.ceil(np.pi * 2 * np.pi * lam * (abs(half_astig) + 100.0) * kmax2 / dchi),
-                        16, 1440))
+    n_ang = int(
+        np.clip(
+            np.ceil(np.pi * 2 * np.pi * lam * (abs(half_astig) + 100.0) * kmax2 / dchi), 16, 1440
+        )
+    )
     a_idx = np.minimum((band.theta_true * (n_ang / np.pi)).astype(np.int64), n_ang - 1)
     cell = r_idx * n_ang + a_idx
     n_cells = int(cell.max()) + 1

@@ -202,7 +202,8 @@ def search_spectrum(
     scale = spectrum.n_eff * float(coarse_band.weights.sum())
     for r in stage1[1:]:
         sd = np.sqrt(np.maximum(np.diag(stage1[0].covariance)[:3], 1e-12))
-        distinct = np.any(np.abs(np.array([r.z - keep[0].z, r.a1 - keep[0].a1, r.a2 - keep[0].a2])) > 3 * sd)
+        diff = np.array([r.z - keep[0].z, r.a1 - keep[0].a1, r.a2 - keep[0].a2])
+        distinct = bool(np.any(np.abs(diff) > 3 * sd))
         if distinct and (r.nll - keep[0].nll) * scale < 20.0:
             keep.append(r)
             break
@@ -294,7 +295,7 @@ def refine_spectrum(
 def fit_spectrum(
     spectrum: Spectrum,
     optics: Optics,
-    settings: FitSettings = FitSettings(),
+    settings: FitSettings | None = None,
     diagnostics: bool = True,
     name: str | None = None,
 ) -> CTFEstimate:
@@ -313,6 +314,7 @@ def fit_spectrum(
     name
         File name used in error messages.
     """
+    settings = settings or FitSettings()
     found = search_spectrum(spectrum, optics, settings, name)
     return refine_spectrum(spectrum, optics, settings, found, diagnostics, name)
 
@@ -405,7 +407,7 @@ def _diagnostics(
 def estimate_ctf(
     image: NDArray,
     optics: Optics,
-    settings: FitSettings = FitSettings(),
+    settings: FitSettings | None = None,
     diagnostics: bool = True,
     workers: int = 1,
     name: str | None = None,
@@ -420,7 +422,8 @@ def estimate_ctf(
         Pixel size, voltage, Cs, amplitude contrast and (optionally) magnification matrix;
         with a non-identity matrix the returned defocus is in the true frame.
     settings
-        Box, resolution band, defocus range, phase plate, astigmatism restraint.
+        Box, resolution band, defocus range, phase plate, astigmatism restraint
+        (``FitSettings()`` if None).
     diagnostics
         Also return the arrays for the diagnostic picture.
     workers
@@ -445,6 +448,7 @@ def estimate_ctf(
     >>> est = estimate_ctf(image, Optics(pixel_size=1.0, voltage_kv=300))  # doctest: +SKIP
     >>> est.params.defocus_u, est.params.defocus_v, est.params.angle_deg  # doctest: +SKIP
     """
+    settings = settings or FitSettings()
     check_image(image, name)
     try:
         spectrum = micrograph_spectrum(

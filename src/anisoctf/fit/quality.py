@@ -42,9 +42,7 @@ def _chi_eff(band: Band, params: CTFParams, optics: Optics) -> NDArray:
     return chi(band.feats, params, optics) + np.arctan2(w, np.sqrt(1 - w * w))
 
 
-def ring_statistics(
-    band: Band, params: CTFParams, optics: Optics, t_min: float = 3.0
-) -> RingStats:
+def ring_statistics(band: Band, params: CTFParams, optics: Optics, t_min: float = 3.0) -> RingStats:
     """Agreement of each Thon ring with the fit, and the fit resolution (see module doc)."""
     x = _chi_eff(band, params, optics)
     x = x - np.deg2rad(params.phase_shift_deg)

@@ -163,8 +163,8 @@ def refine_ml(
         m, bg, env, c2, dc2 = evaluate(theta, lin)
     nll = nll_of(m, theta)
     mu = 1e-3
-    it = 0
-    for it in range(1, max_iter + 1):
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - reported in the result
         j = jacobian(m, env, c2, dc2)
         r = ((s - m) * snu / m).astype(np.float32)
         jtj = (j.T @ j).astype(np.float64) / total_w
@@ -216,7 +216,7 @@ def refine_ml(
     except np.linalg.LinAlgError:
         cov = np.full((nt, nt), np.inf)
     if _DEBUG:
-        print('refine', band.size, it, theta)
+        print("refine", band.size, iterations, theta)
     return RefineResult(
         z=float(theta[0]),
         a1=float(theta[1]),
@@ -227,5 +227,5 @@ def refine_ml(
         background=bg,
         envelope=env,
         ctf2=c2,
-        iterations=it,
+        iterations=iterations,
     )

@@ -56,7 +56,8 @@ class FitSettings:
             raise ValueError(f"overlap must be in [0, 0.95), got {self.overlap}")
         if not self.min_res > self.max_res > 0:
             raise ValueError(
-                f"need min-res > max-res > 0 (Å), got min-res {self.min_res}, max-res {self.max_res}"
+                f"need min-res > max-res > 0 (Å), got min-res {self.min_res}, "
+                f"max-res {self.max_res}"
             )
         if not 0 < self.df_min < self.df_max:
             raise ValueError(

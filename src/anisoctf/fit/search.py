@@ -154,9 +154,7 @@ def coarse_search(
     values = band.values
 
     # 1. all-sector profile: defocus (and phase) ignoring astigmatism
-    k, y, n = _bin_profile(
-        band.rho_true, values, band.weights, band.k_min, band.k_max, width
-    )
+    k, y, n = _bin_profile(band.rho_true, values, band.weights, band.k_min, band.k_max, width)
     df_all = np.repeat(grid, len(phases))
     ph_all = np.tile(phases, len(grid))
     s_all = profile_scores(k, y, n, _ctf2_1d(k, df_all, ph_all, optics), band.k_min, band.k_max)
@@ -186,7 +184,7 @@ def coarse_search(
     disc = a1**2 + a2**2 <= (h_max + 1e-9) ** 2
     a1, a2 = a1[disc], a2[disc]
     # sector defocus offset in grid steps, for each astigmatism candidate: (n_ast, n_sectors)
-    off = (a1[:, None] * np.cos(2 * centres)[None, :] + a2[:, None] * np.sin(2 * centres)[None, :])
+    off = a1[:, None] * np.cos(2 * centres)[None, :] + a2[:, None] * np.sin(2 * centres)[None, :]
     off = off / step
     total = np.zeros((a1.size, grid.size))
     zi = np.arange(grid.size)
@@ -203,8 +201,9 @@ def coarse_search(
     for f in flat[:5000]:
         ia, iz = np.unravel_index(f, total.shape)
         z, b1, b2 = grid[iz], a1[ia], a2[ia]
-        if any(abs(z - c[0]) < 4 * step and np.hypot(b1 - c[1], b2 - c[2]) < 4 * step
-               for c in cands):
+        if any(
+            abs(z - c[0]) < 4 * step and np.hypot(b1 - c[1], b2 - c[2]) < 4 * step for c in cands
+        ):
             continue
         cands.append((float(z), float(b1), float(b2), float(np.rad2deg(best_phase))))
         scores.append(float(total[ia, iz]))

@@ -81,4 +81,3 @@ def crlb(
         "angle_deg": float(sa),
         "mean_defocus": float(np.sqrt(cov[0, 0])),
     }
-

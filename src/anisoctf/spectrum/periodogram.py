@@ -173,8 +173,10 @@ def tile_periodogram(
     # low-pass view of the image (blocks of bin_ px) for the tiles' outlier features
     bin_ = max(1, tile // 32)
     by, bx = ny // bin_, nx // bin_
-    small = img[: by * bin_, : bx * bin_].reshape(by, bin_, bx, bin_).mean(
-        axis=(1, 3), dtype=np.float64
+    small = (
+        img[: by * bin_, : bx * bin_]
+        .reshape(by, bin_, bx, bin_)
+        .mean(axis=(1, 3), dtype=np.float64)
     )
     feats = np.zeros((nt, 3))
     for j, (r, c) in enumerate(origins // bin_):
@@ -310,8 +312,11 @@ def outlier_tile_weights(image: NDArray, tile: int = 512) -> tuple[NDArray, NDAr
         t = img[r : r + nb * b, c : c + nb * b]
         small = t.reshape(nb, b, nb, b).mean(axis=(1, 3), dtype=np.float64)
         m = float(small.mean())
-        feats[i] = (m, float(np.mean(np.square(t, dtype=np.float32), dtype=np.float64)) - m * m,
-                    float(small.var()))
+        feats[i] = (
+            m,
+            float(np.mean(np.square(t, dtype=np.float32), dtype=np.float64)) - m * m,
+            float(small.var()),
+        )
     feats[:, 1:] = np.log(np.maximum(feats[:, 1:], 1e-30))
     if len(origins) < 5:
         return np.ones(len(origins)), origins
@@ -404,6 +409,10 @@ def micrograph_spectrum(
     if np.all(w >= 0.999):
         return full_periodogram(image, pixel_size, fit_pixel_size, workers=workers)
     return tile_periodogram(
-        image, pixel_size, box=box, overlap=overlap, fit_pixel_size=fit_pixel_size,
+        image,
+        pixel_size,
+        box=box,
+        overlap=overlap,
+        fit_pixel_size=fit_pixel_size,
         workers=workers,
     )
