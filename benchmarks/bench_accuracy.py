@@ -45,7 +45,7 @@ def make_spec(i: int, seed: int, size: int, hard: bool) -> MicrographSpec:
     truth = CTFParams(z + ast / 2, z - ast / 2, ang, 0.0, 150.0 if hard else 60.0).normalised()
     kw = {}
     if hard:
-        kw = {"dose": 15.0, "background": 20.0, "background_width": 0.05, "snr": 0.3}
+        kw = {"dose": 20.0, "background": 8.0, "background_width": 0.05, "snr": 0.8}
     return MicrographSpec(
         shape=(size, size),
         optics=Optics(1.0, kv, 2.7, ac),

@@ -1,0 +1,1 @@
+"""The ``anisoctf`` command line (a thin layer over :mod:`anisoctf.jobs`): see :mod:`.main`."""

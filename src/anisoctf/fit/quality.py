@@ -5,7 +5,9 @@ zeros of the fitted CTF² (so one window holds exactly one Thon ring, whatever t
 an equiphase average). In each window we regress the observed power on a local linear
 background and the fitted CTF²; the ring "agrees" when the CTF² coefficient is positive and
 significant (t > 3). The fit resolution is the outer edge of the last agreeing window before two
-consecutive windows fail, or where rings become too fine for the spectrum's sampling.
+consecutive windows fail (misses before the first agreeing ring are forgiven in the first few
+windows, where a strong low-frequency background can hide a ring), or where rings become too
+fine for the spectrum's sampling.
 """
 
 from __future__ import annotations
@@ -97,15 +99,19 @@ def ring_statistics(band: Band, params: CTFParams, optics: Optics, t_min: float 
     order = np.argsort(kmean)
     last_good = -1
     misses = 0
+    seen = 0
     for w in order:
         if not ok[w]:
             continue
         if not resolvable[w]:
             break
+        seen += 1
         if t[w] > t_min:
             last_good = w
             misses = 0
-        else:
+        elif last_good >= 0 or seen > 4:
+            # the first rings may drown in a strong low-frequency background: only count
+            # misses once a ring has agreed (or after the first few windows)
             misses += 1
             if misses >= 2:
                 break

@@ -24,7 +24,6 @@ from anisoctf.fit.band import Band, radial_basis
 from anisoctf.optics.ctf import Optics
 
 __all__ = ["RefineResult", "refine_ml"]
-_DEBUG = False
 
 
 @dataclass(frozen=True)
@@ -215,8 +214,6 @@ def refine_ml(
         cov = np.linalg.inv(fisher)[:nt, :nt]
     except np.linalg.LinAlgError:
         cov = np.full((nt, nt), np.inf)
-    if _DEBUG:
-        print("refine", band.size, iterations, theta)
     return RefineResult(
         z=float(theta[0]),
         a1=float(theta[1]),

@@ -75,7 +75,7 @@ class MicrographSpec:
     optics: Optics = field(default_factory=lambda: Optics(pixel_size=1.0))
     ctf: CTFParams = field(default_factory=lambda: CTFParams(15000.0, 14000.0, 30.0, 0.0, 60.0))
     dose: float = 40.0
-    snr: float = 0.4
+    snr: float = 0.8
     background: float = 2.0
     background_width: float = 0.02
     mtf_falloff: float = 0.6

@@ -93,12 +93,21 @@ def tile_starts(length: int, tile: int, overlap: float) -> NDArray[np.int64]:
     return np.round(np.linspace(0, length - tile, n)).astype(np.int64)
 
 
-def _robust_weights(features: NDArray[np.float64], cut: float = 3.5) -> NDArray[np.float64]:
-    """Down-weight rows whose robust z-score exceeds ``cut`` in any feature column."""
+def _robust_weights(
+    features: NDArray[np.float64], cut: float = 3.5, floors: NDArray | None = None
+) -> NDArray[np.float64]:
+    """Down-weight rows whose robust z-score exceeds ``cut`` in any feature column.
+
+    ``floors`` (per column) is the smallest deviation that matters in practice, divided by
+    ``cut``: a clean micrograph's tiles differ by tiny but statistically significant
+    amounts, which must not make them outliers.
+    """
     med = np.median(features, axis=0)
     mad = 1.4826 * np.median(np.abs(features - med), axis=0)
-    # floor the spread: tiles of a clean micrograph differ only by their sampling noise
-    mad = np.maximum(mad, 1e-3 * (np.abs(med) + 1e-12) + 1e-12)
+    floor = 1e-3 * (np.abs(med) + 1e-12) + 1e-12
+    if floors is not None:
+        floor = np.maximum(floor, np.asarray(floors, dtype=float))
+    mad = np.maximum(mad, floor)
     z = np.max(np.abs(features - med) / mad, axis=1)
     w = np.ones(len(features))
     out = z > cut
@@ -320,7 +329,11 @@ def outlier_tile_weights(image: NDArray, tile: int = 512) -> tuple[NDArray, NDAr
     feats[:, 1:] = np.log(np.maximum(feats[:, 1:], 1e-30))
     if len(origins) < 5:
         return np.ones(len(origins)), origins
-    return _robust_weights(feats), origins
+    # what matters: a mean shift of a quarter of the pixel noise, a 25 % change of variance
+    pixel_sd = float(np.exp(0.5 * np.median(feats[:, 1])))
+    cut = 3.5
+    floors = np.array([0.25 * pixel_sd, np.log(1.25), np.log(1.25)]) / cut
+    return _robust_weights(feats, cut, floors), origins
 
 
 def full_periodogram(
@@ -329,6 +342,7 @@ def full_periodogram(
     fit_pixel_size: float | None = None,
     taper: int = 64,
     workers: int = 1,
+    weight_map: NDArray | None = None,
 ) -> Spectrum:
     """Periodogram of the whole image at full frequency resolution (``n_eff = 1``).
 
@@ -349,6 +363,9 @@ def full_periodogram(
         Width (pixels) of the raised-cosine edge taper.
     workers
         Threads for ``scipy.fft``.
+    weight_map
+        Optional smooth real-space weights (same shape as ``image``, 0..1) that fade out
+        outlier regions; a mask only blurs the rings a little (it never shifts them).
     """
     img = np.asarray(image)
     if img.ndim != 2:
@@ -361,10 +378,20 @@ def full_periodogram(
     sub = img[oy : oy + ny, ox : ox + nx]
     wy, wx = _edge_taper(ny, taper), _edge_taper(nx, taper)
     a = np.empty((ny, nx), dtype=np.float32)
-    np.subtract(sub, np.float32(np.mean(sub, dtype=np.float64)), out=a, casting="unsafe")
-    a *= wy[:, None]
-    a *= wx[None, :]
-    norm = float(np.sum(wy.astype(np.float64) ** 2) * np.sum(wx.astype(np.float64) ** 2))
+    if weight_map is None:
+        np.subtract(sub, np.float32(np.mean(sub, dtype=np.float64)), out=a, casting="unsafe")
+        a *= wy[:, None]
+        a *= wx[None, :]
+        norm = float(np.sum(wy.astype(np.float64) ** 2) * np.sum(wx.astype(np.float64) ** 2))
+    else:
+        wm = np.asarray(weight_map, dtype=np.float32)[oy : oy + ny, ox : ox + nx]
+        wm = wm * wy[:, None] * wx[None, :]
+        mean_w = float(
+            np.sum(sub * wm, dtype=np.float64) / max(np.sum(wm, dtype=np.float64), 1e-30)
+        )
+        np.subtract(sub, np.float32(mean_w), out=a, casting="unsafe")
+        a *= wm
+        norm = float(np.sum(np.square(wm, dtype=np.float64)))
     f = sfft.rfft2(a, workers=workers, overwrite_x=True)
     del a
     apix = pixel_size
@@ -398,21 +425,35 @@ def micrograph_spectrum(
     fit_pixel_size: float | None = None,
     workers: int = 1,
 ) -> Spectrum:
-    """The spectrum a micrograph's CTF fit starts from.
+    """The spectrum a micrograph's CTF fit starts from: its full-resolution periodogram.
 
-    A clean micrograph gets its full-resolution periodogram (:func:`full_periodogram`); if
-    some ``box``-sized regions are outliers (carbon, contamination, the exposure edge), the
-    spectrum is instead averaged over overlapping tiles with those tiles down-weighted
-    (:func:`tile_periodogram`).
+    ``box``-sized regions that are outliers (carbon, contamination, the exposure edge; see
+    :func:`outlier_tile_weights`) are faded out by a smooth weight map before the transform.
+    ``overlap`` is unused here (kept for the tiled estimator, :func:`tile_periodogram`).
     """
-    w, _ = outlier_tile_weights(image, box)
+    w, origins = outlier_tile_weights(image, box)
     if np.all(w >= 0.999):
         return full_periodogram(image, pixel_size, fit_pixel_size, workers=workers)
-    return tile_periodogram(
+    return full_periodogram(
         image,
         pixel_size,
-        box=box,
-        overlap=overlap,
-        fit_pixel_size=fit_pixel_size,
+        fit_pixel_size,
         workers=workers,
+        weight_map=_tile_weight_map(np.shape(image), w, origins, min(box, *np.shape(image))),
     )
+
+
+def _tile_weight_map(
+    shape: tuple[int, int], weights: NDArray, origins: NDArray, tile: int
+) -> NDArray[np.float32]:
+    """Smooth real-space weight map from per-tile weights (transitions of about tile/8 px)."""
+    from scipy.ndimage import gaussian_filter
+
+    ny, nx = shape
+    c = 16  # work on a 16× coarser grid, then expand
+    small = np.ones((-(-ny // c), -(-nx // c)), dtype=np.float32)
+    for wt, (r, col) in zip(weights, origins, strict=True):
+        blk = small[r // c : (r + tile) // c, col // c : (col + tile) // c]
+        np.minimum(blk, wt, out=blk)
+    small = gaussian_filter(small, sigma=max(1.0, tile / (8 * c)), mode="nearest")
+    return np.repeat(np.repeat(small, c, axis=0), c, axis=1)[:ny, :nx]

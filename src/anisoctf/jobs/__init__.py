@@ -1,0 +1,29 @@
+"""File-level jobs behind the command line: they read and write files and call the science.
+
+* :mod:`anisoctf.jobs.estimate_micrographs`: ``anisoctf estimate`` (micrographs → CTF results);
+* :mod:`anisoctf.jobs.simulate_micrographs`: ``anisoctf simulate`` (micrographs with known CTF).
+"""
+
+from anisoctf.jobs.estimate_micrographs import (
+    STAR_NAME,
+    EstimateReport,
+    RowResult,
+    UsageError,
+    process_one,
+    resolve_inputs,
+    run_estimate,
+)
+from anisoctf.jobs.simulate_micrographs import SimulatedFile, SimulationOptions, run_simulate
+
+__all__ = [
+    "STAR_NAME",
+    "EstimateReport",
+    "RowResult",
+    "SimulatedFile",
+    "SimulationOptions",
+    "UsageError",
+    "process_one",
+    "resolve_inputs",
+    "run_estimate",
+    "run_simulate",
+]
