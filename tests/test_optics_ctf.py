@@ -105,7 +105,9 @@ def test_phase_shift_90_turns_sine_into_cosine() -> None:
     lam, df = optics.wavelength, 5000.0
     k = np.linspace(0.0, 0.4, 300)
     gamma = np.pi * lam * df * k**2 - 0.5 * np.pi * 2.7e7 * lam**3 * k**4
-    np.testing.assert_allclose(ctf_1d(k, df, optics, phase_shift_deg=90.0), -np.cos(gamma), atol=1e-9)
+    np.testing.assert_allclose(
+        ctf_1d(k, df, optics, phase_shift_deg=90.0), -np.cos(gamma), atol=1e-9
+    )
     np.testing.assert_allclose(ctf_1d(k, df, optics), -np.sin(gamma), atol=1e-9)
 
 

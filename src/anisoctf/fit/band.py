@@ -70,7 +70,7 @@ class Band:
 def binned_power(spectrum: Spectrum, factor: int) -> tuple[NDArray, NDArray, NDArray]:
     """Half-plane power binned ``factor × factor``, with the mean frequency of each bin.
 
-    Results are cached on the spectrum (binned hierarchically, by 2 from the next finer level).
+    Results are cached on the spectrum.
 
     Returns
     -------
@@ -89,8 +89,7 @@ def binned_power(spectrum: Spectrum, factor: int) -> tuple[NDArray, NDArray, NDA
     else:
         if ny % (2 * factor) or nx % (2 * factor):
             raise ValueError(f"spectrum of shape {spectrum.shape} cannot be binned by {factor}")
-        finer = factor // 2 if factor % 2 == 0 else 1
-        p = _bin_half_plane(binned_power(spectrum, finer)[0], factor // finer)
+        p = _bin_half_plane(spectrum.power, factor)
     # mean frequency of the fine pixels in each bin (FFT order is contiguous within a bin)
     fy = np.fft.fftfreq(ny, d=spectrum.pixel_size)
     ky = fy.reshape(ny // factor, factor).mean(axis=1)
@@ -103,13 +102,22 @@ def binned_power(spectrum: Spectrum, factor: int) -> tuple[NDArray, NDArray, NDA
 
 
 def _bin_half_plane(a: NDArray, f: int) -> NDArray:
-    """Bin an rfft half-plane array by ``f`` in both directions; the Nyquist column stays on
-    its own (binned along y only)."""
+    """Bin an rfft half-plane array by ``f`` in both directions (FFT order is contiguous in
+    frequency within each bin, the Nyquist row starting one); the Nyquist column stays on its
+    own (binned along y only)."""
     rows, ncol = a.shape
     nb_col = (ncol - 1) // f
-    cols = a[:, : nb_col * f].reshape(rows, nb_col, f).mean(axis=2)
-    cols = np.concatenate([cols, a[:, -1:]], axis=1)
-    return cols.reshape(rows // f, f, nb_col + 1).mean(axis=1)
+    r = a[0::f].copy()  # strided adds: far faster than a reduction over a 4D reshape
+    for i in range(1, f):
+        r += a[i::f]
+    out = np.empty((rows // f, nb_col + 1), dtype=a.dtype)
+    c = out[:, :nb_col]
+    c[:] = r[:, 0 : nb_col * f : f]
+    for i in range(1, f):
+        c += r[:, i : nb_col * f : f]
+    c *= 1.0 / (f * f)
+    out[:, nb_col] = r[:, -1] * (1.0 / f)
+    return out
 
 
 def _annulus_indices(

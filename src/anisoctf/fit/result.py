@@ -41,7 +41,7 @@ class FitSettings:
     box: int = 512
     overlap: float = 0.5
     min_res: float = 30.0
-    max_res: float = 4.0
+    max_res: float = 3.0
     df_min: float = 3000.0
     df_max: float = 50000.0
     max_astig: float = 3000.0

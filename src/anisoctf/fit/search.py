@@ -103,8 +103,15 @@ def profile_scores(
 
 
 def _bin_profile(
-    rho: NDArray, values: NDArray, weights: NDArray, k_min: float, k_max: float, width: float
+    rho: NDArray,
+    values: NDArray,
+    weights: NDArray,
+    k_min: float,
+    k_max: float,
+    width: float,
+    centred: bool = False,
 ) -> tuple[NDArray, NDArray, NDArray]:
+    """Weighted radial profile; each bin's frequency is its pixels' mean (or its centre)."""
     nb = max(8, int(np.ceil((k_max - k_min) / width)))
     edges = np.linspace(k_min, k_max, nb + 1)
     i = np.clip(np.searchsorted(edges, rho) - 1, 0, nb - 1)
@@ -112,7 +119,7 @@ def _bin_profile(
     s = np.bincount(i, weights=values * weights, minlength=nb)
     kc = np.bincount(i, weights=rho * weights, minlength=nb)
     centres = 0.5 * (edges[1:] + edges[:-1])
-    k = np.where(n > 0, kc / np.maximum(n, 1), centres)
+    k = centres if centred else np.where(n > 0, kc / np.maximum(n, 1), centres)
     return k, np.where(n > 0, s / np.maximum(n, 1), 0.0), n
 
 
@@ -166,14 +173,16 @@ def coarse_search(
     sec = np.minimum((band.theta_true / np.pi * n_sectors).astype(int), n_sectors - 1)
     curves = np.zeros((n_sectors, grid.size))
     centres = (np.arange(n_sectors) + 0.5) * np.pi / n_sectors
+    c2: NDArray | None = None
     for s in range(n_sectors):
         m = sec == s
         if m.sum() < 50:
             continue
         ks, ys, ns = _bin_profile(
-            band.rho_true[m], values[m], band.weights[m], band.k_min, band.k_max, width
+            band.rho_true[m], values[m], band.weights[m], band.k_min, band.k_max, width, True
         )
-        c2 = _ctf2_1d(ks, grid, np.full(grid.size, best_phase), optics)
+        if c2 is None:  # every sector shares the bin centres, so one CTF² table serves all
+            c2 = _ctf2_1d(ks, grid, np.full(grid.size, best_phase), optics)
         curves[s] = profile_scores(ks, ys, ns, c2, band.k_min, band.k_max)
 
     # 3. grid over (z, a1, a2): sum of sector scores at the sector defocus

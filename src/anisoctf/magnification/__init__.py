@@ -1,0 +1,60 @@
+"""Anisotropic magnification: the matrix ``M`` (``k_true = M k_obs``) and its effect on defocus.
+
+:mod:`~anisoctf.magnification.matrix` holds :class:`MagMat` (anisotropy, axis, scale, polar
+decomposition) and the converters to and from RELION, cryoSPARC, cisTEM and MotionCor2;
+:mod:`~anisoctf.magnification.transform` moves defocus between the observed and the true frame
+and predicts the astigmatism that anisomag alone produces. Conventions and sources are in
+``docs/anisomag.md``.
+"""
+
+from anisoctf.magnification.matrix import (
+    RELION_MAGMAT_LABELS,
+    MagMat,
+    as_matrix,
+    from_cistem,
+    from_cryosparc_anisomag,
+    from_motioncor2,
+    from_relion,
+    from_relion_row,
+    from_relion_table,
+    matrices_from_cryosparc_anisomag,
+    to_cistem,
+    to_cryosparc_anisomag,
+    to_motioncor2,
+    to_relion,
+)
+from anisoctf.magnification.transform import (
+    apparent_astigmatism,
+    defocus_table_to_observed,
+    defocus_table_to_true,
+    defocus_to_observed,
+    defocus_to_true,
+    isotropic_scale,
+    transform_defocus_matrix,
+    true_pixel_size,
+)
+
+__all__ = [
+    "RELION_MAGMAT_LABELS",
+    "MagMat",
+    "apparent_astigmatism",
+    "as_matrix",
+    "defocus_table_to_observed",
+    "defocus_table_to_true",
+    "defocus_to_observed",
+    "defocus_to_true",
+    "from_cistem",
+    "from_cryosparc_anisomag",
+    "from_motioncor2",
+    "from_relion",
+    "from_relion_row",
+    "from_relion_table",
+    "isotropic_scale",
+    "matrices_from_cryosparc_anisomag",
+    "to_cistem",
+    "to_cryosparc_anisomag",
+    "to_motioncor2",
+    "to_relion",
+    "transform_defocus_matrix",
+    "true_pixel_size",
+]

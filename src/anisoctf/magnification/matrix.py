@@ -211,7 +211,7 @@ class MagMat:
 
     @property
     def symmetric_part(self) -> NDArray[np.float64]:
-        """``S`` of the polar decomposition ``M = R S`` (symmetric, positive definite, obs frame)."""
+        """``S`` of the polar form ``M = R S`` (symmetric positive definite, observed frame)."""
         _, s, vt = self._svd()
         return vt.T @ np.diag(s) @ vt
 
@@ -275,7 +275,9 @@ def to_relion(m: MagMat | ArrayLike) -> dict[str, float]:
     a = as_matrix(m)
     return {
         label: float(a[i, j])
-        for label, (i, j) in zip(RELION_MAGMAT_LABELS, ((0, 0), (0, 1), (1, 0), (1, 1)), strict=True)
+        for label, (i, j) in zip(
+            RELION_MAGMAT_LABELS, ((0, 0), (0, 1), (1, 0), (1, 1)), strict=True
+        )
     }
 
 
@@ -483,7 +485,9 @@ def from_motioncor2(major_scale: float, minor_scale: float, angle_deg: float) ->
     return from_cistem(angle_deg, major_scale, minor_scale)
 
 
-def to_motioncor2(m: MagMat | ArrayLike, max_rotation_deg: float = 0.5) -> tuple[float, float, float]:
-    """MotionCor2 ``-Mag`` values ``(major, minor, angle_deg)`` for ``M`` (see :func:`to_cistem`)."""
+def to_motioncor2(
+    m: MagMat | ArrayLike, max_rotation_deg: float = 0.5
+) -> tuple[float, float, float]:
+    """MotionCor2 ``-Mag`` values ``(major, minor, angle_deg)`` for ``M``; see :func:`to_cistem`."""
     angle, major, minor = to_cistem(m, max_rotation_deg=max_rotation_deg)
     return major, minor, angle
