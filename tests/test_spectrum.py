@@ -96,13 +96,6 @@ def test_white_noise_stack_periodogram() -> None:
     assert _interior_mean(padded) == pytest.approx(SIGMA**2, rel=0.02)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="periodogram.py stack_periodogram: box < image size passes s=(box, box) to rfft2, "
-    "which keeps the top-left box x box pixels (not the centre the docstring promises) and "
-    "still divides by the window energy of the full image, so the PSD reads (box/size)^2 "
-    "too low (0.25 s^2 for 128 px images at box 64)",
-)
 def test_stack_periodogram_smaller_box_keeps_the_level() -> None:
     rng = np.random.default_rng(1)
     stack = rng.standard_normal((40, 128, 128)) * SIGMA
@@ -159,13 +152,6 @@ def test_full_periodogram_crop(noise: np.ndarray) -> None:
     assert full_periodogram(noise, 1.0, fit_pixel_size=0.8).pixel_size == 1.0  # no upsampling
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="periodogram.py full_periodogram: with fit_pixel_size on a non-square image the two "
-    "axes are cropped to independently rounded sizes (cy, cx) but the spectrum carries one "
-    "pixel size ny*apix/cy, so kx is mis-scaled by (nx/cx)/(ny/cy) (3.3 % for 768x1024 at "
-    "1.7 Å; 1.5 % for a 4092x5760 K3 image at 2 Å): a fake anisotropic magnification",
-)
 def test_full_periodogram_crop_non_square_keeps_frequencies() -> None:
     ny, nx = 768, 1024
     y, x = np.mgrid[0:ny, 0:nx]
@@ -313,7 +299,7 @@ def test_make_band_equals_brute_force(mag, factor, stride, shape) -> None:
     tx, ty = mag @ np.stack([band.kx, band.ky])
     np.testing.assert_allclose(band.rho_true, np.hypot(tx, ty))
     np.testing.assert_allclose(band.rho, np.hypot(band.kx, band.ky))
-    assert np.all((band.theta_true >= 0.0) & (band.theta_true <= np.pi))  # see the xfail below
+    assert np.all((band.theta_true >= 0.0) & (band.theta_true < np.pi))
     dtheta = np.angle(np.exp(2j * (band.theta_true - np.arctan2(ty, tx))))  # modulo pi
     np.testing.assert_allclose(dtheta, 0.0, atol=1e-9)
     f = frequency_features(band.kx, band.ky, mag)
@@ -322,11 +308,6 @@ def test_make_band_equals_brute_force(mag, factor, stride, shape) -> None:
     assert band.grid_shape == p.shape
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="band.py make_band: np.mod(np.arctan2(kyt, kxt), np.pi) returns exactly pi when "
-    "kyt is a tiny negative rounding residue (-4e-19), outside the documented [0, pi)",
-)
 def test_band_theta_true_is_half_open() -> None:
     rng = np.random.default_rng(3)
     sp = _spectrum(rng.exponential(size=(192, 129)), 1.3, (192, 256))

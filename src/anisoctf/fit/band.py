@@ -166,6 +166,13 @@ def _annulus_indices(
     return first + np.arange(total, dtype=np.int64)
 
 
+def _half_turn(angle: NDArray) -> NDArray:
+    """Angles folded into [0, pi) (np.mod can round a tiny negative angle up to pi itself)."""
+    out = np.mod(angle, np.pi)
+    out[out >= np.pi] = 0.0
+    return out
+
+
 def make_band(
     spectrum: Spectrum,
     optics: Optics,
@@ -206,7 +213,7 @@ def make_band(
         ky=ky_s,
         rho=np.hypot(kx_s, ky_s),
         rho_true=rt,
-        theta_true=np.mod(np.arctan2(kyt_s, kxt_s), np.pi),
+        theta_true=_half_turn(np.arctan2(kyt_s, kxt_s)),
         feats=frequency_features(kx_s, ky_s, m),
         k_min=float(k_min),
         k_max=float(k_max),
@@ -292,7 +299,7 @@ def polar_compress(
         ky=mean(band.ky),
         rho=np.sqrt(mean(band.rho * band.rho)),
         rho_true=np.sqrt(feats.k2),
-        theta_true=np.mod(0.5 * np.arctan2(feats.s2, feats.c2), np.pi),
+        theta_true=_half_turn(0.5 * np.arctan2(feats.s2, feats.c2)),
         feats=feats,
         k_min=band.k_min,
         k_max=band.k_max,

@@ -28,7 +28,7 @@ from anisoctf.fit.quality import (
     optics_ctf2,
     ring_statistics,
 )
-from anisoctf.fit.refine import RefineResult, refine_ml
+from anisoctf.fit.refine import RefineResult, background_only_nll, refine_ml
 from anisoctf.fit.result import CTFEstimate, FitDiagnostics, FitSettings
 from anisoctf.fit.search import coarse_search
 from anisoctf.optics.ctf import (
@@ -44,6 +44,9 @@ __all__ = ["check_image", "estimate_ctf", "fit_spectrum"]
 
 #: the coarse search never looks beyond this resolution (Å): rings there are faint and fine
 COARSE_MAX_RES = 5.0
+#: a fit must explain the spectrum this much better than a smooth background (deviance;
+#: pure noise after the search gives a few tens, visible Thon rings give thousands)
+MIN_DEVIANCE = 150.0
 
 
 def check_image(image: NDArray, name: str | None = None) -> None:
@@ -245,6 +248,14 @@ def refine_spectrum(
     if best is None:
         raise FitError("the refinement failed for every candidate", path=name)
 
+    deviance = 2.0 * (background_only_nll(band) - best.nll) * spectrum.n_eff * band.weights.sum()
+    if not deviance > MIN_DEVIANCE:
+        raise FitError(
+            f"no Thon rings found (the best CTF explains the spectrum no better than a smooth "
+            f"background: deviance {deviance:.0f}); check the pixel size (--apix), the defocus "
+            "range and that the image is a micrograph",
+            path=name,
+        )
     phase = best.phase_deg if settings.phase_plate else 0.0
     params = params_from_astig(best.z, best.a1, best.a2, phase)
     warnings = list(found.warnings)

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from anisoctf.fit.band import Band, radial_basis
 from anisoctf.optics.ctf import Optics
 
-__all__ = ["RefineResult", "refine_ml"]
+__all__ = ["RefineResult", "background_only_nll", "refine_ml"]
 
 
 @dataclass(frozen=True)
@@ -226,3 +226,23 @@ def refine_ml(
         ctf2=c2,
         iterations=iterations,
     )
+
+
+def background_only_nll(band: Band, n_bg: int = 10, iterations: int = 8) -> float:
+    """Normalised negative log-likelihood of the best smooth background without any CTF signal.
+
+    The deviance ``2 * (nll_null - nll_fit) * n_eff * sum(weights)`` measures how much the
+    Thon rings explain: a few tens for pure noise after a search, thousands for real rings.
+    """
+    s = band.values
+    nu = band.weights
+    phi = radial_basis(band.rho, float(band.rho.min()), float(band.rho.max()), n_bg)
+    coef = _solve_normal(phi, s)
+    for _ in range(iterations):  # IRLS with Gamma weights 1/m^2
+        m = np.maximum(phi @ coef, 1e-12 * np.abs(s).mean())
+        w = np.sqrt(nu) / m
+        coef = _solve_normal(phi * w[:, None], s * w)
+    m = phi @ coef
+    if np.any(m <= 0):
+        return np.inf
+    return float(np.dot(nu / nu.sum(), np.log(m) + s / m))

@@ -8,6 +8,7 @@ strong low-frequency content (ice gradients, carbon edges) does not leak into th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,8 +246,8 @@ def stack_periodogram(
 ) -> Spectrum:
     """Pool the periodograms of a stack of images (e.g. the particles of one micrograph).
 
-    Each image is mean-subtracted and tapered; images are padded (or centre-cropped) to
-    ``box`` before the transform (default: the image size).
+    Each image is mean-subtracted and tapered; images are zero-padded to ``box`` before the
+    transform, or centre-cropped to it when ``box`` is smaller (default: the image size).
     """
     s = np.asarray(stack)
     if s.ndim == 2:
@@ -256,14 +257,16 @@ def stack_periodogram(
     n, ny, nx = s.shape
     size = min(ny, nx)
     box = int(box or size)
-    win = taper_window(size)
+    crop = min(size, box)  # a smaller box takes the centre of each image
+    oy, ox = (ny - crop) // 2, (nx - crop) // 2
+    win = taper_window(crop)
     norm = float(np.sum(win.astype(np.float64) ** 2))
     total = np.zeros((box, box // 2 + 1), dtype=np.float64)
     for start in range(0, n, 64):
-        b = np.asarray(s[start : start + 64, :size, :size], dtype=np.float32).copy()
-        b -= b.mean(axis=(1, 2), keepdims=True)
+        b = np.asarray(s[start : start + 64, oy : oy + crop, ox : ox + crop], dtype=np.float32)
+        b = b - b.mean(axis=(1, 2), keepdims=True)
         b *= win
-        f = sfft.rfft2(b, s=(box, box), workers=workers)
+        f = sfft.rfft2(b, s=(box, box), workers=workers)  # zero-pads when box > crop
         total += (f.real**2 + f.imag**2).sum(axis=0, dtype=np.float64)
     power = total / (n * norm)
     return Spectrum(
@@ -286,6 +289,18 @@ def _smooth_len_below(n: int, multiple: int = 16) -> int:
         if q == 1:
             return m
     return multiple
+
+
+def _crop_sizes(ny: int, nx: int, ratio: float) -> tuple[int, int]:
+    """Fourier-crop sizes ``(cy, cx)`` at most ``ratio`` of ``(ny, nx)`` with ``cy/ny == cx/nx``
+    exactly (one pixel size for both axes) and both divisible by 16 (so they bin evenly)."""
+    g = math.gcd(ny, nx)
+    a, b = ny // g, nx // g  # cy = k*a, cx = k*b for an integer k
+    step = math.lcm(16 // math.gcd(16, a), 16 // math.gcd(16, b))
+    k = int(g * ratio) // step * step
+    if k < step or k < 0.8 * g * ratio:  # no exact crop near the request: keep everything
+        return ny, nx
+    return k * a, k * b
 
 
 def _edge_taper(n: int, width: int) -> NDArray[np.float32]:
@@ -320,9 +335,11 @@ def outlier_tile_weights(image: NDArray, tile: int = 512) -> tuple[NDArray, NDAr
     feats = np.zeros((len(origins), 3))
     for i, (r, c) in enumerate(origins):
         t = img[r : r + nb * b : step, c : c + nb * b]
-        small = t.reshape(nb, b // step if b >= step else 1, nb, b).mean(
-            axis=(1, 3), dtype=np.float64
-        ) if b >= step else t.reshape(t.shape[0], nb, b).mean(axis=2, dtype=np.float64)
+        small = (
+            t.reshape(nb, b // step if b >= step else 1, nb, b).mean(axis=(1, 3), dtype=np.float64)
+            if b >= step
+            else t.reshape(t.shape[0], nb, b).mean(axis=2, dtype=np.float64)
+        )
         m = float(small.mean())
         var = float(np.mean(np.square(t, dtype=np.float32), dtype=np.float64)) - m * m
         feats[i] = (m, var, float(small.var()))
@@ -402,12 +419,12 @@ def full_periodogram(
     del a
     apix = pixel_size
     if fit_pixel_size is not None and fit_pixel_size > pixel_size * (1 + 1e-6):
-        cy = _smooth_len_below(int(ny * pixel_size / fit_pixel_size))
-        cx = _smooth_len_below(int(nx * pixel_size / fit_pixel_size))
-        f = np.concatenate([f[: cy // 2, : cx // 2 + 1], f[ny - cy // 2 :, : cx // 2 + 1]], axis=0)
-        norm *= (ny * nx) / (cy * cx)
-        apix = pixel_size * ny / cy
-        ny, nx = cy, cx
+        cy, cx = _crop_sizes(ny, nx, pixel_size / fit_pixel_size)
+        if cy < ny:
+            f = np.concatenate([f[: cy // 2, : cx // 2 + 1], f[ny - cy // 2 :, : cx // 2 + 1]])
+            norm *= (ny * nx) / (cy * cx)
+            apix = pixel_size * ny / cy  # == pixel_size * nx / cx exactly
+            ny, nx = cy, cx
     fv = f.view(np.float32)
     power = np.empty(f.shape, dtype=np.float32)
     np.multiply(fv[:, 0::2], fv[:, 0::2], out=power)
