@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from anisoctf import __version__
+from anisoctf.cli.aniso import aniso_app
 from anisoctf.errors import AnisoctfError
 from anisoctf.fit.result import FitSettings
 from anisoctf.jobs.estimate_micrographs import (
@@ -419,6 +420,9 @@ def demo(
         markup=False,
     )
     raise typer.Exit(0 if ok else 1)
+
+
+app.add_typer(aniso_app, name="aniso")
 
 
 def main() -> None:  # pragma: no cover - entry point for ``python -m anisoctf.cli.main``
