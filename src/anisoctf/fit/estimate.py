@@ -24,7 +24,6 @@ from anisoctf.errors import FitError, InputError
 from anisoctf.fit.band import Band, concat_bands, make_band, polar_compress
 from anisoctf.fit.quality import (
     equiphase_radius,
-    figure_of_merit,
     optics_ctf2,
     ring_statistics,
 )
@@ -47,6 +46,8 @@ COARSE_MAX_RES = 5.0
 #: a fit must explain the spectrum this much better than a smooth background (deviance;
 #: pure noise after the search gives a few tens, visible Thon rings give thousands)
 MIN_DEVIANCE = 150.0
+#: and at least this many Thon rings in the fit band must agree with it significantly
+MIN_AGREEING_RINGS = 3
 
 
 def check_image(image: NDArray, name: str | None = None) -> None:
@@ -270,7 +271,6 @@ def refine_spectrum(
     if min(params.mean_defocus - settings.df_min, settings.df_max - params.mean_defocus) < 2 * step:
         warnings.append("defocus at the edge of the search range")
 
-    fom = figure_of_merit(band.values, best.background, best.envelope * best.ctf2)
     nyq = 0.5 / spectrum.pixel_size
     rings = ring_statistics(
         _mixed_band(
@@ -288,6 +288,15 @@ def refine_spectrum(
         params,
         opt,
     )
+    n_agree = rings.agreeing(k_min, k_max)
+    if n_agree < MIN_AGREEING_RINGS:
+        raise FitError(
+            f"no Thon rings agree with the best fit ({n_agree} significant ring(s) between "
+            f"{1 / k_min:.1f} and {1 / k_max:.1f} Å); check the pixel size (--apix), the "
+            "defocus range and that the image is a micrograph",
+            path=name,
+        )
+    fom = rings.figure_of_merit(k_min, k_max)
     diag = None
     if diagnostics:
         shown = make_band(spectrum, opt, k_min, nyq, bin_)
@@ -332,13 +341,13 @@ def fit_spectrum(
 
 def _square_display(
     spectrum: Spectrum, band: Band, obs: NDArray, model: NDArray
-) -> tuple[NDArray[np.float32], NDArray[np.float32], float]:
-    """Put band values on a square half-plane grid for display (nearest frequency)."""
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Put band values on a square half-plane grid for display (nearest frequency); the grid
+    spans the spectrum's full frequency range (Nyquist of ``spectrum.pixel_size``)."""
     gy, gx = band.grid_shape
     ny, nx = spectrum.shape
     fy, fx = ny // gy, nx // (2 * (gx - 1))  # binning of each axis
     n = min(gy, 2 * (gx - 1))
-    apix_disp = spectrum.pixel_size * min(ny, nx) / n
     out_s = np.zeros((n, n // 2 + 1), dtype=np.float32)
     out_m = np.zeros_like(out_s)
     # frequency of each band pixel in units of the display step
@@ -359,7 +368,7 @@ def _square_display(
         # the kx = 0 column holds each point once: mirror it for display
         col = dst[:, 0].copy()
         dst[1:, 0] = np.where(col[1:] != 0, col[1:], col[1:][::-1])
-    return out_s, out_m, apix_disp
+    return out_s, out_m
 
 
 def _diagnostics(
@@ -387,7 +396,7 @@ def _diagnostics(
     obs = band.values - rings.intercept[w] - rings.slope[w] * (band.rho_true - rings.rho_mean[w])
     obs = obs / amp_s[w]
     model = optics_ctf2(band, params, optics)
-    spec2d, mod2d, display_apix = _square_display(spectrum, band, obs, model)
+    spec2d, mod2d = _square_display(spectrum, band, obs, model)
     # 1D equiphase profile
     keq = equiphase_radius(band, params, optics)
     nb = int(np.ceil((band.k_max - band.k_min) / (0.5 * band.pixel_step)))
@@ -404,7 +413,7 @@ def _diagnostics(
     quality = np.interp(kc, rings.k[order], np.clip(rings.r[order], -1, 1))
     keep = cnt > 0
     return FitDiagnostics(
-        pixel_size=display_apix,
+        pixel_size=spectrum.pixel_size,
         spectrum=spec2d,
         model=mod2d,
         k=kc[keep],

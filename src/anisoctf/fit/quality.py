@@ -37,6 +37,25 @@ class RingStats:
     rho_mean: NDArray[np.float64]
     window: NDArray[np.int64]  # window index of each band pixel (−1 when unused)
     fit_resolution: float  # Å
+    count: NDArray[np.float64]  # band pixels (or phase cells) in each window
+    usable: NDArray[np.bool_]  # enough pixels and rings resolvable by the sampling
+
+    def in_band(self, k_min: float, k_max: float) -> NDArray[np.bool_]:
+        """Usable windows whose mean frequency lies in [k_min, k_max]."""
+        return self.usable & (self.k >= k_min) & (self.k <= k_max)
+
+    def agreeing(self, k_min: float, k_max: float, t_min: float = 3.0) -> int:
+        """Number of rings in the band that agree significantly with the fit."""
+        return int(np.sum(self.in_band(k_min, k_max) & (self.t > t_min)))
+
+    def figure_of_merit(self, k_min: float, k_max: float) -> float:
+        """Mean partial correlation of the rings with the fitted CTF² in the band (weighted
+        by pixels); each ring's own linear background is removed first, so a smooth
+        background the fit happened to absorb cannot inflate it."""
+        sel = self.in_band(k_min, k_max)
+        if not sel.any():
+            return 0.0
+        return float(np.sum(self.r[sel] * self.count[sel]) / np.sum(self.count[sel]))
 
 
 def _chi_eff(band: Band, params: CTFParams, optics: Optics) -> NDArray:
@@ -127,6 +146,8 @@ def ring_statistics(band: Band, params: CTFParams, optics: Optics, t_min: float 
         rho_mean=rm,
         window=win,
         fit_resolution=float(fit_res),
+        count=n,
+        usable=ok & resolvable,
     )
 
 

@@ -77,7 +77,8 @@ class FitDiagnostics:
     Attributes
     ----------
     pixel_size
-        Pixel size (Å) of the spectrum's real-space tiles.
+        Pixel size (Å) at which the spectrum was computed: the 2D arrays span frequencies up
+        to its Nyquist, ``1 / (2 * pixel_size)``, whatever their size.
     spectrum
         Background-subtracted, locally normalised observed spectrum.
     model
