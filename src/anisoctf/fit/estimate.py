@@ -283,7 +283,7 @@ def refine_spectrum(
             params.mean_defocus,
             0.5 * params.astigmatism,
             min_period=3.0,
-            max_pixels=100_000,
+            max_pixels=50_000,
         ),
         params,
         opt,

@@ -456,7 +456,9 @@ def micrograph_spectrum(
     """
     w, origins = outlier_tile_weights(image, box)
     if np.all(w >= 0.999):
-        return full_periodogram(image, pixel_size, fit_pixel_size, workers=workers)
+        # every 4th row gives the mean to far better than the noise needs (saves a pass)
+        mean = float(np.mean(np.asarray(image)[::4], dtype=np.float64))
+        return full_periodogram(image, pixel_size, fit_pixel_size, workers=workers, mean=mean)
     return full_periodogram(
         image,
         pixel_size,
