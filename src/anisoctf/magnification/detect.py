@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy.special import fdtrc
 
 from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_bytes_atomic, write_text_atomic
@@ -203,26 +204,26 @@ def _theil_sen(m: NDArray[np.float64], y: NDArray[np.float64], rng: np.random.Ge
     return c, g
 
 
-def _robust_line(
-    m: NDArray[np.float64],
+def _robust_sigma(d: NDArray[np.float64], n_params: int = 2) -> float:
+    """Per-component sigma from 2-D residual lengths: ``median / sqrt(2 ln 2)``, d.o.f.-corrected."""
+    n = d.size
+    scale = float(np.median(d)) / _RAYLEIGH_MEDIAN * math.sqrt(n / max(n - n_params, 1))
+    return max(scale, _SIGMA_FLOOR)
+
+
+def _irls(
+    x: NDArray[np.float64],
     y: NDArray[np.float64],
-    start: tuple[NDArray[np.float64], NDArray[np.float64]],
-    *,
-    tukey_c: float = TUKEY_C,
-    max_iter: int = 200,
-) -> _Line | None:
-    """IRLS with Tukey's biweight on ``|r| / sigma``; None when the fit degenerates."""
-    m_ref = float(np.median(m))
-    x = m - m_ref
-    c, g = np.asarray(start[0], dtype=float), np.asarray(start[1], dtype=float)
-    c0 = c + g * m_ref  # intercept at m_ref
-    w = np.ones_like(m)
-    sigma = _SIGMA_FLOOR
+    c0: NDArray[np.float64],
+    g: NDArray[np.float64],
+    sigma: float,
+    tukey_c: float,
+    max_iter: int,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
+    """Tukey-biweight IRLS of ``y = c0 + g x`` at a fixed scale ``sigma``."""
     for _ in range(max_iter):
         r = y - c0[None, :] - x[:, None] * g[None, :]
-        d = np.hypot(r[:, 0], r[:, 1])
-        sigma = max(float(np.median(d)) / _RAYLEIGH_MEDIAN, _SIGMA_FLOOR)
-        u = d / (tukey_c * sigma)
+        u = np.hypot(r[:, 0], r[:, 1]) / (tukey_c * sigma)
         w = np.where(u < 1.0, (1.0 - u * u) ** 2, 0.0)
         sw = float(np.sum(w))
         if np.count_nonzero(w) < 3 or sw <= 0.0:
@@ -234,17 +235,55 @@ def _robust_line(
             return None
         g_new = np.sum((w * dx)[:, None] * y, axis=0) / sxx
         c0_new = np.sum(w[:, None] * y, axis=0) / sw - g_new * xw
-        step = max(float(np.max(np.abs(g_new - g))) * max(float(np.std(x)), 1.0),
+        step = max(float(np.max(np.abs(g_new - g))) * math.sqrt(sxx / sw),
                    float(np.max(np.abs(c0_new - c0))))  # fmt: skip
         g, c0 = g_new, c0_new
-        if step < 1e-9 * max(sigma, 1.0):
+        if step < 1e-7 * sigma:
             break
-    r = y - c0[None, :] - x[:, None] * g[None, :]
-    d = np.hypot(r[:, 0], r[:, 1])
+    if not (np.all(np.isfinite(g)) and np.all(np.isfinite(c0))):
+        return None
+    return c0, g
+
+
+def _robust_line(
+    m: NDArray[np.float64],
+    y: NDArray[np.float64],
+    start: tuple[NDArray[np.float64], NDArray[np.float64]],
+    *,
+    sigma: float | None = None,
+    tukey_c: float = TUKEY_C,
+    max_iter: int = 200,
+) -> _Line | None:
+    """Robust line ``y = c + g m``: Tukey-biweight IRLS at a fixed scale.
+
+    Re-estimating the scale at every step lets a redescending fit collapse onto a few points
+    of a small table (the scale shrinks, the others get rejected), so the scale is held fixed:
+    given (bootstrap resamples use the full table's), or else estimated twice, from the
+    residuals of ``start`` and then from those of the first converged fit (an MM-type scheme).
+    Returns None when the fit degenerates (fewer than 3 points left, no defocus spread).
+    """
+    m_ref = float(np.median(m))
+    x = m - m_ref
+    g = np.asarray(start[1], dtype=float)
+    c0 = np.asarray(start[0], dtype=float) + g * m_ref  # intercept at m_ref
+
+    def resid(c0_, g_):
+        r_ = y - c0_[None, :] - x[:, None] * g_[None, :]
+        return r_, np.hypot(r_[:, 0], r_[:, 1])
+
+    stages = 1 if sigma is not None else 2
+    for _ in range(stages):
+        if stages == 2:
+            sigma = _robust_sigma(resid(c0, g)[1])
+        assert sigma is not None
+        out = _irls(x, y, c0, g, sigma, tukey_c, max_iter)
+        if out is None:
+            return None
+        c0, g = out
+    assert sigma is not None
+    r, d = resid(c0, g)
     u = d / (tukey_c * sigma)
     w = np.where(u < 1.0, (1.0 - u * u) ** 2, 0.0)
-    if not np.all(np.isfinite(g)) or not np.all(np.isfinite(c0)):
-        return None
     return _Line(intercept=c0 - g * m_ref, slope=g, weights=w, sigma=sigma, residuals=r)
 
 
@@ -273,6 +312,22 @@ def _wald(g: NDArray[np.float64], cov: NDArray[np.float64]) -> float:
         return float("inf") if np.any(g != 0) else 0.0
     w = float(g @ sol)
     return w if w >= 0.0 else float("inf")
+
+
+def _wald_p_value(wald: float, n_used: int) -> float:
+    """p-value of ``W = g^T C^-1 g`` for 2 slopes with ``n_used - 2`` residual d.o.f.
+
+    Hotelling's form: ``W (nu - 1) / (2 nu)`` follows F(2, nu - 1) with ``nu = n_used - 2``;
+    for many micrographs this is the chi-squared (2 d.o.f.) Wald test, ``p = exp(-W / 2)``.
+    """
+    if math.isnan(wald):
+        return float("nan")
+    if math.isinf(wald):
+        return 0.0
+    nu = n_used - 2
+    if nu < 2:
+        return float("nan")
+    return float(fdtrc(2.0, nu - 1.0, wald * (nu - 1.0) / (2.0 * nu)))
 
 
 # ============================================================================ results
@@ -633,7 +688,7 @@ def detect_anisomag(
         mb = m[idx]
         if np.ptp(mb) <= 0.0:
             continue
-        lb = _robust_line(mb, y[idx], start_full)
+        lb = _robust_line(mb, y[idx], start_full, sigma=line.sigma)
         if lb is None or not float(np.hypot(*lb.slope)) < 1.0:
             continue
         boot_g.append(lb.slope)
@@ -663,7 +718,7 @@ def detect_anisomag(
         a_ci, x_ci = nan2, nan2
         cov = cov_hc
         wald = w_hc
-    p_value = float(math.exp(-0.5 * wald)) if math.isfinite(wald) else float("nan")
+    p_value = _wald_p_value(wald, n_used)
     if n_bootstrap > 0 and not boot_ok:
         notes = (*notes, f"only {n_valid} of {n_bootstrap} bootstrap resamples gave a fit")
     significant = bool(
