@@ -256,6 +256,14 @@ class _BlockEdit:
     replace: dict[str, tuple[np.ndarray, np.ndarray, Callable[[float], str]]]
     # new column names, their values (aligned with the table) and formatter
     append: list[tuple[str, np.ndarray, Callable[[float], str]]]
+    # token index of each replaced column, and the reverse
+    positions: dict[str, int] = field(init=False)
+    names: dict[int, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        index = {c: i for i, c in enumerate(self.block.columns)}
+        self.positions = {n: index[n] for n in self.replace}
+        self.names = {i: n for n, i in self.positions.items()}
 
 
 def _split_eol(line: str) -> tuple[str, str]:
@@ -317,6 +325,36 @@ def _patch(
     return out + comment + eol
 
 
+def _patch_row(edit: _BlockEdit, line: str, row: int, path: Path) -> str:
+    """One data row of an edited loop block, rewritten."""
+    blk = edit.block
+    cells: dict[int, str] = {}
+    for name, (mask, values, fmt) in edit.replace.items():
+        if mask[row]:
+            cells[edit.positions[name]] = fmt(float(values[row]))
+    extra = [fmt(float(values[row])) for _, values, fmt in edit.append]
+
+    def check(i: int, token: str) -> None:
+        _check_old(edit, edit.names[i], row, token, path)
+
+    where = f"data_{blk.name} row {row + 1}"
+    return _patch(line, cells, extra, len(blk.columns), where, path, check)
+
+
+def _patch_keyval(edit: _BlockEdit, line: str, column: int, path: Path) -> str:
+    """One ``_name value`` line of an edited simple block, rewritten if its value changes."""
+    name = edit.block.columns[column]
+    if name not in edit.replace or not edit.replace[name][0][0]:
+        return line
+    _, values, fmt = edit.replace[name]
+
+    def check(i: int, token: str) -> None:
+        _check_old(edit, name, 0, token, path)
+
+    where = f"data_{edit.block.name} _{name}"
+    return _patch(line, {1: fmt(float(values[0]))}, (), 2, where, path, check)
+
+
 def _write_star(src: Path, dst: Path, edits: dict[int, _BlockEdit]) -> None:
     """Copy ``src`` to ``dst`` line by line, applying ``edits`` (keyed by block index)."""
     with atomic_write(dst, "w") as fh:
@@ -326,63 +364,28 @@ def _write_star(src: Path, dst: Path, edits: dict[int, _BlockEdit]) -> None:
                 fh.write(line)
                 continue
             blk = edit.block
-            col_index = {c: i for i, c in enumerate(blk.columns)}
-            body, eol = _split_eol(line)
-            eol = eol or "\n"
+            eol = _split_eol(line)[1] or "\n"
+            last = idx == len(blk.columns) - 1
             if kind == "coldef":
                 fh.write(line)
-                if idx == len(blk.columns) - 1:
+                if last:
                     for k, (name, _, _) in enumerate(edit.append):
                         num = f" #{len(blk.columns) + k + 1}" if blk.numbered else ""
                         fh.write(f"_{name}{num}{eol}")
             elif kind == "row":
-                cells: dict[int, str] = {}
-                for name, (mask, values, fmt) in edit.replace.items():
-                    if mask[idx]:
-                        cells[col_index[name]] = fmt(float(values[idx]))
-                extra = [fmt(float(values[idx])) for _, values, fmt in edit.append]
-                names = {col_index[n]: n for n in edit.replace}
-
-                def check(i: int, token: str, _row: int = idx) -> None:
-                    _check_old(edit, names[i], _row, token, src)
-
-                fh.write(
-                    _patch(
-                        line,
-                        cells,
-                        extra,
-                        len(blk.columns),
-                        f"data_{blk.name} row {idx + 1}",
-                        src,
-                        check,
-                    )
-                )
+                fh.write(_patch_row(edit, line, idx, src))
             elif kind == "keyval":
-                name = blk.columns[idx]
-                if name in edit.replace and edit.replace[name][0][0]:
-                    _, values, fmt = edit.replace[name]
-                    token_cells = {1: fmt(float(values[0]))}
-
-                    def check_kv(i: int, token: str, _name: str = name) -> None:
-                        _check_old(edit, _name, 0, token, src)
-
-                    fh.write(
-                        _patch(line, token_cells, (), 2, f"data_{blk.name} _{name}", src, check_kv)
-                    )
-                else:
-                    fh.write(line)
-                if idx == len(blk.columns) - 1:
-                    for new_name, values, fmt in edit.append:
-                        fh.write(f"_{new_name} {fmt(float(values[0]))}{eol}")
+                fh.write(_patch_keyval(edit, line, idx, src))
+                if last:
+                    for name, values, fmt in edit.append:
+                        fh.write(f"_{name} {fmt(float(values[0]))}{eol}")
 
 
 def _block_index(path: Path, layout: list[_Block], name: str, df: pd.DataFrame) -> int:
     """Index of block ``name`` in ``layout``, checked against the parsed table."""
     hits = [i for i, b in enumerate(layout) if b.name == name]
     if len(hits) != 1:
-        raise InputError(
-            f"{len(hits)} blocks named data_{name}; the file is malformed", path=path
-        )
+        raise InputError(f"{len(hits)} blocks named data_{name}; the file is malformed", path=path)
     blk = layout[hits[0]]
     n_rows = blk.n_rows if blk.loop else 1
     if blk.columns != [str(c) for c in df.columns] or n_rows != len(df):
@@ -487,9 +490,7 @@ def _apply_cs(
 ) -> ApplySummary:
     cs = read_cs(src)
     try:
-        new = apply_to_cryosparc(
-            cs.array, mag, shared_astigmatism=shared, exposure_groups=groups
-        )
+        new = apply_to_cryosparc(cs.array, mag, shared_astigmatism=shared, exposure_groups=groups)
     except InputError as exc:
         raise InputError(str(exc), path=src) from exc
     mask = cryosparc_row_mask(cs.array, groups)
@@ -579,9 +580,7 @@ def _summary_line(out: Path, s: ApplySummary) -> str:
     m = s.matrix
     scope = f"optics group(s) {', '.join(map(str, s.groups))}" if s.groups else "all rows"
     if s.kind == "cryosparc":
-        scope = (
-            f"exposure group(s) {', '.join(map(str, s.groups))}" if s.groups else "all rows"
-        )
+        scope = f"exposure group(s) {', '.join(map(str, s.groups))}" if s.groups else "all rows"
     line = (
         f"{out}: {s.n_rewritten} of {s.n_rows} rows rewritten into the true frame ({scope}); "
         f"anisotropy {m.anisotropy_percent:.3f} % along {m.axis_deg:.1f} deg, "
@@ -621,8 +620,7 @@ def apply_command(
         Path | None,
         typer.Option(
             "--from-json",
-            help="Take the matrix ('mag_matrix') from the JSON written by 'anisoctf aniso "
-            "detect'.",
+            help="Take the matrix ('mag_matrix') from the JSON written by 'anisoctf aniso detect'.",
             show_default=False,
         ),
     ] = None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.ndimage import maximum_filter1d
 
 from anisoctf.fit.band import Band, radial_basis
 from anisoctf.optics.ctf import Optics
@@ -195,13 +196,33 @@ def coarse_search(
     # sector defocus offset in grid steps, for each astigmatism candidate: (n_ast, n_sectors)
     off = a1[:, None] * np.cos(2 * centres)[None, :] + a2[:, None] * np.sin(2 * centres)[None, :]
     off = off / step
-    total = np.zeros((a1.size, grid.size))
     zi = np.arange(grid.size)
-    for s in range(n_sectors):
-        if not curves[s].any():
-            continue
-        pos = zi[None, :] + off[:, s : s + 1]
-        total += np.interp(pos, zi, curves[s], left=0.0, right=0.0)
+    live = [sc for sc in range(n_sectors) if curves[sc].any()]
+
+    def totals(cols: NDArray) -> NDArray:
+        out = np.zeros((a1.size, cols.size))
+        for sc in live:
+            out += np.interp(cols[None, :] + off[:, sc : sc + 1], zi, curves[sc], 0.0, 0.0)
+        return out
+
+    # branch and bound over defocus: no astigmatism can score more at z than the sum of each
+    # sector's best score within ±h_max of z, so columns are evaluated best-bound first and
+    # the search stops once no remaining column can beat the n_best-th score found
+    reach = int(np.ceil(h_max / step)) + 1
+    bound = np.zeros(grid.size)
+    for sc in live:
+        bound += maximum_filter1d(curves[sc], size=2 * reach + 1, mode="constant")
+    order = np.argsort(bound)[::-1]
+    total = np.full((a1.size, grid.size), -np.inf)
+    done = 0
+    while done < order.size:
+        cols = order[done : done + 32]
+        total[:, cols] = totals(cols.astype(float))
+        done += cols.size
+        kth = np.sort(total.max(axis=0))[::-1][min(4 * n_best, grid.size) - 1]
+        if done < order.size and bound[order[done]] < kth:
+            break
+    total[~np.isfinite(total)] = -np.inf
 
     # 4. distinct best candidates
     cands: list[tuple[float, float, float, float]] = []

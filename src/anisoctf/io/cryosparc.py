@@ -153,7 +153,9 @@ def read_cs(path: str | os.PathLike[str]) -> CSFile:
                 path=p,
             )
         if len(shape) != 1:
-            raise InputError(f"not a cryoSPARC dataset: array of shape {shape}, expected 1-D", path=p)
+            raise InputError(
+                f"not a cryoSPARC dataset: array of shape {shape}, expected 1-D", path=p
+            )
         n = int(shape[0])
         expected = n * dtype.itemsize
         size = os.fstat(fh.fileno()).st_size - data_start
@@ -177,7 +179,10 @@ def read_cs(path: str | os.PathLike[str]) -> CSFile:
 
 
 def require_fields(
-    array: np.ndarray, fields: Iterable[str], path: str | os.PathLike[str] | None = None, *,
+    array: np.ndarray,
+    fields: Iterable[str],
+    path: str | os.PathLike[str] | None = None,
+    *,
     hint: str = "",
 ) -> None:
     """Raise a one-line :class:`InputError` naming every field of ``fields`` the array lacks.

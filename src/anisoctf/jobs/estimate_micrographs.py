@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import re
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -674,14 +675,20 @@ def _run_tasks(
         )
 
     if jobs <= 1 or len(todo) == 1:
-        fft_workers = os.cpu_count() or 1  # one micrograph at a time: all cores for the FFTs
+        # --jobs N means N single-threaded workers: one here, FFTs included
         with _blas_single_thread():
             for t in todo:
-                a, kw = args(t, fft_workers)
+                a, kw = args(t, 1)
                 on_done(t, process_one(*a, **kw))
         return
 
-    ctx = multiprocessing.get_context("spawn")
+    # fork (Linux) starts workers at once with everything imported; spawn elsewhere. Workers
+    # only compute and write files (no terminal output), so forking beside the progress-bar
+    # thread is safe.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context(
+        "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
+    )
     n = min(jobs, len(todo))
     with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker) as pool:
         futures: dict[Future, MicrographTask] = {}

@@ -21,11 +21,18 @@ scatter of ``A_i`` and the fit errors are the noise of that line.
 What is fitted and reported (:func:`detect_anisomag`):
 
 * the line ``a = g m + c`` (both components at once, common weights) by iteratively reweighted
-  least squares with Tukey's biweight (``c = 4.685``) on the length of the 2-D residual scaled by
-  a robust sigma (``median |r| / sqrt(2 ln 2)``, the median of a 2-D Gaussian's radius),
-  started from componentwise Theil–Sen slopes; a micrograph whose residual exceeds
-  ``4.685`` sigmas gets weight 0 and is *rejected* (a failed fit with a wrong defocus or a
-  3000 Å astigmatism does not bias the line);
+  least squares with Tukey's biweight on the length of the 2-D residual over a robust sigma
+  (``median |r| / sqrt(2 ln 2)``, the median radius of a 2-D Gaussian, with a d.o.f.
+  correction), started from componentwise Theil–Sen slopes. The sigma is held fixed during the
+  iterations (taken from the start's residuals, then once more from the first converged fit's),
+  because a redescending fit whose scale is re-estimated at every step can collapse onto a few
+  points of a small table. The Tukey constant is 4.685 for many micrographs and is widened for
+  few (:func:`tukey_constant`: 10.8 for 6, 5.3 for 24), so that a good micrograph is wrongly
+  rejected with the same small probability (1.7e-5) whatever their number. A micrograph
+  beyond it gets weight 0 and is *rejected*: a failed fit with a wrong defocus and a wrong
+  astigmatism, or a 3000 Å astigmatism, does not bias the line. (A micrograph whose defocus
+  alone is wrong moves along the line by only ``|g|`` times the error, e.g. 60 Å for 5000 Å at
+  1.2 %, and cannot always be told apart; its pull on the slope is bounded by its weight);
 * ``S = [[1 + g1, g2], [g2, 1 - g1]] / sqrt(1 - |g|²)`` (det 1) and ``M = S^(1/2)``, the
   symmetric positive square root. ``M`` is only defined up to a rotation on the left (which
   rotates ``A`` with it) and up to an isotropic scale (which multiplies every ``z_i``); the
@@ -38,12 +45,17 @@ What is fitted and reported (:func:`detect_anisomag`):
   refitted robustly (started from the full-data line); 95 % percentile intervals for the
   anisotropy and the axis (the axis interval is written around ``axis_deg``, not reduced mod
   180, so it may start below 0 or end above 180);
-* ``significant``: a Wald test of ``g = 0`` (2 degrees of freedom, ``p = exp(-W/2)``) at
-  ``p < 0.001``, with ``W = g^T C^-1 g`` computed with the bootstrap covariance *and* with the
-  heteroscedasticity-consistent (sandwich, HC1) covariance of the weighted fit, taking the
-  smaller ``W`` (the more conservative); *and* the lower end of the anisotropy interval above
-  0. Being a magnitude, the bootstrap anisotropy is positive whenever the slope is, so the
-  second condition only guards against a degenerate bootstrap; the Wald test decides. With
+* ``significant``: a Wald test of ``g = 0`` at ``p < 0.001``, with ``W = g^T C^-1 g``
+  computed with the bootstrap covariance *and* with the heteroscedasticity-consistent
+  (sandwich, HC1) covariance of the weighted fit, taking the smaller ``W`` (the more
+  conservative). Because ``C`` is estimated from few micrographs the p-value uses Hotelling's
+  form, ``W (nu - 1) / (2 nu) ~ F(2, nu - 1)`` with ``nu = n_used - 2``, which tends to the
+  usual ``p = exp(-W/2)`` (chi-squared, 2 d.o.f.) for many micrographs; *and* the lower end of
+  the anisotropy interval must be above 0. The bootstrap anisotropy is a magnitude, positive
+  whenever the slope is not exactly 0, so that second condition only guards against a
+  degenerate bootstrap: the Wald test decides. (For the same reason the percentile interval
+  of a small anisotropy lies above the estimate's noise floor and may not contain the point
+  estimate; it is meaningful once the anisotropy is well above its standard error.) With
   ``n_bootstrap=0`` no intervals are computed and the sandwich test alone decides.
 
 The precision is set by the scatter of the real astigmatism and the spread of defocus: the
@@ -66,7 +78,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.special import fdtrc
+from scipy.special import fdtrc, fdtri
 
 from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_bytes_atomic, write_text_atomic
@@ -87,6 +99,7 @@ __all__ = [
     "magmat_from_slope",
     "plot_detection",
     "residual_report",
+    "tukey_constant",
     "write_detection_json",
 ]
 
@@ -106,6 +119,7 @@ _RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))
 # robust sigma never drops below this (Å): CTF programs report defocus to ~0.01 Å, and a
 # noise-free table would otherwise give weights 0/0
 _SIGMA_FLOOR = 0.05
+_SCALE_STAGES = 2  # scale from the start, then once more from the first converged fit
 # slopes at or above this are not anisomag (|g| = 0.5 is 50 % anisotropy)
 _MAX_SLOPE = 0.5
 # Theil-Sen start: all pairs up to this many micrographs, else a random sample of pairs
@@ -117,9 +131,9 @@ _THEIL_SEN_PAIRS = 80_000
 def astigmatism_components(
     defocus_u: ArrayLike, defocus_v: ArrayLike, angle_deg: ArrayLike
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-    """Mean defocus ``(U + V)/2`` and Cartesian astigmatism ``(h cos 2θ, h sin 2θ)``, ``h = (U-V)/2``.
+    """Mean defocus ``(U + V)/2`` and Cartesian astigmatism ``(h cos 2θ, h sin 2θ)``.
 
-    Vectorised over table columns (Å and degrees in, Å out).
+    ``h = (U - V)/2``. Vectorised over table columns (Å and degrees in, Å out).
     """
     u = np.asarray(defocus_u, dtype=float)
     v = np.asarray(defocus_v, dtype=float)
@@ -204,8 +218,22 @@ def _theil_sen(m: NDArray[np.float64], y: NDArray[np.float64], rng: np.random.Ge
     return c, g
 
 
+def tukey_constant(n: int) -> float:
+    """Tukey constant for ``n`` micrographs: ``TUKEY_C`` widened for a scale with few d.o.f.
+
+    A point of a Gaussian table lies beyond ``TUKEY_C = 4.685`` sigmas with probability
+    ``p = exp(-4.685²/2) = 1.7e-5`` when the sigma is known. With the sigma estimated from
+    ``nu = 2 (n - 2)`` residual components the squared, scaled residual over 2 follows
+    ``F(2, nu)``, so the constant keeping the same ``p`` is ``sqrt(2 F⁻¹(1 - p; 2, nu))``:
+    10.8 for 6 micrographs, 5.3 for 24, 4.82 for 100, → 4.685.
+    """
+    p = math.exp(-0.5 * TUKEY_C**2)
+    nu = 2.0 * max(n - 2, 1)
+    return float(math.sqrt(2.0 * fdtri(2.0, nu, 1.0 - p)))
+
+
 def _robust_sigma(d: NDArray[np.float64], n_params: int = 2) -> float:
-    """Per-component sigma from 2-D residual lengths: ``median / sqrt(2 ln 2)``, d.o.f.-corrected."""
+    """Per-component sigma from 2-D residual lengths (``median / sqrt(2 ln 2)``, d.o.f.)."""
     n = d.size
     scale = float(np.median(d)) / _RAYLEIGH_MEDIAN * math.sqrt(n / max(n - n_params, 1))
     return max(scale, _SIGMA_FLOOR)
@@ -271,9 +299,10 @@ def _robust_line(
         r_ = y - c0_[None, :] - x[:, None] * g_[None, :]
         return r_, np.hypot(r_[:, 0], r_[:, 1])
 
-    stages = 1 if sigma is not None else 2
+    sigma_given = sigma
+    stages = 1 if sigma is not None else _SCALE_STAGES
     for _ in range(stages):
-        if stages == 2:
+        if sigma_given is None:
             sigma = _robust_sigma(resid(c0, g)[1])
         assert sigma is not None
         out = _irls(x, y, c0, g, sigma, tukey_c, max_iter)
@@ -650,7 +679,8 @@ def detect_anisomag(
         )
     rng = np.random.default_rng(seed)
     start = _theil_sen(m, y, rng)
-    line = None if start is None else _robust_line(m, y, start)
+    tukey_c = tukey_constant(n)
+    line = None if start is None else _robust_line(m, y, start, tukey_c=tukey_c)
     if line is None:
         raise InputError(
             "no robust line through astigmatism against defocus (too many outliers or "
@@ -688,7 +718,7 @@ def detect_anisomag(
         mb = m[idx]
         if np.ptp(mb) <= 0.0:
             continue
-        lb = _robust_line(mb, y[idx], start_full, sigma=line.sigma)
+        lb = _robust_line(mb, y[idx], start_full, sigma=line.sigma, tukey_c=tukey_c)
         if lb is None or not float(np.hypot(*lb.slope)) < 1.0:
             continue
         boot_g.append(lb.slope)

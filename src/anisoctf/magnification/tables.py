@@ -161,7 +161,9 @@ def share_astigmatism(
     z = 0.5 * (u + v)
     h = 0.5 * (u - v)
     frame: dict[str, Any] = {"a1": h * np.cos(t), "a2": h * np.sin(t)}
-    key_arrays = [keys] if isinstance(keys, np.ndarray) or not _is_sequence_of_arrays(keys) else keys
+    key_arrays = (
+        [keys] if isinstance(keys, np.ndarray) or not _is_sequence_of_arrays(keys) else keys
+    )
     key_names = []
     for i, k in enumerate(key_arrays):
         name = f"key{i}"
@@ -200,9 +202,7 @@ def _transform_rows(
 
 def _replace_values(series: pd.Series, mask: NDArray[np.bool_], values: ArrayLike) -> pd.Series:
     """``series`` with ``values`` at ``mask`` (float64 for numeric columns), index kept."""
-    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(
-        series.dtype
-    ):
+    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
         out = series.to_numpy(dtype=np.float64, copy=True)
     else:
         out = series.to_numpy(dtype=object, copy=True)
@@ -462,9 +462,7 @@ def apply_to_relion(
     row_groups = relion_row_groups(optics, table)
     resolved = resolve_relion_mags(optics, table, mags, optics_groups=optics_groups)
     _refuse_relion_existing(optics, resolved)
-    new_table, _ = _rewrite_relion_defocus(
-        table, row_groups, resolved, "true", shared_astigmatism
-    )
+    new_table, _ = _rewrite_relion_defocus(table, row_groups, resolved, "true", shared_astigmatism)
     new_optics = None if optics is None else _set_relion_mags(optics, resolved)
     return new_optics, new_table
 
@@ -508,9 +506,7 @@ def undo_relion(
         stored = existing_relion_mags(optics)
         wanted = None if optics_groups is None else {int(g) for g in optics_groups}
         resolved = {
-            g: m
-            for g, m in stored.items()
-            if not m.is_identity and (wanted is None or g in wanted)
+            g: m for g, m in stored.items() if not m.is_identity and (wanted is None or g in wanted)
         }
     else:
         resolved = resolve_relion_mags(optics, table, mags, optics_groups=optics_groups)
