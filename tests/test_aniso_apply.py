@@ -621,3 +621,43 @@ def test_command_options(shared_real: Path, tmp_path: Path) -> None:
     )
     q = invoke(src, "--mag-matrix", *M_ARGS, "--out", tmp_path / "h.star", "-q")
     assert q.exit_code == 0 and q.stdout == "" and q.stderr == ""
+
+
+def test_star_text_edge_cases(tmp_path: Path) -> None:
+    """CRLF endings, quoted names, no final newline, simple (non-loop) blocks are kept."""
+    crlf = tmp_path / "crlf.star"
+    crlf.write_bytes(
+        b"data_\r\nloop_\r\n_rlnMicrographName #1\r\n_rlnDefocusU #2\r\n_rlnDefocusV #3\r\n"
+        b"_rlnDefocusAngle #4\r\n\"my mic.mrc\" 20000 19000 10\r\n'x y' 21000 19000 -10"
+    )
+    out = tmp_path / "crlf_out.star"
+    r = invoke(crlf, "--mag-matrix", *M_ARGS, "--out", out)
+    assert r.exit_code == 0, r.output
+    lines = out.read_bytes().split(b"\r\n")
+    assert lines[:6] == crlf.read_bytes().split(b"\r\n")[:6]
+    assert lines[6].startswith(b'"my mic.mrc" ') and lines[7].startswith(b"'x y' ")
+    assert not out.read_bytes().endswith(b"\n")
+    t1 = starfile.read(out)
+    assert list(t1.rlnMicrographName) == ["my mic.mrc", "x y"]
+    simple = tmp_path / "simple.star"
+    simple.write_text(
+        "# one micrograph\ndata_optics\n\n_rlnOpticsGroup 1\n_rlnVoltage 300.0\n\n"
+        "data_micrographs\n\n_rlnMicrographName a.mrc\n_rlnOpticsGroup 1\n"
+        "_rlnDefocusU 20000.0\n_rlnDefocusV 19000.0\n_rlnDefocusAngle 45.0\n"
+    )
+    out = tmp_path / "simple_out.star"
+    assert invoke(simple, "--mag-matrix", *M_ARGS, "--out", out).exit_code == 0
+    after = starfile.read(out, always_dict=True)
+    m = MagMat([[after["optics"][f"rlnMagMat{i}{j}"] for j in (0, 1)] for i in (0, 1)])
+    assert np.array_equal(m.array, M_GENERAL.array)
+    expected = defocus_table_to_observed([20000.0], [19000.0], [45.0], M_GENERAL.inverse())
+    got = [after["micrographs"][c] for c in RELION_DEFOCUS_COLUMNS]
+    assert np.allclose(got, np.ravel(expected), rtol=0, atol=1e-6)
+    assert out.read_text().startswith("# one micrograph\ndata_optics\n\n_rlnOpticsGroup 1\n")
+    # two CTF tables in one file: refused rather than half rewritten
+    both = tmp_path / "both.star"
+    text = simple.read_text().split("data_micrographs")[1]
+    both.write_text(simple.read_text() + "\ndata_particles" + text)
+    _one_line_error(
+        invoke(both, "--mag-matrix", *M_ARGS, "--out", tmp_path / "b.star"), "one CTF table"
+    )

@@ -154,3 +154,13 @@ def test_settings_validation():
         FitSettings(df_min=5000.0, df_max=4000.0)
     with pytest.raises(ValueError):
         FitSettings(box=63)
+
+
+def test_astigmatism_restraint_pulls_towards_zero():
+    truth = CTFParams(15300.0, 14700.0, 50.0, 0.0, 60.0)
+    image, spec = _simulate(truth, seed=9)
+    free = estimate_ctf(image, spec.optics).params
+    tight = estimate_ctf(image, spec.optics, FitSettings(astig_restraint=5.0)).params
+    assert abs(free.astigmatism - 600.0) < 60.0
+    assert tight.astigmatism < 0.5 * free.astigmatism
+    assert abs(tight.mean_defocus - 15000.0) < 60.0

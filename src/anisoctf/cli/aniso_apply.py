@@ -207,6 +207,13 @@ def _find_ctf_block(path: Path, blocks: dict[str, pd.DataFrame]) -> str:
     order = ["particles", "micrographs", ""] + [
         k for k in blocks if k not in ("particles", "micrographs", "", "optics")
     ]
+    with_defocus = [k for k in order if k in blocks and RELION_DEFOCUS_COLUMNS[0] in blocks[k]]
+    if len(with_defocus) > 1:
+        raise InputError(
+            f"{' and '.join(f'data_{k}' for k in with_defocus)} all carry _rlnDefocusU; give "
+            "a file with one CTF table",
+            path=path,
+        )
     for key in order:
         df = blocks.get(key)
         if df is not None and RELION_DEFOCUS_COLUMNS[0] in df.columns:
@@ -259,11 +266,17 @@ class _BlockEdit:
     # token index of each replaced column, and the reverse
     positions: dict[str, int] = field(init=False)
     names: dict[int, str] = field(init=False)
+    # the replaced columns as read, as float64 (NaN for text), for the consistency check
+    old: dict[str, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
         index = {c: i for i, c in enumerate(self.block.columns)}
         self.positions = {n: index[n] for n in self.replace}
         self.names = {i: n for n, i in self.positions.items()}
+        self.old = {
+            n: pd.to_numeric(self.table[n], errors="coerce").to_numpy(dtype=np.float64)
+            for n in self.replace
+        }
 
 
 def _split_eol(line: str) -> tuple[str, str]:
@@ -273,16 +286,16 @@ def _split_eol(line: str) -> tuple[str, str]:
 
 def _check_old(edit: _BlockEdit, column: str, row: int, token: str, path: Path) -> None:
     """The token about to be replaced must be the value the table was read with."""
-    old = edit.table[column].iloc[row]
+    b = float(edit.old[column][row])
     try:
-        a, b = float(_unquote(token)), float(old)
-    except (TypeError, ValueError):
-        a, b = math.nan, math.nan
+        a = float(_unquote(token))
+    except ValueError:
+        a = math.nan
     if not (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= 1e-9 * max(abs(b), 1.0)):
         raise InputError(
             f"data_{edit.block.name} row {row + 1}: the text {token!r} of _{column} does not "
-            f"match the parsed value {old!r}; the file has a layout anisoctf cannot rewrite "
-            "safely",
+            f"match the parsed value {edit.table[column].iloc[row]!r}; the file has a layout "
+            "anisoctf cannot rewrite safely",
             path=path,
         )
 
@@ -466,9 +479,8 @@ def _apply_star(
         warnings.append(
             "RELION 3.0 layout (no data_optics): the defocus was rewritten into the true frame "
             "but the matrix could not be stored, so the table is right only for images "
-            "resampled into the true frame (pixel size / "
-            f"{mag.scale:.5f}); convert the file with relion_convert_star and apply to that "
-            "to keep the matrix"
+            f"resampled into the true frame (true pixel size = pixel size / {mag.scale:.5f}); "
+            "convert the file with relion_convert_star and apply to that to keep the matrix"
         )
     _write_star(src, dst, edits)
     return ApplySummary(

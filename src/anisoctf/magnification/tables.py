@@ -333,6 +333,9 @@ def resolve_relion_mags(
     if optics_groups is not None:
         wanted = {int(g) for g in optics_groups}
         unknown = sorted(set(unknown) | (wanted - known))
+        without = sorted((wanted & known) - set(per_group))
+        if without:
+            raise InputError(f"no magnification matrix given for optics group(s) {without}")
         per_group = {g: m for g, m in per_group.items() if g in wanted}
     if unknown:
         raise InputError(
