@@ -1,4 +1,5 @@
-"""File formats at the edge of anisoctf: MRC images, RELION STAR files, CTFFIND text.
+"""File formats at the edge of anisoctf: MRC images, RELION STAR files, cryoSPARC .cs files,
+CTFFIND text.
 
 Everything inside the package works on plain arrays and frozen records; only these modules
 open files. Readers turn every kind of bad input into one-line
@@ -6,6 +7,7 @@ open files. Readers turn every kind of bad input into one-line
 """
 
 from anisoctf.io.atomic import atomic_path, atomic_write, write_bytes_atomic, write_text_atomic
+from anisoctf.io.cryosparc import CSFile, read_cs, write_cs
 from anisoctf.io.ctffind import CTFFindRecord, read_ctffind_txt, write_ctffind_txt
 from anisoctf.io.mrc import (
     MIN_MICROGRAPH_SIZE,
@@ -29,6 +31,7 @@ from anisoctf.io.star import (
 
 __all__ = [
     "MIN_MICROGRAPH_SIZE",
+    "CSFile",
     "CTFFindRecord",
     "MRCHeader",
     "MRCImage",
@@ -36,6 +39,7 @@ __all__ = [
     "MicrographEntry",
     "atomic_path",
     "atomic_write",
+    "read_cs",
     "read_ctffind_txt",
     "read_micrograph",
     "read_micrographs_ctf_star",
@@ -46,6 +50,7 @@ __all__ = [
     "read_stack",
     "read_stack_images",
     "write_bytes_atomic",
+    "write_cs",
     "write_ctffind_txt",
     "write_micrographs_ctf_star",
     "write_mrc",
