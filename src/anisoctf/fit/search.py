@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
-from scipy.ndimage import maximum_filter1d
 
 from anisoctf.fit.band import Band, radial_basis
 from anisoctf.optics.ctf import Optics
@@ -211,7 +211,8 @@ def coarse_search(
     reach = int(np.ceil(h_max / step)) + 1
     bound = np.zeros(grid.size)
     for sc in live:
-        bound += maximum_filter1d(curves[sc], size=2 * reach + 1, mode="constant")
+        padded = np.pad(curves[sc], reach)  # zeros beyond the grid, like the scores' interp
+        bound += sliding_window_view(padded, 2 * reach + 1).max(axis=1)
     order = np.argsort(bound)[::-1]
     total = np.full((a1.size, grid.size), -np.inf)
     done = 0
