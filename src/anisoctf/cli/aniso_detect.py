@@ -25,6 +25,7 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.io.ctffind import read_ctffind_txt
@@ -33,6 +34,7 @@ from anisoctf.magnification.detect import (
     DEFAULT_BOOTSTRAP,
     AnisoDetection,
     detect_anisomag,
+    format_p,
     plot_detection,
     write_detection_json,
 )
@@ -154,29 +156,43 @@ def _err_exit(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _interval(lo: float, hi: float, digits: int, pct: str) -> str:
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "(no bootstrap interval)"
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}] ({pct})"
+
+
 def _print_summary(console: Console, det: AnisoDetection, table: CTFTable) -> None:
     m = det.mag_matrix.matrix
-    lo, hi = det.anisotropy_ci
-    alo, ahi = det.axis_ci
     pct = f"{100 * det.confidence:.0f} % CI"
-    t = Table(title=f"anisotropic magnification: {table.source}", show_header=False)
+    t = Table(title=Text(f"anisotropic magnification: {table.source}"), show_header=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("matrix M (k_true = M k_obs)", f"[[{m[0][0]:.6f}, {m[0][1]:.6f}],")
-    t.add_row("", f" [{m[1][0]:.6f}, {m[1][1]:.6f}]]")
-    t.add_row("anisotropy", f"{det.anisotropy_percent:.3f} %  [{lo:.3f}, {hi:.3f}] ({pct})")
-    t.add_row("axis", f"{det.axis_deg:.1f}°  [{alo:.1f}, {ahi:.1f}] ({pct})")
-    t.add_row(
-        "real astigmatism",
-        f"{det.real_astigmatism:.0f} Å at {det.real_astigmatism_angle:.1f}° "
-        f"(scatter {det.astigmatism_scatter:.0f} Å per component)",
-    )
-    verdict = "[bold green]yes[/]" if det.significant else "[bold]no[/]"
-    t.add_row("significant", f"{verdict} (Wald p = {det.p_value:.2g} < {det.p_threshold:g}?)")
+    rows = [
+        ("matrix M (k_true = M k_obs)", f"[[{m[0][0]:.6f}, {m[0][1]:.6f}],"),
+        ("", f" [{m[1][0]:.6f}, {m[1][1]:.6f}]]"),
+        (
+            "anisotropy",
+            f"{det.anisotropy_percent:.3f} %  {_interval(*det.anisotropy_ci, 3, pct)}",
+        ),
+        ("axis", f"{det.axis_deg:.1f}°  {_interval(*det.axis_ci, 1, pct)}"),
+        (
+            "real astigmatism",
+            f"{det.real_astigmatism:.0f} Å at {det.real_astigmatism_angle:.1f}° "
+            f"(scatter {det.astigmatism_scatter:.0f} Å per component)",
+        ),
+    ]
+    for key, value in rows:
+        t.add_row(key, Text(value))  # Text: no markup in numbers or names
+    verdict = Text("yes", style="bold green") if det.significant else Text("no", style="bold")
+    test = f"Wald p {format_p(det.p_value)}; threshold {det.p_threshold:g}"
+    t.add_row("significant", Text.assemble(verdict, f" ({test})"))
     t.add_row(
         "micrographs",
-        f"{det.n_used} used, {det.n_rejected} rejected; mean defocus "
-        f"{det.defocus_range[0]:.0f}–{det.defocus_range[1]:.0f} Å",
+        Text(
+            f"{det.n_used} used, {det.n_rejected} rejected; mean defocus "
+            f"{det.defocus_range[0]:.0f}–{det.defocus_range[1]:.0f} Å"
+        ),
     )
     console.print(t)
     for name in det.rejected:
@@ -191,12 +207,15 @@ def _print_summary(console: Console, det: AnisoDetection, table: CTFTable) -> No
 def _print_residuals(console: Console, det: AnisoDetection) -> None:
     t = Table(title="astigmatism: observed vs predicted (observed frame, Å / degrees)")
     for col in ("micrograph", "defocus", "U−V obs", "angle obs", "U−V fit", "angle fit", "resid"):
-        t.add_column(col, justify="left" if col == "micrograph" else "right")
+        if col == "micrograph":
+            t.add_column(col, overflow="fold")
+        else:
+            t.add_column(col, justify="right", no_wrap=True)
     for r in det.residuals:
         ou, oa = r.observed_astigmatism
         pu, pa = r.predicted_astigmatism
         t.add_row(
-            r.name,
+            Text(r.name),
             f"{r.mean_defocus:.0f}",
             f"{ou:.0f}",
             f"{oa:.1f}",

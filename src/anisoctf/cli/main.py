@@ -173,6 +173,15 @@ def estimate(
             help="Fourier-crop to this pixel size (Å) before fitting.", show_default=False
         ),
     ] = _FIT.fit_pixel_size,
+    mag_matrix: Annotated[
+        tuple[float, float, float, float] | None,
+        typer.Option(
+            metavar="M00 M01 M10 M11",
+            help="Magnification matrix (k_true = M k_obs, RELION's _rlnMagMat) for every "
+            "micrograph; overrides a STAR file's _rlnMagMat. Defoci are then true-frame.",
+            show_default=False,
+        ),
+    ] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Micrographs processed at once.")] = 1,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar, warnings or summary.")
@@ -206,6 +215,7 @@ def estimate(
             kv=kv,
             cs=cs,
             ac=ac,
+            mag_matrix=None if mag_matrix is None else [mag_matrix[:2], mag_matrix[2:]],
             jobs=jobs,
             quiet=quiet,
             debug=debug,

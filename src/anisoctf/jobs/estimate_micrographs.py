@@ -15,6 +15,10 @@ in input order. A micrograph that fails is reported on one line and the batch go
 
 Inputs are MRC files and/or glob patterns, or one RELION micrographs STAR file (e.g.
 ``corrected_micrographs.star``) whose optics table gives the optics of every optics group.
+
+A magnification matrix (``--mag-matrix``, else the ``_rlnMagMat00..11`` of a STAR file's optics
+group) is passed to the fit, which then works on true-frame frequencies: the defoci written are
+true-frame values, and ``micrographs_ctf.star`` carries the matrix in its optics table.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -56,6 +61,7 @@ from anisoctf.io.star import (
     read_optics_group_names,
     write_micrographs_ctf_star,
 )
+from anisoctf.magnification.matrix import MagMat
 from anisoctf.optics.ctf import Optics
 from anisoctf.report.diagnostic import full_plane, render_diagnostic
 
@@ -399,6 +405,7 @@ def resolve_inputs(
     kv: float | None = None,
     cs: float | None = None,
     ac: float | None = None,
+    mag_matrix: ArrayLike | None = None,
 ) -> ResolvedInputs:
     """Turn the command line's inputs into micrographs with optics.
 
@@ -410,6 +417,11 @@ def resolve_inputs(
         Optics from the command line. For a STAR file they replace the optics table's values;
         for MRC files ``apix`` falls back to a plausible header pixel size and the others to
         300 kV, 2.7 mm and 0.07.
+    mag_matrix
+        Magnification matrix ``M`` (``k_true = M k_obs``, 2×2) given to every micrograph's
+        optics; it replaces the ``_rlnMagMat`` of a STAR file's optics groups. Without it, a
+        STAR file's optics groups keep their own matrices (identity when absent) and MRC files
+        get the identity. With a matrix the fits, and the defoci written, are true-frame.
 
     Raises
     ------
@@ -426,9 +438,22 @@ def resolve_inputs(
     if stars:
         if len(inputs) > 1:
             raise UsageError("give either one .star file or MRC files, not both or several")
-        return _resolve_star(stars[0], apix, kv, cs, ac)
-    paths = _expand(inputs)
-    return _resolve_mrcs(paths, apix, kv, cs, ac)
+        resolved = _resolve_star(stars[0], apix, kv, cs, ac)
+    else:
+        resolved = _resolve_mrcs(_expand(inputs), apix, kv, cs, ac)
+    return _with_mag_matrix(resolved, mag_matrix)
+
+
+def _with_mag_matrix(resolved: ResolvedInputs, mag_matrix: ArrayLike | None) -> ResolvedInputs:
+    """Every optics group of ``resolved`` with ``mag_matrix`` (unchanged when None)."""
+    if mag_matrix is None:
+        return resolved
+    try:
+        m = MagMat(np.asarray(mag_matrix, dtype=float).reshape(2, 2))
+    except ValueError as exc:
+        raise UsageError(f"bad --mag-matrix: {exc}") from None
+    optics = {g: replace(o, mag_matrix=m.matrix) for g, o in resolved.optics.items()}
+    return replace(resolved, optics=optics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -723,6 +748,7 @@ def run_estimate(
     kv: float | None = None,
     cs: float | None = None,
     ac: float | None = None,
+    mag_matrix: ArrayLike | None = None,
     jobs: int = 1,
     quiet: bool = False,
     debug: bool = False,
@@ -739,7 +765,7 @@ def run_estimate(
         Output directory (created if needed).
     settings
         Fit settings.
-    apix, kv, cs, ac
+    apix, kv, cs, ac, mag_matrix
         Optics from the command line (see :func:`resolve_inputs`).
     jobs
         Micrographs processed at once (separate processes when > 1).
@@ -771,7 +797,7 @@ def run_estimate(
             f"output directory {str(out)!r} contains whitespace, which RELION cannot read"
         )
     try:
-        resolved = resolve_inputs(inputs, apix=apix, kv=kv, cs=cs, ac=ac)
+        resolved = resolve_inputs(inputs, apix=apix, kv=kv, cs=cs, ac=ac, mag_matrix=mag_matrix)
     except InputError as exc:  # the STAR file itself is unreadable
         raise UsageError(str(exc)) from None
     try:

@@ -96,6 +96,7 @@ __all__ = [
     "anisotropy_from_slope",
     "astigmatism_components",
     "detect_anisomag",
+    "format_p",
     "magmat_from_slope",
     "plot_detection",
     "residual_report",
@@ -181,6 +182,11 @@ def magmat_from_slope(g1: float, g2: float) -> MagMat:
 def _angle_diff(a: NDArray[np.float64] | float, b: float) -> NDArray[np.float64]:
     """``a - b`` for axis angles, wrapped into [-90, 90)."""
     return np.mod(np.asarray(a, dtype=float) - b + 90.0, 180.0) - 90.0
+
+
+def format_p(p: float) -> str:
+    """A p-value for people: two digits, ``< 1e-300`` for an underflow to 0."""
+    return "< 1e-300" if p == 0.0 else f"= {p:.2g}"
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -558,7 +564,7 @@ class AnisoDetection:
             f"axis {self.axis_deg:.1f}° [{alo:.1f}, {ahi:.1f}]",
             f"real astigmatism {self.real_astigmatism:.0f} Å at {self.real_astigmatism_angle:.1f}°"
             f" (scatter {self.astigmatism_scatter:.0f} Å per component)",
-            f"significant: {'yes' if self.significant else 'no'} (Wald p = {self.p_value:.2g}, "
+            f"significant: {'yes' if self.significant else 'no'} (Wald p {format_p(self.p_value)}, "
             f"threshold {self.p_threshold:g})",
             f"micrographs: {self.n_used} used, {self.n_rejected} rejected; mean defocus "
             f"{self.defocus_range[0]:.0f}–{self.defocus_range[1]:.0f} Å",
@@ -842,7 +848,7 @@ def plot_detection(
     axes = fig.subplots(1, 2)
     for k, ax in enumerate(axes):
         y_used = obs[~rej, k]
-        parts = [y_used, pred[:, k]]
+        parts = [y_used, pred[:, k], np.array([d.intercept[k]])]
         if band is not None:
             parts += [band[0][:, k], band[1][:, k]]
         y_lo, y_hi = float(np.min(np.concatenate(parts))), float(np.max(np.concatenate(parts)))
@@ -860,8 +866,8 @@ def plot_detection(
         )
         if np.any(rej):
             ax.scatter(
-                m[rej] / 1e4, np.clip(obs[rej, k], y_lo, y_hi), s=40, marker="x",
-                color="tab:red", zorder=4, label=f"rejected ({int(np.sum(rej))})",
+                m[rej] / 1e4, np.clip(obs[rej, k], y_lo + ypad / 4, y_hi - ypad / 4), s=40,
+                marker="x", color="tab:red", zorder=4, label=f"rejected ({int(np.sum(rej))})",
             )  # fmt: skip
         ax.set_ylim(y_lo, y_hi)
         ax.set_xlabel("mean defocus (µm)")
@@ -876,7 +882,7 @@ def plot_detection(
     text = (
         f"anisotropy {d.anisotropy_percent:.3f} % [{lo:.3f}, {hi:.3f}]   "
         f"axis {d.axis_deg:.1f}° [{alo:.1f}, {ahi:.1f}]   ({100 * d.confidence:.0f} % CI)\n"
-        f"{verdict}: Wald p = {d.p_value:.2g} (threshold {d.p_threshold:g});  "
+        f"{verdict}: Wald p {format_p(d.p_value)} (threshold {d.p_threshold:g});  "
         f"real astigmatism {d.real_astigmatism:.0f} Å at {d.real_astigmatism_angle:.0f}°;  "
         f"{d.n_used} used, {d.n_rejected} rejected"
     )
