@@ -3,10 +3,19 @@
 :mod:`~anisoctf.magnification.matrix` holds :class:`MagMat` (anisotropy, axis, scale, polar
 decomposition) and the converters to and from RELION, cryoSPARC, cisTEM and MotionCor2;
 :mod:`~anisoctf.magnification.transform` moves defocus between the observed and the true frame
-and predicts the astigmatism that anisomag alone produces. Conventions and sources are in
+and predicts the astigmatism that anisomag alone produces; :mod:`~anisoctf.magnification.detect`
+estimates ``M`` from many micrographs' astigmatism against defocus;
+:mod:`~anisoctf.magnification.tables` rewrites RELION and cryoSPARC tables into the true frame. Conventions and sources are in
 ``docs/anisomag.md``.
 """
 
+from anisoctf.magnification.detect import (
+    AnisoDetection,
+    detect_anisomag,
+    plot_detection,
+    residual_report,
+    write_detection_json,
+)
 from anisoctf.magnification.matrix import (
     RELION_MAGMAT_LABELS,
     MagMat,
@@ -36,6 +45,11 @@ from anisoctf.magnification.transform import (
 
 __all__ = [
     "RELION_MAGMAT_LABELS",
+    "AnisoDetection",
+    "detect_anisomag",
+    "plot_detection",
+    "residual_report",
+    "write_detection_json",
     "MagMat",
     "apparent_astigmatism",
     "as_matrix",
