@@ -148,7 +148,6 @@ def estimate(
         ),
     ] = None,
     box: Annotated[int, typer.Option(help="Tile / spectrum size (pixels).")] = _FIT.box,
-    overlap: Annotated[float, typer.Option(help="Fractional tile overlap.")] = _FIT.overlap,
     min_res: Annotated[float, typer.Option(help="Lowest resolution fitted (Å).")] = _FIT.min_res,
     max_res: Annotated[float, typer.Option(help="Highest resolution fitted (Å).")] = _FIT.max_res,
     df_min: Annotated[float, typer.Option(help="Smallest mean defocus searched (Å).")] = (
@@ -196,7 +195,6 @@ def estimate(
     """
     settings = _settings(
         box=box,
-        overlap=overlap,
         min_res=min_res,
         max_res=max_res,
         df_min=df_min,

@@ -283,7 +283,7 @@ def refine_spectrum(
             params.mean_defocus,
             0.5 * params.astigmatism,
             min_period=3.0,
-            max_pixels=50_000,
+            max_pixels=100_000,
         ),
         params,
         opt,
@@ -475,7 +475,6 @@ def estimate_ctf(
             image,
             optics.pixel_size,
             box=settings.box,
-            overlap=settings.overlap,
             fit_pixel_size=settings.fit_pixel_size,
             workers=workers,
         )

@@ -19,9 +19,8 @@ class FitSettings:
     Parameters
     ----------
     box
-        Tile (and spectrum) size in pixels of the fitting pixel size.
-    overlap
-        Fractional overlap of neighbouring tiles (0 ≤ overlap < 1).
+        Size (pixels) of the spectrum the coarse search runs on (the full-resolution spectrum is
+        binned down to about this size), and of the regions scored for outliers.
     min_res, max_res
         Resolution band (Å) used by the fit.
     df_min, df_max
@@ -39,7 +38,6 @@ class FitSettings:
     """
 
     box: int = 512
-    overlap: float = 0.5
     min_res: float = 30.0
     max_res: float = 3.0
     df_min: float = 3000.0
@@ -52,8 +50,6 @@ class FitSettings:
     def __post_init__(self) -> None:
         if self.box < 64 or self.box % 2:
             raise ValueError(f"box must be an even number of pixels ≥ 64, got {self.box}")
-        if not 0.0 <= self.overlap < 0.95:
-            raise ValueError(f"overlap must be in [0, 0.95), got {self.overlap}")
         if not self.min_res > self.max_res > 0:
             raise ValueError(
                 f"need min-res > max-res > 0 (Å), got min-res {self.min_res}, "

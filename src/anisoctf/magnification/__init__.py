@@ -5,8 +5,8 @@ decomposition) and the converters to and from RELION, cryoSPARC, cisTEM and Moti
 :mod:`~anisoctf.magnification.transform` moves defocus between the observed and the true frame
 and predicts the astigmatism that anisomag alone produces; :mod:`~anisoctf.magnification.detect`
 estimates ``M`` from many micrographs' astigmatism against defocus;
-:mod:`~anisoctf.magnification.tables` rewrites RELION and cryoSPARC tables into the true frame. Conventions and sources are in
-``docs/anisomag.md``.
+:mod:`~anisoctf.magnification.tables` rewrites RELION and cryoSPARC tables into the true
+frame. Conventions and sources are in ``docs/anisomag.md``.
 """
 
 from anisoctf.magnification.detect import (
