@@ -127,10 +127,12 @@ def main() -> None:
     fails = len(rows) - len(ok) + int(np.sum(np.abs(d).max(axis=1) > 500))
     print(f"\nmicrographs: {len(rows)} ({'hard' if a.hard else 'realistic'} SNR, {a.size}²)")
     print(
-        f"RMS defocus error (U,V): {rms(d):.2f} Å   bound {rms(b):.2f} Å   ratio {rms(d) / rms(b):.2f}"
+        f"RMS defocus error (U,V): {rms(d):.2f} Å   bound {rms(b):.2f} Å   "
+        f"ratio {rms(d) / rms(b):.2f}"
     )
     print(
-        f"RMS angle error (astig ≥ 300 Å): {rms(da):.3f}°   bound {rms(ba):.3f}°   ratio {rms(da) / rms(ba):.2f}"
+        f"RMS angle error (astig ≥ 300 Å): {rms(da):.3f}°   bound {rms(ba):.3f}°   "
+        f"ratio {rms(da) / rms(ba):.2f}"
     )
     print(f"failures (> 500 Å or no fit): {fails}")
     print(f"median fit time: {np.median([r['time'] for r in ok]):.2f} s")
