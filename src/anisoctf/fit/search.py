@@ -228,8 +228,12 @@ def coarse_search(
     # 4. distinct best candidates
     cands: list[tuple[float, float, float, float]] = []
     scores: list[float] = []
-    flat = np.argsort(total, axis=None)[::-1]
-    for f in flat[:5000]:
+    # only evaluated columns are finite; rank the best few thousand entries among them
+    finite = np.flatnonzero(np.isfinite(total.ravel()))
+    top = min(5000, finite.size)
+    best = finite[np.argpartition(total.ravel()[finite], finite.size - top)[finite.size - top :]]
+    flat = best[np.argsort(total.ravel()[best])[::-1]]
+    for f in flat:
         ia, iz = np.unravel_index(f, total.shape)
         z, b1, b2 = grid[iz], a1[ia], a2[ia]
         if any(
