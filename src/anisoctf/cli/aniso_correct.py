@@ -1,10 +1,177 @@
-"""``anisoctf aniso correct``: being written (registered by :mod:`anisoctf.cli.aniso`)."""
+"""``anisoctf aniso correct``: resample images into the true frame (registered by ``cli/aniso.py``).
+
+::
+
+    anisoctf aniso correct INPUT... (--mag-matrix M00 M01 M10 M11 | --from-json det.json)
+                           --out DIR [--method sinc|fourier|spline|bilinear] [--keep-pixel-size]
+                           [--jobs N] [--apix A] [--micrograph-size NX NY] [--project-dir D]
+
+``INPUT`` is MRC files (micrographs, particle stacks; glob patterns are expanded) or one RELION
+STAR file (particles or micrographs), whose images are found through ``_rlnImageName`` /
+``_rlnMicrographName`` and which is rewritten into ``DIR`` with coordinates, origins, defocus
+and pixel sizes in the corrected frame and ``_rlnMagMat`` set to the identity. For a STAR file
+whose optics groups already carry ``_rlnMagMat``, the matrix options may be left out. The work is
+done by :mod:`anisoctf.jobs.correct_images`; the geometry is in ``docs/correction.md``.
+
+On success one summary line goes to stdout; bad input gives one ``error:`` line on stderr and
+exit status 2. Inputs are never modified; every output is written atomically.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, NoReturn
+
 import typer
+from rich.console import Console
+
+from anisoctf.cli.aniso_apply import load_detect_json
+from anisoctf.errors import AnisoctfError, InputError
+from anisoctf.jobs.correct_images import CorrectSummary, run_correct
+from anisoctf.magnification.matrix import MagMat
+from anisoctf.magnification.resample import DEFAULT_METHOD, METHODS
+
+__all__ = ["correct_command"]
 
 
-def correct_command() -> None:
-    """Not available yet."""
+def _fail(message: str) -> NoReturn:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"error: {' '.join(str(message).split())}", markup=False
+    )
     raise typer.Exit(2)
+
+
+def _summary_line(out: Path, s: CorrectSummary, mag: MagMat | None, method: str) -> str:
+    what = {"images": "file(s)", "particles": "particle stack(s)", "micrographs": "micrograph(s)"}
+    line = f"{out}: {len(s.files)} {what[s.kind]} ({s.n_images} images) corrected with {method}"
+    if mag is not None:
+        line += (
+            f"; anisotropy {mag.anisotropy_percent:.3f} % along {mag.axis_deg:.1f} deg, "
+            f"scale {mag.scale:.5f}"
+        )
+    pix = sorted({round(o, 6) for _, o in s.pixel_sizes})
+    if pix:
+        line += f"; pixel size {', '.join(f'{p:g}' for p in pix)} A"
+    if s.star is not None:
+        line += f"; {s.star}: {s.n_rows} rows"
+    return line
+
+
+def correct_command(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="INPUT...",
+            help="MRC micrographs / particle stacks (glob patterns allowed), or one RELION "
+            "particles or micrographs STAR file.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory (created if needed; never the inputs' own files).",
+            show_default=False,
+        ),
+    ],
+    mag_matrix: Annotated[
+        tuple[float, float, float, float] | None,
+        typer.Option(
+            "--mag-matrix",
+            metavar="M00 M01 M10 M11",
+            help="Magnification matrix in RELION's _rlnMagMat convention (k_true = M k_obs).",
+            show_default=False,
+        ),
+    ] = None,
+    from_json: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-json",
+            help="Take the matrix ('mag_matrix') from the JSON written by 'anisoctf aniso detect'.",
+            show_default=False,
+        ),
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help=f"Resampling method: {', '.join(METHODS)} (see docs/correction.md).",
+        ),
+    ] = DEFAULT_METHOD,
+    keep_pixel_size: Annotated[
+        bool,
+        typer.Option(
+            "--keep-pixel-size",
+            help="Keep the pixel size and resample with the full matrix (its isotropic scale "
+            "too). Default: resample with M / sqrt(det M) and write the pixel size "
+            "p / sqrt(det M).",
+        ),
+    ] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Files corrected in parallel.")] = 1,
+    apix: Annotated[
+        float | None,
+        typer.Option(
+            "--apix",
+            help="Pixel size (A) of the inputs; default from the STAR file or the MRC header.",
+            show_default=False,
+        ),
+    ] = None,
+    micrograph_size: Annotated[
+        tuple[int, int] | None,
+        typer.Option(
+            "--micrograph-size",
+            metavar="NX NY",
+            help="Micrograph size for particle coordinates when the micrographs named in the "
+            "STAR file cannot be read.",
+            show_default=False,
+        ),
+    ] = None,
+    project_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--project-dir",
+            help="Directory the STAR file's paths are relative to (default: the current one).",
+            show_default=False,
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
+) -> None:
+    """Resample micrographs or particle stacks into the true (corrected) frame.
+
+    Exit status: 0 written, 2 bad options or input (one line on stderr).
+    """
+    if mag_matrix is not None and from_json is not None:
+        _fail("give only one of --mag-matrix M00 M01 M10 M11 and --from-json FILE")
+    try:
+        mag: MagMat | None = None
+        if mag_matrix is not None:
+            try:
+                mag = MagMat(((mag_matrix[0], mag_matrix[1]), (mag_matrix[2], mag_matrix[3])))
+            except ValueError as exc:
+                raise InputError(f"--mag-matrix: {exc}") from exc
+        elif from_json is not None:
+            mag = load_detect_json(from_json)
+        summary = run_correct(
+            inputs,
+            out,
+            mag,
+            method=method,
+            keep_pixel_size=keep_pixel_size,
+            jobs=jobs,
+            apix=apix,
+            micrograph_size=micrograph_size,
+            project_dir=project_dir,
+        )
+    except AnisoctfError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{exc.filename or out}: cannot write ({exc.strerror or exc})")
+    if not quiet:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        for w in summary.warnings:
+            err.print(f"warning: {w}", markup=False)
+        Console(highlight=False, soft_wrap=True).print(
+            _summary_line(out, summary, mag, method), markup=False
+        )

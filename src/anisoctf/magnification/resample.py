@@ -26,12 +26,13 @@ image is at ``c + A^-1 (u - c)`` in the corrected one (:func:`correct_coordinate
 Methods (accuracy and speed measured by ``benchmarks/bench_resample.py``):
 
 ``"sinc"`` (default)
-    Four one-dimensional passes, ``A = L D U`` (``L`` a shear along y, ``D`` two axis scales,
-    ``U`` a shear along x), each with an 8-tap Kaiser-windowed sinc. Each pass is arranged so
-    that its interpolation weights are shared along a whole line: a shear along a row has one
-    fractional offset per row, a scale along y the same weights for every column (one sparse
-    matrix product). The y passes run on a transposed copy, so every pass reads contiguous
-    memory. Edges: symmetric reflection (nothing wraps).
+    Four one-dimensional passes, ``A = diag(1, q) [[1, 0], [l, 1]] diag(r, 1) [[1, u], [0, 1]]``
+    (a y scale, a y shear, an x scale, an x shear), each with an 8-tap Kaiser-windowed sinc.
+    Each pass is arranged so that its interpolation weights are shared along a whole line: a
+    scale has the same weights for every line (one sparse matrix product that mixes rows), a
+    shear one fractional offset per line. The shears run on cache-sized strips that are
+    transposed on the fly, so every pass reads contiguous memory; two buffers are used in turn
+    (about 2x the image's memory). Edges: symmetric reflection (nothing wraps).
 ``"fourier"``
     Exact trigonometric (band-limited) interpolation of every line, in two passes
     (``A = B C``: a per-column affine map along y, then a per-row affine map along x). Each pass
@@ -46,7 +47,7 @@ Methods (accuracy and speed measured by ``benchmarks/bench_resample.py``):
     The same with ``order=1``; the baseline.
 
 All methods return float32. A separable decomposition treats each line as band-limited on its
-own: frequencies within ``|A - I|`` of Nyquist along the pass direction are slightly aliased.
+own: frequencies within about ``|A - I| / 2`` cycles/pixel of Nyquist are slightly aliased.
 Output pixels whose source lies outside the recorded image (a border up to about
 ``|A - I| · N / 2`` pixels wide) get reflected content.
 """
@@ -93,12 +94,12 @@ _SINC_BETA = 7.0
 # fractions tabulated for the kernel lookup
 _TABLE_STEPS = 4096
 # rows per block of the row passes (64 float32 = four 64-byte cache lines per source row);
-# fewer when the shift changes fast, so that a block needs at most 2 extra taps
+# fewer (down to 16) when the shift changes fast, so that a block needs few extra taps
 _STRIP = 64
 # elements per group of images in a row pass of a stack (keeps the strips in cache)
 _GROUP_ELEMENTS = 1 << 18
-# elements per chunk of the sparse products (keeps their temporaries cache-sized)
-_SPARSE_CHUNK_ELEMENTS = 1 << 20
+# largest chunk (elements) of the sparse products' results (1/16 of the image when smaller)
+_SPARSE_CHUNK_ELEMENTS = 1 << 19
 # pixels per batch when a stack is resampled by the sinc method (bounds its memory)
 _BATCH_PIXELS = 1 << 24
 # taper width (pixels) of the Fourier method's padding
@@ -126,9 +127,7 @@ def pixel_matrix(m: MagMat | ArrayLike, *, keep_pixel_size: bool = False) -> NDA
     return a / math.sqrt(float(np.linalg.det(a)))
 
 
-def sampling_matrix(
-    m: MagMat | ArrayLike, *, keep_pixel_size: bool = False
-) -> NDArray[np.float64]:
+def sampling_matrix(m: MagMat | ArrayLike, *, keep_pixel_size: bool = False) -> NDArray[np.float64]:
     """``A = N^T``: output pixel ``u`` of the corrected image reads the input at ``c + A (u - c)``.
 
     Vectors are ``(x, y)`` = (column, row), ``c`` is :func:`image_centre`.
@@ -364,8 +363,9 @@ def _sparse_pass(
 
 def _row_chunks(mat: sps.csr_matrix, n_cols: int) -> tuple[tuple[int, int, sps.csr_matrix], ...]:
     """Row chunks of a sparse matrix so that each product chunk stays small (no big temporary)."""
-    step = max(1, _SPARSE_CHUNK_ELEMENTS // max(n_cols, 1))
     n = mat.shape[0]
+    elements = min(_SPARSE_CHUNK_ELEMENTS, max(1 << 16, n * n_cols // 16))
+    step = max(1, elements // max(n_cols, 1))
     return tuple((r0, min(n, r0 + step), mat[r0 : r0 + step]) for r0 in range(0, n, step))
 
 
@@ -482,39 +482,46 @@ def _sinc_apply(plan: _SincPlan, images: NDArray) -> NDArray[np.float32]:
 
 
 # ============================================================================ fourier method
-def _taper_pad(image: NDArray, pad: tuple[int, int, int, int]) -> NDArray[np.float64]:
-    """Pad by symmetric reflection, then taper the padding to the mean (raised cosine)."""
+def _taper_pad(image: NDArray, pad: tuple[int, int, int, int]) -> NDArray[np.float32]:
+    """Pad by symmetric reflection, then taper the padding to the mean (raised cosine).
+
+    The taper goes from 1 at the image edge to 0 at the outer edge of the padding, on both
+    sides, so the periodic continuation of every row and column is smooth and at the mean.
+    """
     top, bottom, left, right = pad
-    p = np.pad(np.asarray(image, dtype=np.float64), ((top, bottom), (left, right)), "symmetric")
-    mean = float(np.mean(image))
+    img = np.asarray(image, dtype=np.float32)
+    p = np.pad(img, ((top, bottom), (left, right)), "symmetric")
+    mean = np.float32(np.mean(img, dtype=np.float64))
     p -= mean
 
-    def ramp(n_in: int, lo: int, hi: int) -> NDArray[np.float64]:
-        w = np.ones(n_in + lo + hi)
-        for width, sl, rev in ((lo, slice(0, lo), False), (hi, slice(n_in + lo, None), True)):
-            if width:
-                t = (np.arange(width) + 0.5) / width  # 0 .. 1 towards the image
-                r = 0.5 - 0.5 * np.cos(np.pi * t)
-                w[sl] = r[::-1] if rev else r
+    def ramp(n_in: int, lo: int, hi: int) -> NDArray[np.float32]:
+        w = np.ones(n_in + lo + hi, dtype=np.float32)
+        if lo:
+            w[:lo] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(lo) + 0.5) / lo)
+        if hi:
+            w[n_in + lo :] = (0.5 - 0.5 * np.cos(np.pi * (np.arange(hi) + 0.5) / hi))[::-1]
         return w
 
-    wy = ramp(image.shape[0], top, bottom)
-    wx = ramp(image.shape[1], left, right)
-    p *= wy[:, None]
-    p *= wx[None, :]
+    p *= ramp(img.shape[0], top, bottom)[:, None]
+    p *= ramp(img.shape[1], left, right)[None, :]
     p += mean
     return p
 
 
 def _fourier_lines(
-    src: NDArray[np.float64], t0: NDArray[np.float64], scale: float, n_out: int
-) -> NDArray[np.float64]:
-    """``out[r, m] = f_r(t0[r] + scale m)``, ``f_r`` the trigonometric interpolant of row r.
+    src: NDArray, t0: NDArray[np.float64], scale: float, out: NDArray[np.float32]
+) -> None:
+    """``out[r, m] = f_r(t0[r] + scale m)``, ``f_r`` the trigonometric interpolant of ``src[r]``.
 
-    Rows are periodic with their length ``L``. The Fourier series is summed at the uniformly
-    spaced points with Bluestein's chirp-z transform: ``k m = (k² + m² - (m - k)²) / 2``.
+    Rows are periodic with their length ``L``; ``f_r(t) = Re sum_k c_k F_k exp(2 pi i k t / L)``
+    over ``k = 0 .. L/2`` (``c_k = 2/L``, ``1/L`` for ``k = 0`` and the Nyquist term). The sum
+    at uniformly spaced points is a chirp-z transform, computed with Bluestein's identity
+    ``k m = (k² + m² - (m - k)²) / 2`` as one FFT convolution per row; the per-row start ``t0``
+    is a phase ramp. ``src`` and ``out`` may be strided views (rows are copied in chunks);
+    the arithmetic is in double precision.
     """
     rows, length = src.shape
+    n_out = out.shape[1]
     nk = length // 2 + 1
     c = np.full(nk, 2.0 / length)
     c[0] = 1.0 / length
@@ -525,25 +532,22 @@ def _fourier_lines(
     nfft = sfft.next_fast_len(nk + n_out - 1)
 
     def chirp(x: NDArray[np.float64]) -> NDArray[np.complex128]:
-        # exp(2 pi i scale x / L) with the phase reduced in full precision
+        # exp(2 pi i scale x / L), the phase reduced to [0, 1) turns in double precision
         return np.exp(2j * np.pi * np.mod(scale * x / length, 1.0))
 
-    pre = c * chirp(0.5 * k * k)  # a_k factor
+    pre = c * chirp(0.5 * k * k)
     post = chirp(0.5 * m * m)
     n = np.arange(-(nk - 1), n_out, dtype=np.float64)
     b = np.zeros(nfft, dtype=np.complex128)
     b[np.mod(n, nfft).astype(np.int64)] = chirp(-0.5 * n * n)
     bf = sfft.fft(b)
-    out = np.empty((rows, n_out), dtype=np.float64)
     for r0 in range(0, rows, _FOURIER_CHUNK):
         r1 = min(rows, r0 + _FOURIER_CHUNK)
-        f = sfft.rfft(src[r0:r1], axis=1)
-        ramp = np.exp(2j * np.pi * np.mod(np.outer(t0[r0:r1], k) / length, 1.0))
-        f *= ramp
+        f = sfft.rfft(np.asarray(src[r0:r1], dtype=np.float64), axis=1)
+        f *= np.exp(2j * np.pi * np.mod(np.outer(t0[r0:r1], k) / length, 1.0))
         f *= pre
         conv = sfft.ifft(sfft.fft(f, n=nfft, axis=1) * bf, axis=1)[:, :n_out]
         out[r0:r1] = (conv * post).real
-    return out
 
 
 def _fourier_apply(image: NDArray, a: NDArray[np.float64]) -> NDArray[np.float32]:
@@ -555,27 +559,25 @@ def _fourier_apply(image: NDArray, a: NDArray[np.float64]) -> NDArray[np.float32
     q_ = float(np.linalg.det(a)) / r_
     yt = np.arange(ny, dtype=np.float64) - cy
     xt = np.arange(nx, dtype=np.float64) - cx
-    # how far outside the image the passes read (x: the x pass; y: the y pass, all columns)
+    # how far outside the image each pass reads
     xs = r_ * xt[[0, -1]][:, None] + s_ * yt[[0, -1]][None, :]
-    ext_x = max(0.0, -(xs.min() - xt[0]), xs.max() - xt[-1])
-    mx = int(math.ceil(ext_x)) + _TAPER + 2
-    xpad = np.arange(-mx, nx + mx, dtype=np.float64) - cx  # columns of the padded image
-    ys = p_ * xpad[[0, -1]][:, None] + q_ * yt[[0, -1]][None, :]
-    ext_y = max(0.0, -(ys.min() - yt[0]), ys.max() - yt[-1])
-    my = int(math.ceil(ext_y)) + _TAPER + 2
+    mx = int(math.ceil(max(0.0, xt[0] - xs.min(), xs.max() - xt[-1]))) + _TAPER + 2
     lx = sfft.next_fast_len(nx + 2 * mx, real=True)
-    ly = sfft.next_fast_len(ny + 2 * my, real=True)
-    left, top = (lx - nx) // 2, (ly - ny) // 2
-    padded = _taper_pad(image, (top, ly - ny - top, left, lx - nx - left))
+    left = (lx - nx) // 2
     xcols = np.arange(lx, dtype=np.float64) - left - cx  # relative x of every padded column
+    ys = p_ * xcols[[0, -1]][:, None] + q_ * yt[[0, -1]][None, :]
+    my = int(math.ceil(max(0.0, yt[0] - ys.min(), ys.max() - yt[-1]))) + _TAPER + 2
+    ly = sfft.next_fast_len(ny + 2 * my, real=True)
+    top = (ly - ny) // 2
+    padded = _taper_pad(image, (top, ly - ny - top, left, lx - nx - left))
     # y pass: T(x, y) = I(x, p x + q y), along the columns of the padded image
-    t0y = p_ * xcols + q_ * yt[0] + cy + top
-    t = _fourier_lines(np.ascontiguousarray(padded.T), t0y, q_, ny)  # (lx, ny)
+    t = np.empty((ny, lx), dtype=np.float32)
+    _fourier_lines(padded.T, p_ * xcols + q_ * yt[0] + cy + top, q_, t.T)
     del padded
-    t = np.ascontiguousarray(t.T)  # (ny, lx)
     # x pass: O(x, y) = T(r x + s y, y)
-    t0x = r_ * xt[0] + s_ * yt + cx + left
-    return _fourier_lines(t, t0x, r_, nx).astype(np.float32)
+    out = np.empty((ny, nx), dtype=np.float32)
+    _fourier_lines(t, r_ * xt[0] + s_ * yt + cx + left, r_, out)
+    return out
 
 
 # ============================================================================ ndimage methods
@@ -594,9 +596,7 @@ def _ndimage_apply(image: NDArray, a: NDArray[np.float64], order: int) -> NDArra
 
 
 # ============================================================================ public
-def _per_image(
-    method: str, a: NDArray[np.float64]
-) -> Callable[[NDArray], NDArray[np.float32]]:
+def _per_image(method: str, a: NDArray[np.float64]) -> Callable[[NDArray], NDArray[np.float32]]:
     if method == "fourier":
         return lambda img: _fourier_apply(img, a)
     if method == "spline":
@@ -661,7 +661,8 @@ def correct_image(
     for i0 in range(0, n, batch):
         i1 = min(n, i0 + batch)
         part = np.asarray(stack[i0:i1])
-        if not np.all(np.isfinite(part)):
+        # the sum is NaN/Inf when a pixel is (cheap, no pixel-sized temporary); then look closer
+        if not np.isfinite(np.sum(part)) and not np.all(np.isfinite(part)):
             bad = i0 + int(np.flatnonzero(~np.isfinite(part).reshape(i1 - i0, -1).all(1))[0])
             where = "image" if arr.ndim == 2 else f"image {bad + 1} of the stack"
             raise ValueError(f"{where} contains NaN or Inf values")
