@@ -115,7 +115,8 @@ class CTFEstimate:
     fit_resolution
         Resolution (Å) to which the observed rings still agree significantly with the fit.
     n_tiles
-        Effective number of tiles averaged into the spectrum (after outlier down-weighting).
+        Effective number of periodograms pooled into the spectrum: 1 for a micrograph's
+        full-resolution periodogram, the number of tiles or particles for pooled spectra.
     diagnostics
         Arrays for plots; None if not requested.
     warnings

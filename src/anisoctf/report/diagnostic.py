@@ -350,8 +350,8 @@ def _draw_info(draw, estimate: CTFEstimate, diag: FitDiagnostics, fonts) -> None
         f"Cs {o.cs_mm:g} mm",
         f"amp. contrast {o.amplitude_contrast:g}",
     ]
-    if estimate.n_tiles:
-        optics.append(f"{estimate.n_tiles:.0f} tiles")
+    if estimate.n_tiles > 1:  # a pooled spectrum (tiles or particles); 1 = one periodogram
+        optics.append(f"{estimate.n_tiles:.0f} periodograms pooled")
     if o.has_anisomag:
         (a, b), (c, d) = o.mag_matrix
         optics.append(f"mag. matrix [{a:.4f} {b:.4f}; {c:.4f} {d:.4f}]")
