@@ -51,10 +51,10 @@ from rich.progress import (
 )
 
 from anisoctf.errors import AnisoctfError, InputError
-from anisoctf.fit.estimate import estimate_ctf
+from anisoctf.fit.estimate import check_image, estimate_ctf, fit_spectrum
 from anisoctf.fit.result import CTFEstimate, FitSettings
 from anisoctf.io.ctffind import CTFFindRecord, write_ctffind_txt
-from anisoctf.io.mrc import read_micrograph, read_mrc_header, write_mrc
+from anisoctf.io.mrc import read_micrograph, read_mrc_header, read_stack, write_mrc
 from anisoctf.io.star import (
     MicrographCTFRow,
     read_micrographs_star,
@@ -64,6 +64,7 @@ from anisoctf.io.star import (
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.optics.ctf import Optics
 from anisoctf.report.diagnostic import full_plane, render_diagnostic
+from anisoctf.spectrum.periodogram import stack_periodogram
 
 __all__ = [
     "DEFAULT_AMPLITUDE_CONTRAST",
@@ -511,6 +512,20 @@ def _failure(name: str, message: str) -> str:
     return message if name in message else f"{name}: {message}"
 
 
+def _estimate_stack(
+    path: str, optics: Optics, settings: FitSettings, fft_workers: int
+) -> CTFEstimate:
+    """CTF of the pooled periodograms of all images of a stack (e.g. one micrograph's
+    particles, RELION's ``.mrcs``)."""
+    stack = read_stack(path)
+    if stack.ndim != 3 or stack.shape[0] == 0 or min(stack.shape[1:]) < 64:
+        raise InputError(f"expected a stack of images of at least 64 px, got {stack.shape}", path)
+    for start in range(0, stack.shape[0], 256):  # validate in chunks (the stack is mapped)
+        check_image(np.asarray(stack[start : start + 256], dtype=np.float32).reshape(-1, 1), path)
+    spectrum = stack_periodogram(stack, optics.pixel_size, workers=fft_workers)
+    return fit_spectrum(spectrum, optics, settings, diagnostics=True, name=path)
+
+
 def process_one(
     path: str | os.PathLike[str],
     name: str,
@@ -528,7 +543,8 @@ def process_one(
     Parameters
     ----------
     path
-        The MRC file.
+        The MRC file: a micrograph (a multi-frame ``.mrc`` is summed), or a ``.mrcs`` stack of
+        particle images whose periodograms are pooled.
     name
         ``_rlnMicrographName`` for the STAR row (and the name in messages).
     optics, settings
@@ -555,10 +571,13 @@ def process_one(
     stem = stem or Path(path).stem
     out = Path(out_dir)
     try:
-        image = read_micrograph(path).data
-        est = estimate_ctf(
-            image, optics, settings, diagnostics=True, workers=fft_workers, name=path
-        )
+        if path.lower().endswith(".mrcs"):  # a particle stack: pool its periodograms
+            est = _estimate_stack(path, optics, settings, fft_workers)
+        else:
+            image = read_micrograph(path).data
+            est = estimate_ctf(
+                image, optics, settings, diagnostics=True, workers=fft_workers, name=path
+            )
         p = est.params
         values = (p.defocus_u, p.defocus_v, p.angle_deg, p.phase_shift_deg)
         if not all(math.isfinite(v) for v in values):
