@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anisoctf.errors import FitError, InputError
-from anisoctf.fit.band import Band, concat_bands, make_band, polar_compress
+from anisoctf.fit.band import Band, compressed_zone, concat_bands, make_band
 from anisoctf.fit.quality import (
     equiphase_radius,
     optics_ctf2,
@@ -124,12 +124,16 @@ def _mixed_band(
     while lo < k_hi:
         hi = k_hi if b == 1 else min(k_hi, k_at(min_period * b))
         if hi > lo:
-            stride = 1
-            if max_pixels:
-                est = 0.5 * np.pi * (hi * hi - lo * lo) / (b * step) ** 2
-                stride = max(1, int(round(est / max_pixels)))
-            zone = make_band(spectrum, optics, lo, hi, b, row_stride=stride)
-            bands.append(polar_compress(zone, optics, defocus, half_astig))
+            est = 0.5 * np.pi * (hi * hi - lo * lo) / (b * step) ** 2  # pixels in the zone
+            stride = max(1, int(round(est / max_pixels))) if max_pixels else 1
+            if est / stride >= 20000 and defocus > 0:  # many pixels: straight into phase cells
+                bands.append(
+                    compressed_zone(
+                        spectrum, optics, lo, hi, b, defocus, half_astig, row_stride=stride
+                    )
+                )
+            else:
+                bands.append(make_band(spectrum, optics, lo, hi, b, row_stride=stride))
             lo = hi
         if b == 1:
             break
