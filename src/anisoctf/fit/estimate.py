@@ -198,6 +198,7 @@ def search_spectrum(
                     astig_sigma=settings.astig_restraint,
                     n_bg=8,
                     n_env=4,
+                    tol=0.1,  # a starting point for the full band: coarser convergence is enough
                 )
             )
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
