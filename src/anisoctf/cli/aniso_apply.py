@@ -41,6 +41,7 @@ import pandas as pd
 import typer
 from rich.console import Console
 
+from anisoctf.cli.options import FromJsonOption, MagMatrixOption
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.io.atomic import atomic_write
 from anisoctf.io.cryosparc import CSDAT_MAGIC, NUMPY_MAGIC, read_cs, write_cs
@@ -619,23 +620,8 @@ def apply_command(
             "--out", "-o", help="New file to write (never the input).", show_default=False
         ),
     ],
-    mag_matrix: Annotated[
-        tuple[float, float, float, float] | None,
-        typer.Option(
-            "--mag-matrix",
-            metavar="M00 M01 M10 M11",
-            help="Magnification matrix in RELION's _rlnMagMat convention (k_true = M k_obs).",
-            show_default=False,
-        ),
-    ] = None,
-    from_json: Annotated[
-        Path | None,
-        typer.Option(
-            "--from-json",
-            help="Take the matrix ('mag_matrix') from the JSON written by 'anisoctf aniso detect'.",
-            show_default=False,
-        ),
-    ] = None,
+    mag_matrix: MagMatrixOption = None,
+    from_json: FromJsonOption = None,
     shared_astigmatism: Annotated[
         bool,
         typer.Option(

@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 
 from anisoctf.cli.aniso_apply import load_detect_json
+from anisoctf.cli.options import FromJsonOption, MagMatrixOption
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.jobs.correct_images import CorrectSummary, run_correct
 from anisoctf.magnification.matrix import MagMat
@@ -76,23 +77,8 @@ def correct_command(
             show_default=False,
         ),
     ],
-    mag_matrix: Annotated[
-        tuple[float, float, float, float] | None,
-        typer.Option(
-            "--mag-matrix",
-            metavar="M00 M01 M10 M11",
-            help="Magnification matrix in RELION's _rlnMagMat convention (k_true = M k_obs).",
-            show_default=False,
-        ),
-    ] = None,
-    from_json: Annotated[
-        Path | None,
-        typer.Option(
-            "--from-json",
-            help="Take the matrix ('mag_matrix') from the JSON written by 'anisoctf aniso detect'.",
-            show_default=False,
-        ),
-    ] = None,
+    mag_matrix: MagMatrixOption = None,
+    from_json: FromJsonOption = None,
     method: Annotated[
         str,
         typer.Option(

@@ -181,6 +181,36 @@ def _half_turn(angle: NDArray) -> NDArray:
     return out
 
 
+def _gather(
+    spectrum: Spectrum,
+    optics: Optics,
+    k_min: float,
+    k_max: float,
+    bin_factor: int,
+    row_stride: int,
+) -> tuple[NDArray, int, NDArray, NDArray, NDArray, NDArray, NDArray, NDArray, NDArray | None]:
+    """Candidate pixels of an annulus (one-pixel margin) on a binned grid.
+
+    Returns the binned power, its column count, each pixel's row and column, observed and
+    true-frame frequencies, and the magnification matrix (None for the identity).
+    """
+    power, kx1, ky1 = binned_power(spectrum, bin_factor)
+    m = optics.M if optics.has_anisomag else None
+    gram = np.eye(2) if m is None else m.T @ m
+    ncol = power.shape[1]
+    rows_used = np.arange(0, ky1.size, max(1, int(row_stride)))
+    idx = _annulus_indices(kx1[:-1], ky1[rows_used], gram, k_min, k_max)
+    row, col = np.divmod(idx, ncol - 1)
+    row = rows_used[row]
+    kx, ky = kx1[col], ky1[row]
+    if m is None:
+        kxt, kyt = kx, ky
+    else:
+        kxt = m[0, 0] * kx + m[0, 1] * ky
+        kyt = m[1, 0] * kx + m[1, 1] * ky
+    return power, ncol, row, col, kx, ky, kxt, kyt, m
+
+
 def make_band(
     spectrum: Spectrum,
     optics: Optics,
@@ -192,20 +222,9 @@ def make_band(
     """Collect the pixels of ``spectrum`` (optionally binned) whose true-frame frequency lies
     in [k_min, k_max] (the Nyquist column is left out). ``row_stride > 1`` keeps every n-th
     row only (a cheap, unbiased subsample for statistics that need no full efficiency)."""
-    power, kx1, ky1 = binned_power(spectrum, bin_factor)
-    m = optics.M if optics.has_anisomag else None
-    gram = np.eye(2) if m is None else m.T @ m
-    ncol = power.shape[1]
-    rows_used = np.arange(0, ky1.size, max(1, int(row_stride)))
-    idx = _annulus_indices(kx1[:-1], ky1[rows_used], gram, k_min, k_max)
-    row, col = np.divmod(idx, ncol - 1)
-    row = rows_used[row]
-    kx_s, ky_s = kx1[col], ky1[row]
-    if m is None:
-        kxt_s, kyt_s = kx_s, ky_s
-    else:
-        kxt_s = m[0, 0] * kx_s + m[0, 1] * ky_s
-        kyt_s = m[1, 0] * kx_s + m[1, 1] * ky_s
+    power, ncol, row, col, kx_s, ky_s, kxt_s, kyt_s, m = _gather(
+        spectrum, optics, k_min, k_max, bin_factor, row_stride
+    )
     rt = np.hypot(kxt_s, kyt_s)
     keep = (rt >= k_min) & (rt <= k_max)
     if bin_factor == 1:  # kx = 0 holds +ky and -ky, the same point: keep one
@@ -333,22 +352,11 @@ def compressed_zone(
     The angular cells use a pseudo-angle (monotonic in the direction, no arctangent); its
     spacing varies by at most √2 from uniform, well inside the margin of the cell-width rule.
     """
-    power, kx1, ky1 = binned_power(spectrum, bin_factor)
-    m = optics.M if optics.has_anisomag else None
-    gram = np.eye(2) if m is None else m.T @ m
-    ncol = power.shape[1]
-    rows_used = np.arange(0, ky1.size, max(1, int(row_stride)))
-    idx = _annulus_indices(kx1[:-1], ky1[rows_used], gram, k_min, k_max)
-    if idx.size == 0:
+    power, ncol, row, col, kx, ky, kxt, kyt, m = _gather(
+        spectrum, optics, k_min, k_max, bin_factor, row_stride
+    )
+    if row.size == 0:
         return make_band(spectrum, optics, k_min, k_max, bin_factor, row_stride)
-    row, col = np.divmod(idx, ncol - 1)
-    row = rows_used[row]
-    kx, ky = kx1[col], ky1[row]
-    if m is None:
-        kxt, kyt = kx, ky
-    else:
-        kxt = m[0, 0] * kx + m[0, 1] * ky
-        kyt = m[1, 0] * kx + m[1, 1] * ky
     k2 = kxt * kxt + kyt * kyt
     keep = (k2 >= k_min * k_min) & (k2 <= k_max * k_max)
     if bin_factor == 1:
