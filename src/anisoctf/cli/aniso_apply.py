@@ -45,6 +45,7 @@ from anisoctf.cli.options import FromJsonOption, MagMatrixOption
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.io.atomic import atomic_write
 from anisoctf.io.cryosparc import CSDAT_MAGIC, NUMPY_MAGIC, read_cs, write_cs
+from anisoctf.io.star import read_star_blocks
 from anisoctf.magnification.matrix import RELION_MAGMAT_LABELS, MagMat
 from anisoctf.magnification.tables import (
     CRYOSPARC_ANISOMAG_FIELD,
@@ -179,28 +180,8 @@ def _layout(path: Path) -> list[_Block]:
 
 
 def _read_star(path: Path) -> dict[str, pd.DataFrame]:
-    """Every block of a STAR file as a DataFrame (simple blocks as one row), via ``starfile``."""
-    if not path.exists():
-        raise InputError("file not found; check the path", path=path)
-    if path.is_dir():
-        raise InputError("is a directory, not a STAR file", path=path)
-    try:
-        import starfile
-
-        raw = starfile.read(path, always_dict=True)
-    except Exception as exc:  # starfile/pandas raise many types on malformed text
-        raise InputError(
-            f"not a readable STAR file ({type(exc).__name__}: {exc}); check the file", path=path
-        ) from exc
-    blocks: dict[str, pd.DataFrame] = {}
-    for key, block in raw.items():
-        if isinstance(block, pd.DataFrame):
-            blocks[str(key)] = block
-        elif isinstance(block, dict) and block:
-            blocks[str(key)] = pd.DataFrame([block])
-    if not blocks:
-        raise InputError("no data blocks: empty or not a STAR file; check the path", path=path)
-    return blocks
+    """Every block of a STAR file as a DataFrame (simple blocks as one row)."""
+    return read_star_blocks(path, names_as_strings=False)
 
 
 def _find_ctf_block(path: Path, blocks: dict[str, pd.DataFrame]) -> str:

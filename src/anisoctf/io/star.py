@@ -137,7 +137,20 @@ def _columns(names: Iterable[str]) -> str:
     return ", ".join(f"_{n}" for n in names)
 
 
-def _read_blocks(path: str | os.PathLike[str]) -> tuple[Path, dict[str, pd.DataFrame]]:
+def read_star_blocks(
+    path: str | os.PathLike[str], *, names_as_strings: bool = True
+) -> dict[str, pd.DataFrame]:
+    """Every block of a STAR file as a table (simple key/value blocks become one-row tables).
+
+    Unreadable, missing or empty files raise a one-line :class:`InputError`. With
+    ``names_as_strings`` the file-name columns are kept as text (never parsed as numbers).
+    """
+    return _read_blocks(path, names_as_strings=names_as_strings)[1]
+
+
+def _read_blocks(
+    path: str | os.PathLike[str], *, names_as_strings: bool = True
+) -> tuple[Path, dict[str, pd.DataFrame]]:
     """Parse a STAR file into its loop tables (simple key/value blocks become one-row tables)."""
     p = Path(path)
     if not p.exists():
@@ -147,7 +160,8 @@ def _read_blocks(path: str | os.PathLike[str]) -> tuple[Path, dict[str, pd.DataF
     try:
         import starfile
 
-        raw = starfile.read(p, always_dict=True, parse_as_string=_STRING_COLUMNS)
+        strings = _STRING_COLUMNS if names_as_strings else []
+        raw = starfile.read(p, always_dict=True, parse_as_string=strings)
     except Exception as exc:  # starfile/pandas raise many types on malformed text
         raise InputError(
             f"not a readable STAR file ({type(exc).__name__}: {exc}); check the file", path=p
