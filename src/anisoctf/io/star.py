@@ -40,6 +40,7 @@ __all__ = [
     "read_micrographs_star",
     "read_optics_group_names",
     "read_optics_star",
+    "read_star_blocks",
     "write_micrographs_ctf_star",
 ]
 
