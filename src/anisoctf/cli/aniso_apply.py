@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import numpy as np
-import pandas as pd
 import typer
 from rich.console import Console
 
+from anisoctf._lazy import pandas as pd
 from anisoctf.cli.options import FromJsonOption, MagMatrixOption
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.io.atomic import atomic_write

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 
+from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
 from anisoctf.io.atomic import atomic_write
 from anisoctf.optics.ctf import Optics

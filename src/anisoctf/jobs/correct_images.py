@@ -50,8 +50,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from anisoctf._lazy import pandas as pd
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.io.atomic import atomic_path
 from anisoctf.io.mrc import read_mrc_header, read_stack, write_mrc

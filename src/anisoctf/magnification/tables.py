@@ -67,9 +67,9 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
+from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
 from anisoctf.magnification.matrix import (
     RELION_MAGMAT_LABELS,
