@@ -61,12 +61,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft as sfft
-import scipy.ndimage as ndi
-import scipy.sparse as sps
-import scipy.special as special
 from numpy.typing import ArrayLike, NDArray
 
+from anisoctf._lazy import lazy
 from anisoctf.magnification.matrix import MagMat, as_matrix
+
+ndi = lazy("scipy.ndimage")
+sps = lazy("scipy.sparse")
+special = lazy("scipy.special")
 
 __all__ = [
     "DEFAULT_METHOD",
