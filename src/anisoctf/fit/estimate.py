@@ -107,7 +107,7 @@ def _mixed_band(
     """Each radial zone binned as coarsely as its Thon rings allow (≥ ``min_period`` pixels of
     the finest grid per ring period for every binned pixel), and nothing beyond where the
     spectrum can no longer resolve the rings (2.5 pixels per period). Zones with many pixels
-    are compressed into cells of equal phase (:func:`polar_compress`); with ``max_pixels``,
+    are gathered straight into cells of equal phase (:func:`compressed_zone`); with ``max_pixels``,
     zones are row-subsampled to about that many pixels first."""
     step = 1.0 / (spectrum.box * spectrum.pixel_size)
     # radial frequency at which the ring period is p fine pixels
@@ -148,7 +148,6 @@ def _mixed_band(
 class _Search:
     stage1: list[RefineResult]
     grid_step: float
-    significance: float
     k_min: float
     k_max: float
     warnings: list[str]
@@ -217,7 +216,7 @@ def search_spectrum(
             keep.append(r)
             break
     step = float(search.defocus_grid[1] - search.defocus_grid[0])
-    return _Search(keep, step, search.significance, k_min, 1.0 / max_res, warnings)
+    return _Search(keep, step, k_min, 1.0 / max_res, warnings)
 
 
 def refine_spectrum(

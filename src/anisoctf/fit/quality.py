@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from anisoctf.fit.band import Band
 from anisoctf.optics.ctf import CTFParams, Optics, chi
 
-__all__ = ["RingStats", "equiphase_radius", "figure_of_merit", "ring_statistics"]
+__all__ = ["RingStats", "equiphase_radius", "ring_statistics"]
 
 
 @dataclass(frozen=True)
@@ -157,17 +157,6 @@ def optics_ctf2(band: Band, params: CTFParams, optics: Optics) -> NDArray:
     w = optics.amplitude_contrast
     c = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
     return c * c
-
-
-def figure_of_merit(observed: NDArray, background: NDArray, model_signal: NDArray) -> float:
-    """Correlation of the background-subtracted spectrum with the fitted signal (whitened)."""
-    m = background + model_signal
-    a = (observed - background) / m
-    b = model_signal / m
-    a = a - a.mean()
-    b = b - b.mean()
-    den = float(np.sqrt(np.sum(a * a) * np.sum(b * b)))
-    return float(np.sum(a * b) / den) if den > 0 else 0.0
 
 
 def equiphase_radius(band: Band, params: CTFParams, optics: Optics) -> NDArray:
