@@ -28,11 +28,9 @@ exit status 2.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -43,9 +41,17 @@ from rich.console import Console
 from anisoctf._lazy import pandas as pd
 from anisoctf.cli.options import FromJsonOption, MagMatrixOption
 from anisoctf.errors import AnisoctfError, InputError
-from anisoctf.io.atomic import atomic_write
 from anisoctf.io.cryosparc import CSDAT_MAGIC, NUMPY_MAGIC, read_cs, write_cs
 from anisoctf.io.star import read_star_blocks
+from anisoctf.io.star_patch import (
+    BlockEdit,
+    block_index,
+    fmt_angle,
+    fmt_defocus,
+    fmt_exact,
+    star_layout,
+    write_patched_star,
+)
 from anisoctf.magnification.matrix import RELION_MAGMAT_LABELS, MagMat
 from anisoctf.magnification.tables import (
     CRYOSPARC_ANISOMAG_FIELD,
@@ -97,88 +103,7 @@ def load_detect_json(path: str | os.PathLike[str]) -> MagMat:
         raise InputError(f"'mag_matrix' {raw!r} is not a valid 2x2 matrix ({exc})", path=p) from exc
 
 
-# ============================================================================ STAR text layout
-_TOKEN = re.compile(r'"[^"]*"|\'[^\']*\'|\S+')
-
-
-@dataclass
-class _Block:
-    """What the line scanner saw of one ``data_`` block."""
-
-    name: str
-    loop: bool = False
-    columns: list[str] = field(default_factory=list)
-    numbered: bool = False  # column lines look like "_rlnFoo #3"
-    n_rows: int = 0
-
-
-def _scan(lines: Iterable[str]) -> Iterator[tuple[str, int, str, int]]:
-    """Classify every line: ``(line, block index, kind, index)``.
-
-    Kinds: ``"data"`` (a ``data_`` line), ``"loop"``, ``"coldef"`` (index = column),
-    ``"row"`` (index = row), ``"keyval"`` (a ``_name value`` line of a simple block; index =
-    column) and ``"other"`` (blank lines, comments, anything before the first block). The rules
-    follow the ``starfile`` reader: a block is a loop if ``loop_`` comes before any ``_name``
-    line; its column lines are the ``_`` lines right after ``loop_``; every other non-blank,
-    non-comment line up to the next ``data_`` is a row.
-    """
-    block = -1
-    state = "none"
-    col = row = 0
-    for line in lines:
-        s = line.strip()
-        if s.startswith("data_"):
-            block += 1
-            state, col, row = "start", 0, 0
-            yield line, block, "data", 0
-        elif block < 0 or not s or s.startswith("#"):
-            yield line, block, "other", 0
-        elif state == "start" and s.startswith("loop_"):
-            state = "header"
-            yield line, block, "loop", 0
-        elif state in ("start", "simple") and s.startswith("_"):
-            state = "simple"
-            yield line, block, "keyval", col
-            col += 1
-        elif state == "header" and s.startswith("_"):
-            yield line, block, "coldef", col
-            col += 1
-        elif state in ("header", "rows"):
-            state = "rows"
-            yield line, block, "row", row
-            row += 1
-        else:
-            yield line, block, "other", 0
-
-
-def _open_text(path: Path) -> Iterator[str]:
-    """Lines of a text file with their original endings."""
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            yield from fh
-    except UnicodeDecodeError as exc:
-        raise InputError("not a text STAR file (not UTF-8)", path=path) from exc
-    except OSError as exc:
-        raise InputError(f"cannot read ({exc.strerror or exc})", path=path) from exc
-
-
-def _layout(path: Path) -> list[_Block]:
-    blocks: list[_Block] = []
-    for line, b, kind, _ in _scan(_open_text(path)):
-        if kind == "data":
-            blocks.append(_Block(name=line.strip()[5:]))
-        elif kind == "loop":
-            blocks[b].loop = True
-        elif kind in ("coldef", "keyval"):
-            tokens = line.split()
-            blocks[b].columns.append(tokens[0][1:])
-            if kind == "coldef" and len(tokens) > 1 and tokens[1].startswith("#"):
-                blocks[b].numbered = True
-        elif kind == "row":
-            blocks[b].n_rows += 1
-    return blocks
-
-
+# ============================================================================ STAR tables
 def _read_star(path: Path) -> dict[str, pd.DataFrame]:
     """Every block of a STAR file as a DataFrame (simple blocks as one row)."""
     return read_star_blocks(path, names_as_strings=False)
@@ -215,184 +140,6 @@ def _find_ctf_block(path: Path, blocks: dict[str, pd.DataFrame]) -> str:
     )
 
 
-# ============================================================================ STAR patching
-def _fmt_defocus(x: float) -> str:
-    return f"{x:.6f}"
-
-
-def _fmt_angle(x: float) -> str:
-    s = f"{x:.6f}"
-    return "0.000000" if s == "180.000000" else s
-
-
-def _fmt_exact(x: float) -> str:
-    return repr(float(x))
-
-
-def _unquote(token: str) -> str:
-    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
-        return token[1:-1]
-    return token
-
-
-@dataclass
-class _BlockEdit:
-    """Changes to one block: new values for some cells, and new columns."""
-
-    block: _Block
-    table: pd.DataFrame  # the values as read (for the consistency check)
-    # column name -> (row mask, new values (aligned with the table), formatter)
-    replace: dict[str, tuple[np.ndarray, np.ndarray, Callable[[float], str]]]
-    # new column names, their values (aligned with the table) and formatter
-    append: list[tuple[str, np.ndarray, Callable[[float], str]]]
-    # token index of each replaced column, and the reverse
-    positions: dict[str, int] = field(init=False)
-    names: dict[int, str] = field(init=False)
-    # the replaced columns as read, as float64 (NaN for text), for the consistency check
-    old: dict[str, np.ndarray] = field(init=False)
-
-    def __post_init__(self) -> None:
-        index = {c: i for i, c in enumerate(self.block.columns)}
-        self.positions = {n: index[n] for n in self.replace}
-        self.names = {i: n for n, i in self.positions.items()}
-        self.old = {
-            n: pd.to_numeric(self.table[n], errors="coerce").to_numpy(dtype=np.float64)
-            for n in self.replace
-        }
-
-
-def _split_eol(line: str) -> tuple[str, str]:
-    body = line.rstrip("\r\n")
-    return body, line[len(body) :]
-
-
-def _check_old(edit: _BlockEdit, column: str, row: int, token: str, path: Path) -> None:
-    """The token about to be replaced must be the value the table was read with."""
-    b = float(edit.old[column][row])
-    try:
-        a = float(_unquote(token))
-    except ValueError:
-        a = math.nan
-    if not (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= 1e-9 * max(abs(b), 1.0)):
-        raise InputError(
-            f"data_{edit.block.name} row {row + 1}: the text {token!r} of _{column} does not "
-            f"match the parsed value {edit.table[column].iloc[row]!r}; the file has a layout "
-            "anisoctf cannot rewrite safely",
-            path=path,
-        )
-
-
-def _patch(
-    line: str,
-    cells: dict[int, str],
-    extra: Sequence[str],
-    expect: int | None,
-    where: str,
-    path: Path,
-    check: Callable[[int, str], None] | None = None,
-) -> str:
-    """``line`` with tokens ``cells[i]`` replaced (right-aligned in the old width) and ``extra``
-    tokens appended; a trailing ``#`` comment and the line ending are kept."""
-    body, eol = _split_eol(line)
-    hash_at = body.find("#")
-    content, comment = (body, "") if hash_at < 0 else (body[:hash_at], body[hash_at:])
-    spans = [m.span() for m in _TOKEN.finditer(content)]
-    if expect is not None and len(spans) != expect:
-        raise InputError(
-            f"{where} has {len(spans)} values for {expect} columns; the file is truncated or "
-            "malformed",
-            path=path,
-        )
-    pieces: list[str] = []
-    pos = 0
-    for i, (s, e) in enumerate(spans):
-        if i in cells:
-            if check is not None:
-                check(i, content[s:e])
-            new = cells[i]
-            pieces.append(content[pos:s])
-            pieces.append(new.rjust(e - s) if len(new) < e - s else new)
-            pos = e
-    pieces.append(content[pos:])
-    out = "".join(pieces)
-    if extra:
-        out = out.rstrip() + " " + " ".join(extra) + (" " if comment else "")
-    return out + comment + eol
-
-
-def _patch_row(edit: _BlockEdit, line: str, row: int, path: Path) -> str:
-    """One data row of an edited loop block, rewritten."""
-    blk = edit.block
-    cells: dict[int, str] = {}
-    for name, (mask, values, fmt) in edit.replace.items():
-        if mask[row]:
-            cells[edit.positions[name]] = fmt(float(values[row]))
-    extra = [fmt(float(values[row])) for _, values, fmt in edit.append]
-
-    def check(i: int, token: str) -> None:
-        _check_old(edit, edit.names[i], row, token, path)
-
-    where = f"data_{blk.name} row {row + 1}"
-    return _patch(line, cells, extra, len(blk.columns), where, path, check)
-
-
-def _patch_keyval(edit: _BlockEdit, line: str, column: int, path: Path) -> str:
-    """One ``_name value`` line of an edited simple block, rewritten if its value changes."""
-    name = edit.block.columns[column]
-    if name not in edit.replace or not edit.replace[name][0][0]:
-        return line
-    _, values, fmt = edit.replace[name]
-
-    def check(i: int, token: str) -> None:
-        _check_old(edit, name, 0, token, path)
-
-    where = f"data_{edit.block.name} _{name}"
-    return _patch(line, {1: fmt(float(values[0]))}, (), 2, where, path, check)
-
-
-def _write_star(src: Path, dst: Path, edits: dict[int, _BlockEdit]) -> None:
-    """Copy ``src`` to ``dst`` line by line, applying ``edits`` (keyed by block index)."""
-    with atomic_write(dst, "w") as fh:
-        for line, b, kind, idx in _scan(_open_text(src)):
-            edit = edits.get(b)
-            if edit is None or kind in ("data", "loop", "other"):
-                fh.write(line)
-                continue
-            blk = edit.block
-            eol = _split_eol(line)[1] or "\n"
-            last = idx == len(blk.columns) - 1
-            if kind == "coldef":
-                fh.write(line)
-                if last:
-                    for k, (name, _, _) in enumerate(edit.append):
-                        num = f" #{len(blk.columns) + k + 1}" if blk.numbered else ""
-                        fh.write(f"_{name}{num}{eol}")
-            elif kind == "row":
-                fh.write(_patch_row(edit, line, idx, src))
-            elif kind == "keyval":
-                fh.write(_patch_keyval(edit, line, idx, src))
-                if last:
-                    for name, values, fmt in edit.append:
-                        fh.write(f"_{name} {fmt(float(values[0]))}{eol}")
-
-
-def _block_index(path: Path, layout: list[_Block], name: str, df: pd.DataFrame) -> int:
-    """Index of block ``name`` in ``layout``, checked against the parsed table."""
-    hits = [i for i, b in enumerate(layout) if b.name == name]
-    if len(hits) != 1:
-        raise InputError(f"{len(hits)} blocks named data_{name}; the file is malformed", path=path)
-    blk = layout[hits[0]]
-    n_rows = blk.n_rows if blk.loop else 1
-    if blk.columns != [str(c) for c in df.columns] or n_rows != len(df):
-        raise InputError(
-            f"data_{name} could not be read consistently ({len(blk.columns)} columns and "
-            f"{n_rows} rows in the text, {df.shape[1]} and {len(df)} parsed); the file has a "
-            "layout anisoctf cannot rewrite safely",
-            path=path,
-        )
-    return hits[0]
-
-
 @dataclass(frozen=True)
 class ApplySummary:
     """What :func:`run_apply` did (for the summary line and for tests)."""
@@ -417,7 +164,7 @@ def _apply_star(
     key = _find_ctf_block(src, blocks)
     table = blocks[key]
     optics = blocks.get("optics")
-    layout = _layout(src)
+    layout = star_layout(src)
     resolved = resolve_relion_mags(optics, table, mag, optics_groups=optics_groups)
     new_optics, new_table = apply_to_relion(
         optics, table, mag, shared_astigmatism=shared, optics_groups=optics_groups
@@ -425,23 +172,23 @@ def _apply_star(
     groups = relion_row_groups(optics, table)
     mask = np.isin(groups, np.array(sorted(resolved), dtype=np.int64))
 
-    edits: dict[int, _BlockEdit] = {}
-    t_index = _block_index(src, layout, key, table)
+    edits: dict[int, BlockEdit] = {}
+    t_index = block_index(src, layout, key, table)
     replace = {
-        c: (mask, new_table[c].to_numpy(), _fmt_angle if c == "rlnDefocusAngle" else _fmt_defocus)
+        c: (mask, new_table[c].to_numpy(), fmt_angle if c == "rlnDefocusAngle" else fmt_defocus)
         for c in RELION_DEFOCUS_COLUMNS
     }
     if RELION_ASTIGMATISM_COLUMN in table.columns:
         replace[RELION_ASTIGMATISM_COLUMN] = (
             mask,
             new_table[RELION_ASTIGMATISM_COLUMN].to_numpy(),
-            _fmt_defocus,
+            fmt_defocus,
         )
-    edits[t_index] = _BlockEdit(layout[t_index], table, replace, [])
+    edits[t_index] = BlockEdit(layout[t_index], table, replace, [])
 
     warnings: list[str] = []
     if optics is not None and new_optics is not None:
-        o_index = _block_index(src, layout, "optics", optics)
+        o_index = block_index(src, layout, "optics", optics)
         o_groups = (
             pd.to_numeric(optics["rlnOpticsGroup"]).to_numpy(dtype=np.int64)
             if "rlnOpticsGroup" in optics.columns
@@ -453,10 +200,10 @@ def _apply_star(
         for label in RELION_MAGMAT_LABELS:
             values = new_optics[label].to_numpy(dtype=np.float64)
             if label in optics.columns:
-                o_replace[label] = (o_mask, values, _fmt_exact)
+                o_replace[label] = (o_mask, values, fmt_exact)
             else:
-                o_append.append((label, values, _fmt_exact))
-        edits[o_index] = _BlockEdit(layout[o_index], optics, o_replace, o_append)
+                o_append.append((label, values, fmt_exact))
+        edits[o_index] = BlockEdit(layout[o_index], optics, o_replace, o_append)
     else:
         warnings.append(
             "RELION 3.0 layout (no data_optics): the defocus was rewritten into the true frame "
@@ -464,7 +211,7 @@ def _apply_star(
             f"resampled into the true frame (true pixel size = pixel size / {mag.scale:.5f}); "
             "convert the file with relion_convert_star and apply to that to keep the matrix"
         )
-    _write_star(src, dst, edits)
+    write_patched_star(src, dst, edits)
     return ApplySummary(
         kind="relion",
         n_rows=len(table),

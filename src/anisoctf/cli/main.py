@@ -23,6 +23,7 @@ from rich.table import Table
 
 from anisoctf import __version__
 from anisoctf.cli.aniso import aniso_app
+from anisoctf.cli.assign import assign_command
 from anisoctf.errors import AnisoctfError
 from anisoctf.fit.result import FitSettings
 from anisoctf.jobs.estimate_micrographs import (
@@ -34,6 +35,7 @@ from anisoctf.jobs.estimate_micrographs import (
     run_estimate,
 )
 from anisoctf.jobs.simulate_micrographs import SimulationOptions, run_simulate, write_specs
+from anisoctf.local.estimate import LocalSettings
 from anisoctf.optics.ctf import CTFParams, Optics
 from anisoctf.simulate.micrograph import MicrographSpec
 
@@ -181,6 +183,32 @@ def estimate(
             show_default=False,
         ),
     ] = None,
+    patches: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NxM",
+            help="Local defocus: N×M overlapping patches (x by y) sharing the astigmatism, a "
+            "fitted plane (specimen tilt) plus smooth residual; writes <stem>_surface.json and "
+            "<stem>_defocus.png.",
+            show_default=False,
+        ),
+    ] = None,
+    tilt: Annotated[
+        bool,
+        typer.Option(
+            "--tilt",
+            help="Report specimen tilt and tilt axis (local fit, 5x5 patches unless "
+            "--patches is given).",
+        ),
+    ] = False,
+    thickness: Annotated[
+        bool,
+        typer.Option(
+            "--thickness",
+            help="Also estimate the sample thickness from the Thon-ring "
+            "modulation (implies the local fit).",
+        ),
+    ] = False,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Micrographs processed at once.")] = 1,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar, warnings or summary.")
@@ -193,6 +221,7 @@ def estimate(
 
     Exit status: 0 all succeeded, 1 some failed, 2 bad options or inputs.
     """
+    local = _local_settings(patches, tilt, thickness, box)
     settings = _settings(
         box=box,
         min_res=min_res,
@@ -219,10 +248,32 @@ def estimate(
             debug=debug,
             console=_out_console(),
             err_console=_err_console(),
+            local=local,
         )
     except UsageError as exc:
         _usage_exit(str(exc))
     raise typer.Exit(report.exit_code)
+
+
+def _local_settings(
+    patches: str | None, tilt: bool, thickness: bool, box: int
+) -> LocalSettings | None:
+    """``--patches NxM`` / ``--tilt`` / ``--thickness`` as local settings (None: global only)."""
+    if patches is None and not tilt and not thickness:
+        return None
+    grid = (5, 5)
+    if patches is not None:
+        parts = patches.lower().replace("×", "x").split("x")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            grid = (int(parts[0]), int(parts[1]))
+        except ValueError:
+            _usage_exit(f"--patches must look like 5x5 (columns x rows), got {patches!r}")
+    try:
+        return LocalSettings(patches=grid, box=box, thickness=thickness)
+    except ValueError as exc:
+        _usage_exit(f"--patches: {exc}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,6 +482,7 @@ def demo(
 
 
 app.add_typer(aniso_app, name="aniso")
+app.command("assign")(assign_command)
 
 
 def main() -> None:  # pragma: no cover - entry point for ``python -m anisoctf.cli.main``

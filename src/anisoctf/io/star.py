@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from numpy.typing import NDArray
 
 from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
@@ -111,6 +112,13 @@ class MicrographCTFRow:
         ``_rlnCtfMaxResolution`` in Å (NaN when the file has none).
     phase_shift
         ``_rlnPhaseShift`` in degrees, or None when not estimated.
+    tilt_angle, tilt_axis
+        Specimen tilt and tilt axis angle in degrees (``_anisoctfTiltAngle``,
+        ``_anisoctfTiltAxisAngle``; conventions in :mod:`anisoctf.local.tilt`), or None.
+    thickness
+        Sample thickness in Å (``_rlnCtfIceThickness``, RELION 5's label), or None.
+    surface
+        Path of the micrograph's defocus-surface JSON (``_anisoctfDefocusSurface``), or "".
     """
 
     name: str
@@ -122,6 +130,10 @@ class MicrographCTFRow:
     figure_of_merit: float
     max_resolution: float
     phase_shift: float | None = None
+    tilt_angle: float | None = None
+    tilt_axis: float | None = None
+    thickness: float | None = None
+    surface: str = ""
 
     @property
     def astigmatism(self) -> float:
@@ -463,6 +475,22 @@ def read_micrographs_ctf_star(
         else [""] * n
     )
     groups, optics = _groups_and_optics(p, blocks, key, df)
+
+    def optional(col: str) -> NDArray | None:
+        if col not in df.columns:
+            return None
+        return np.asarray(pd.to_numeric(df[col], errors="coerce"), dtype=np.float64)
+
+    def maybe(a: NDArray | None, i: int) -> float | None:
+        return None if a is None or not math.isfinite(a[i]) else float(a[i])
+
+    tilt, axis = optional(_TILT_COLUMNS[0]), optional(_TILT_COLUMNS[1])
+    thick = optional(_THICKNESS_COLUMN)
+    surfaces = (
+        [("" if str(v) in ("None", "nan") else str(v)) for v in df[_SURFACE_COLUMN].fillna("")]
+        if _SURFACE_COLUMN in df.columns
+        else [""] * n
+    )
     rows = [
         MicrographCTFRow(
             name=names[i],
@@ -474,6 +502,10 @@ def read_micrographs_ctf_star(
             figure_of_merit=float(fom[i]),
             max_resolution=float(maxres[i]),
             phase_shift=None if phase is None else float(phase[i]),
+            tilt_angle=maybe(tilt, i),
+            tilt_axis=maybe(axis, i),
+            thickness=maybe(thick, i),
+            surface=surfaces[i],
         )
         for i in range(n)
     ]
@@ -563,6 +595,18 @@ def _loop(block: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> 
     return lines
 
 
+#: anisoctf's own labels for the specimen tilt (RELION keeps unknown labels as they are)
+_TILT_COLUMNS = ("anisoctfTiltAngle", "anisoctfTiltAxisAngle")
+#: RELION 5's label for the sample thickness estimated by CTFFIND 5
+_THICKNESS_COLUMN = "rlnCtfIceThickness"
+#: the JSON file of a micrograph's defocus surface (see docs/local.md)
+_SURFACE_COLUMN = "anisoctfDefocusSurface"
+
+
+def _nan_if_none(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def write_micrographs_ctf_star(
     path: str | os.PathLike[str],
     rows: Sequence[MicrographCTFRow],
@@ -641,6 +685,12 @@ def write_micrographs_ctf_star(
         "rlnCtfMaxResolution",
     ]
     m_cols += ["rlnPhaseShift"] if with_phase else []
+    with_tilt = any(r.tilt_angle is not None for r in rows)
+    with_thick = any(r.thickness is not None for r in rows)
+    with_surface = any(r.surface for r in rows)
+    m_cols += list(_TILT_COLUMNS) if with_tilt else []
+    m_cols += [_THICKNESS_COLUMN] if with_thick else []
+    m_cols += [_SURFACE_COLUMN] if with_surface else []
     m_rows: list[list[str]] = []
     for r in rows:
         checks = (
@@ -664,6 +714,12 @@ def write_micrographs_ctf_star(
         ]
         if with_phase:
             line.append(_fmt_float(0.0 if r.phase_shift is None else r.phase_shift))
+        if with_tilt:
+            line += [_fmt_float(_nan_if_none(r.tilt_angle)), _fmt_float(_nan_if_none(r.tilt_axis))]
+        if with_thick:
+            line.append(_fmt_float(_nan_if_none(r.thickness)))
+        if with_surface:
+            line.append(_token(r.surface, f"{r.name}: surface file") if r.surface else "None")
         m_rows.append(line)
 
     lines = _loop("optics", o_cols, o_rows) + _loop("micrographs", m_cols, m_rows)

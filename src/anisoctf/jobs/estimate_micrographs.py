@@ -61,6 +61,8 @@ from anisoctf.io.star import (
     read_optics_group_names,
     write_micrographs_ctf_star,
 )
+from anisoctf.jobs.local_step import LocalOutcome, run_local_step
+from anisoctf.local.estimate import LocalSettings
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.optics.ctf import Optics
 from anisoctf.report.diagnostic import full_plane, render_diagnostic
@@ -537,6 +539,7 @@ def process_one(
     stem: str | None = None,
     fft_workers: int = 1,
     debug: bool = False,
+    local: LocalSettings | None = None,
 ) -> RowResult | str:
     """Estimate the CTF of one micrograph and write its output files.
 
@@ -560,6 +563,9 @@ def process_one(
         Threads for the FFTs.
     debug
         Append the traceback to the message of an unexpected error.
+    local
+        Also fit the local defocus (patches, tilt, thickness) and write
+        ``<stem>_surface.json`` and ``<stem>_defocus.png``; None for the global fit only.
 
     Returns
     -------
@@ -570,14 +576,22 @@ def process_one(
     path = str(path)
     stem = stem or Path(path).stem
     out = Path(out_dir)
+    lo: LocalOutcome | None = None
     try:
         if path.lower().endswith(".mrcs"):  # a particle stack: pool its periodograms
             est = _estimate_stack(path, optics, settings, fft_workers)
+            if local is not None:
+                lo = LocalOutcome(None, "", (), ("local defocus needs a micrograph, not a stack",))
         else:
             image = read_micrograph(path).data
             est = estimate_ctf(
                 image, optics, settings, diagnostics=True, workers=fft_workers, name=path
             )
+            if local is not None:
+                lo = run_local_step(
+                    image, optics, est, settings, local, out, stem, name, fft_workers
+                )
+        loc = lo.estimate if lo is not None else None
         p = est.params
         values = (p.defocus_u, p.defocus_v, p.angle_deg, p.phase_shift_deg)
         if not all(math.isfinite(v) for v in values):
@@ -594,6 +608,9 @@ def process_one(
                 phase_shift_rad=math.radians(p.phase_shift_deg) if settings.phase_plate else 0.0,
                 cross_correlation=fom if math.isfinite(fom) else 0.0,
                 fit_resolution=res if math.isfinite(res) else 0.0,
+                tilt_axis=loc.tilt_axis if loc is not None else None,
+                tilt_angle=loc.tilt_angle if loc is not None else None,
+                thickness=(loc.thickness or 0.0) if loc is not None else None,
             ),
             input_file=name,
             pixel_size=optics.pixel_size,
@@ -629,14 +646,18 @@ def process_one(
         figure_of_merit=fom,
         max_resolution=res,
         phase_shift=float(p.phase_shift_deg) if settings.phase_plate else None,
+        tilt_angle=loc.tilt_angle if loc is not None else None,
+        tilt_axis=loc.tilt_axis if loc is not None else None,
+        thickness=loc.thickness if loc is not None else None,
+        surface=lo.surface_path if lo is not None else "",
     )
     return RowResult(
         name=name,
         row=row,
         figure_of_merit=fom,
         fit_resolution=res,
-        warnings=tuple(est.warnings),
-        outputs=(str(txt), str(png), str(ctf)),
+        warnings=tuple(est.warnings) + (lo.warnings if lo is not None else ()),
+        outputs=(str(txt), str(png), str(ctf)) + (lo.outputs if lo is not None else ()),
         seconds=time.perf_counter() - t0,
     )
 
@@ -701,6 +722,7 @@ def _run_tasks(
     jobs: int,
     debug: bool,
     on_done: Callable[[MicrographTask, RowResult | str], None],
+    local: LocalSettings | None = None,
 ) -> None:
     """Process the tasks (in a process pool when ``jobs > 1``), reporting each as it ends."""
     todo = []
@@ -715,7 +737,7 @@ def _run_tasks(
     def args(t: MicrographTask, fft_workers: int) -> tuple[tuple, dict]:
         return (
             (t.path, t.name, optics[t.optics_group], settings, str(out_dir), t.optics_group),
-            {"stem": t.stem, "fft_workers": fft_workers, "debug": debug},
+            {"stem": t.stem, "fft_workers": fft_workers, "debug": debug, "local": local},
         )
 
     if jobs <= 1 or len(todo) == 1:
@@ -773,6 +795,7 @@ def run_estimate(
     debug: bool = False,
     console: Console | None = None,
     err_console: Console | None = None,
+    local: LocalSettings | None = None,
 ) -> EstimateReport:
     """Run the whole ``anisoctf estimate`` job.
 
@@ -794,6 +817,8 @@ def run_estimate(
         Print tracebacks of unexpected errors.
     console, err_console
         Where the summary and the progress/failure lines go (default stdout and stderr).
+    local
+        Also fit each micrograph's local defocus (``--patches``, ``--tilt``, ``--thickness``).
 
     Returns
     -------
@@ -851,7 +876,7 @@ def run_estimate(
                     progress.console.print(f"warning: {task.name}: {w}", markup=False)
             progress.advance(bar)
 
-        _run_tasks(tasks, resolved.optics, settings, out, jobs, debug, on_done)
+        _run_tasks(tasks, resolved.optics, settings, out, jobs, debug, on_done, local=local)
 
     results = [r for i in sorted(outcome) if isinstance(r := outcome[i], RowResult)]
     failures = [(t.name, r) for t in tasks if isinstance(r := outcome[t.index], str)]

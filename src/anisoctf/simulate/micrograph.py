@@ -67,6 +67,17 @@ class MicrographSpec:
         Specimen tilt: the defocus changes by ``tan(tilt) * distance`` from the tilt axis (a line
         through the image centre at ``tilt_axis_deg`` from +x towards +y); points on the side of
         +90° from the axis are more underfocused for a positive tilt.
+    tilt_max_res
+        Resolution (Å) down to which the tilted image is exact; the ladder of defocus levels
+        interpolated between is spaced for it (None: the Nyquist corner, exact everywhere,
+        slow for large tilted images).
+    thickness
+        Specimen thickness (Å): the phase object is spread uniformly over this depth of
+        defocus (``thickness_slices`` independent slices), which damps the Thon rings by
+        ``sinc(λ k² t)`` in the power spectrum; 0 for a thin specimen.
+    thickness_slices
+        Number of slices for a thick specimen (0: enough that neighbouring slices differ by
+        less than 0.5 rad of phase at ``tilt_max_res`` or Nyquist).
     seed
         Random seed.
     """
@@ -81,6 +92,9 @@ class MicrographSpec:
     mtf_falloff: float = 0.6
     tilt_angle_deg: float = 0.0
     tilt_axis_deg: float = 0.0
+    tilt_max_res: float | None = None
+    thickness: float = 0.0
+    thickness_slices: int = 0
     seed: int = 0
 
     @property
@@ -154,9 +168,25 @@ def _defocus_levels(spec: MicrographSpec) -> tuple[NDArray, NDArray]:
     # step so the phase error of linear interpolation stays small at Nyquist
     lam = spec.optics.wavelength
     kmax2 = 0.5 / apix**2  # |k|^2 at the corner of the Nyquist square
+    if spec.tilt_max_res:
+        kmax2 = min(kmax2, 1.0 / spec.tilt_max_res**2)
     step = 0.5 / (np.pi * lam * kmax2)
     n = max(2, int(np.ceil((hi - lo) / step)) + 1)
     return offset, np.linspace(lo, hi, n)
+
+
+def _thickness_slices(spec: MicrographSpec) -> NDArray[np.float64]:
+    """Defocus offsets (Å) of the slices of a thick specimen (one slice at 0 when thin)."""
+    t = float(spec.thickness)
+    if t <= 0:
+        return np.zeros(1)
+    n = int(spec.thickness_slices)
+    if n <= 0:
+        kmax2 = 0.5 / spec.optics.pixel_size**2
+        if spec.tilt_max_res:
+            kmax2 = min(kmax2, 1.0 / spec.tilt_max_res**2)
+        n = int(np.ceil(t * np.pi * spec.optics.wavelength * kmax2 / 0.5)) + 1
+    return (np.arange(n) + 0.5) * t / n - 0.5 * t
 
 
 def simulate_micrograph(spec: MicrographSpec) -> SimulatedMicrograph:
@@ -180,19 +210,27 @@ def simulate_micrograph(spec: MicrographSpec) -> SimulatedMicrograph:
     env = np.exp(-0.25 * spec.ctf.bfactor * feats.k2)
     w = p.amplitude_contrast
 
-    phi = rng.standard_normal(spec.shape, dtype=np.float64) * np.sqrt(spec.phase_variance)
-    phi_k = sfft.rfft2(phi, workers=-1) * (2.0 * env)
+    slices = _thickness_slices(spec)
+    phi_ks = []
+    for _ in slices:  # independent phase objects at each depth, sharing the variance
+        phi = rng.standard_normal(spec.shape, dtype=np.float64) * np.sqrt(
+            spec.phase_variance / len(slices)
+        )
+        phi_ks.append(sfft.rfft2(phi, workers=-1) * (2.0 * env))
 
     def contrast_at(offset: float) -> NDArray:
-        params = CTFParams(
-            spec.ctf.defocus_u + offset,
-            spec.ctf.defocus_v + offset,
-            spec.ctf.angle_deg,
-            spec.ctf.phase_shift_deg,
-        )
-        x = chi(feats, params, p)
-        ctf = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
-        return sfft.irfft2(phi_k * ctf, s=spec.shape, workers=-1)
+        total = None
+        for depth, phi_k in zip(slices, phi_ks, strict=True):
+            params = CTFParams(
+                spec.ctf.defocus_u + offset + depth,
+                spec.ctf.defocus_v + offset + depth,
+                spec.ctf.angle_deg,
+                spec.ctf.phase_shift_deg,
+            )
+            x = chi(feats, params, p)
+            ctf = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
+            total = phi_k * ctf if total is None else total + phi_k * ctf
+        return sfft.irfft2(total, s=spec.shape, workers=-1)
 
     if spec.tilt_angle_deg == 0.0:
         contrast = contrast_at(0.0)

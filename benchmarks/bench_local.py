@@ -1,0 +1,195 @@
+"""Local defocus on simulated 4096² micrographs: tilt, axis, local defocus, untilted, time.
+
+For each simulated micrograph (realistic SNR, 200/300 kV, defocus 1–3 µm, astigmatism up to
+1000 Å, B-factor 60 Å², detector MTF) this runs the plain estimate and the local estimate
+(``--patches 5x5``, i.e. :func:`anisoctf.local.estimate_local` after
+:func:`anisoctf.estimate_ctf`) and prints:
+
+* tilted micrographs (20–40° about a random axis): tilt angle error, tilt axis error, and the
+  RMS error of the local defocus (surface) at 200 random particle positions, against the truth
+  ``d(x, y) = mean defocus + tan(tilt) · distance from the axis``;
+* untilted micrographs: the reported tilt (target < 2°), and how far the surface's centre
+  defocus lies from the plain estimate's mean defocus (the global estimate itself is left
+  unchanged by the local fit);
+* time of ``estimate + local`` over plain ``estimate`` (in-process, single-threaded BLAS,
+  median of ``--repeats`` alternating runs per micrograph, then the median over micrographs;
+  target ≤ 2),
+  each also in multiples of one single-threaded 4096² ``rfft2`` timed in the same run;
+* with ``--ctftilt``, the same tilt set through our implementation of the classic CTFTILT /
+  CTFFIND-5 approach (:mod:`benchmarks.ctftilt_baseline`), for comparison.
+
+Usage::
+
+    python benchmarks/bench_local.py --n-tilted 6 --n-flat 2 [--size 4096] [--seed 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.fft as sfft
+
+from anisoctf import CTFParams, MicrographSpec, Optics, estimate_ctf, simulate_micrograph
+from anisoctf.local.estimate import LocalSettings, estimate_local
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def fft_reference(size: int, repeats: int = 7) -> float:
+    x = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    sfft.rfft2(x, workers=1)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sfft.rfft2(x, workers=1)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def make_spec(rng: np.random.Generator, size: int, tilt: float, axis: float) -> MicrographSpec:
+    z = rng.uniform(10000, 30000)
+    ast = rng.uniform(0, 1000)
+    kv = float(rng.choice([200.0, 300.0]))
+    return MicrographSpec(
+        shape=(size, size),
+        optics=Optics(1.0, kv, 2.7, float(rng.uniform(0.07, 0.1))),
+        ctf=CTFParams(z + ast / 2, z - ast / 2, float(rng.uniform(0, 180)), 0.0, 60.0),
+        tilt_angle_deg=tilt,
+        tilt_axis_deg=axis,
+        tilt_max_res=3.0,
+        seed=int(rng.integers(2**31)),
+    )
+
+
+def axis_error(est_tilt: float, est_axis: float, tilt: float, axis: float) -> float:
+    """Smallest axis difference (degrees) allowing for the (tilt, axis) ≡ (−tilt, axis+180)."""
+    a = est_axis if np.sign(est_tilt) == np.sign(tilt) else est_axis + 180.0
+    d = (a - axis + 180.0) % 360.0 - 180.0
+    return abs(d)
+
+
+def truth_defocus(spec: MicrographSpec, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    ny, nx = spec.shape
+    t = np.deg2rad(spec.tilt_axis_deg)
+    dist = (-(x - nx / 2) * np.sin(t) + (y - ny / 2) * np.cos(t)) * spec.optics.pixel_size
+    return spec.ctf.mean_defocus + np.tan(np.deg2rad(spec.tilt_angle_deg)) * dist
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-tilted", type=int, default=6)
+    ap.add_argument("--n-flat", type=int, default=2)
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=3, help="timing repeats per micrograph")
+    ap.add_argument("--ctftilt", action="store_true", help="also run the CTFTILT-style baseline")
+    args = ap.parse_args()
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    rng = np.random.default_rng(args.seed)
+    ref = fft_reference(args.size)
+    print(f"reference: one single-threaded rfft2 of {args.size}² = {ref * 1e3:.1f} ms")
+    rows = []
+    base_rows = []
+    cases = [
+        (float(rng.uniform(20, 40)) * rng.choice([-1, 1]), float(rng.uniform(0, 180)))
+        for _ in range(args.n_tilted)
+    ] + [(0.0, 0.0)] * args.n_flat
+    for i, (tilt, axis) in enumerate(cases):
+        spec = make_spec(rng, args.size, tilt, axis)
+        img = simulate_micrograph(spec).image
+        op = spec.optics
+        plain_t, local_t = [], []
+        for _ in range(args.repeats):  # alternate, so both see the same machine load
+            t0 = time.perf_counter()
+            g = estimate_ctf(img, op)
+            t1 = time.perf_counter()
+            loc = estimate_local(img, op, g, local=LocalSettings(patches=(5, 5)))
+            t2 = time.perf_counter()
+            plain_t.append(t1 - t0)
+            local_t.append(t2 - t1)
+        x = rng.uniform(0, args.size, 200)
+        y = rng.uniform(0, args.size, 200)
+        err = loc.surface(x, y) - truth_defocus(spec, x, y)
+        row = {
+            "tilt": tilt,
+            "axis": axis,
+            "est_tilt": loc.tilt_angle,
+            "est_axis": loc.tilt_axis,
+            "tilt_err": abs(abs(loc.tilt_angle) - abs(tilt)) if tilt else abs(loc.tilt_angle),
+            "axis_err": axis_error(loc.tilt_angle, loc.tilt_axis, tilt, axis) if tilt else 0.0,
+            "local_rms": float(np.sqrt(np.mean(err**2))),
+            "centre_vs_plain": loc.surface.d0 - g.params.mean_defocus,
+            "plain_s": statistics.median(plain_t),
+            "local_s": statistics.median(plain_t) + statistics.median(local_t),
+            "outliers": sum(p.outlier for p in loc.patches),
+        }
+        rows.append(row)
+        print(
+            f"[{i + 1}/{len(cases)}] tilt {tilt:6.1f} axis {axis:6.1f} -> {loc.tilt_angle:6.2f} "
+            f"{loc.tilt_axis:6.1f} (±{loc.tilt_sigma:.2f}); local RMS {row['local_rms']:5.1f} Å; "
+            f"centre−plain {row['centre_vs_plain']:+6.1f} Å; "
+            f"time ×{row['local_s'] / row['plain_s']:.2f}",
+            flush=True,
+        )
+        if args.ctftilt and tilt:
+            from ctftilt_baseline import ctftilt
+
+            b = ctftilt(img, op, g)
+            base_rows.append(
+                {
+                    "tilt_err": abs(abs(b[0]) - abs(tilt)),
+                    "axis_err": axis_error(b[0], b[1], tilt, axis),
+                }
+            )
+            print(f"      baseline CTFTILT-style: tilt {b[0]:6.2f} axis {b[1]:6.1f}", flush=True)
+
+    tilted = [r for r in rows if r["tilt"]]
+    flat = [r for r in rows if not r["tilt"]]
+    print()
+    if tilted:
+        te = [r["tilt_err"] for r in tilted]
+        ae = [r["axis_err"] for r in tilted]
+        lr = [r["local_rms"] for r in tilted]
+        print(
+            f"tilted ({len(tilted)}): tilt error max {max(te):.2f}° (target ≤ 1°), "
+            f"RMS {np.sqrt(np.mean(np.square(te))):.2f}°"
+        )
+        print(
+            f"tilted ({len(tilted)}): axis error max {max(ae):.2f}° (target ≤ 3°), "
+            f"RMS {np.sqrt(np.mean(np.square(ae))):.2f}°"
+        )
+        print(
+            f"tilted ({len(tilted)}): local defocus RMS at 200 positions: worst {max(lr):.1f} Å, "
+            f"median {statistics.median(lr):.1f} Å (target ≤ 30 Å)"
+        )
+        if base_rows:
+            bt = [r["tilt_err"] for r in base_rows]
+            ba = [r["axis_err"] for r in base_rows]
+            print(
+                f"baseline CTFTILT-style: tilt error max {max(bt):.2f}° RMS "
+                f"{np.sqrt(np.mean(np.square(bt))):.2f}°; axis error max {max(ba):.2f}° RMS "
+                f"{np.sqrt(np.mean(np.square(ba))):.2f}°"
+            )
+    if flat:
+        print(
+            f"untilted ({len(flat)}): reported tilt max {max(r['tilt_err'] for r in flat):.2f}° "
+            f"(target < 2°); |surface centre − plain estimate| max "
+            f"{max(abs(r['centre_vs_plain']) for r in flat):.1f} Å (global defocus unchanged)"
+        )
+    ratio = [r["local_s"] / r["plain_s"] for r in rows]
+    print(
+        f"time: estimate + local = {statistics.median(ratio):.2f}× plain estimate (median; "
+        f"target ≤ 2); plain {statistics.median(r['plain_s'] for r in rows) / ref:.1f} FFTs, "
+        f"with local {statistics.median(r['local_s'] for r in rows) / ref:.1f} FFTs"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Local defocus: patches, specimen tilt, sample thickness and the defocus surface."""

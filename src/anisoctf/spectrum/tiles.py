@@ -1,0 +1,160 @@
+"""Per-tile periodograms of one micrograph, kept separately (for local defocus).
+
+Where :func:`anisoctf.spectrum.periodogram.tile_periodogram` averages its tiles into one
+spectrum, local estimation needs each tile's own periodogram and where the tile sits. The
+tiles are tapered and mean-subtracted exactly as for the averaged spectrum, so a tile's
+periodogram is on the same scale (power spectral density per pixel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft as sfft
+from numpy.typing import NDArray
+
+from anisoctf.errors import InputError
+from anisoctf.spectrum.periodogram import taper_window, tile_starts
+
+__all__ = ["TileSpectra", "tile_spectra"]
+
+
+@dataclass(frozen=True)
+class TileSpectra:
+    """The periodograms of a grid of tiles of one micrograph.
+
+    Attributes
+    ----------
+    power
+        float32 array ``(n_tiles, box, box // 2 + 1)``: each tile's half-plane periodogram
+        (rfft2 layout, FFT order), normalised as a power spectral density per pixel.
+    centres
+        ``(n_tiles, 2)`` tile centres as ``(x, y)`` in micrograph pixels (x = column, y = row;
+        pixel ``(0, 0)`` is the centre of the first pixel).
+    pixel_size
+        Å per pixel of the spectra (larger than the micrograph's after Fourier cropping).
+    tile
+        Side of a tile in micrograph pixels.
+    image_shape
+        ``(ny, nx)`` of the micrograph.
+    weights
+        1 for normal tiles, < 1 for tiles whose mean, variance or power is an outlier
+        (carbon, contamination, the edge of the exposure).
+    """
+
+    power: NDArray[np.float32]
+    centres: NDArray[np.float64]
+    pixel_size: float
+    tile: int
+    image_shape: tuple[int, int]
+    weights: NDArray[np.float64]
+
+    @property
+    def box(self) -> int:
+        """Side of each periodogram in pixels."""
+        return int(self.power.shape[1])
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of tiles."""
+        return int(self.power.shape[0])
+
+
+def _outlier_weights(features: NDArray[np.float64], cut: float = 3.5) -> NDArray[np.float64]:
+    """Robust z-scores of each feature column; tiles beyond ``cut`` are faded out smoothly."""
+    med = np.median(features, axis=0)
+    mad = 1.4826 * np.median(np.abs(features - med), axis=0)
+    mad = np.maximum(mad, 0.02 * (np.abs(med) + 1e-12) + 1e-12)
+    z = np.max(np.abs(features - med) / mad, axis=1)
+    w = np.ones(len(features))
+    out = z > cut
+    w[out] = np.exp(-((z[out] - cut) ** 2) / 2.0)
+    return w
+
+
+def tile_spectra(
+    image: NDArray,
+    pixel_size: float,
+    box: int = 512,
+    overlap: float = 0.0,
+    fit_pixel_size: float | None = None,
+    workers: int = 1,
+    chunk: int = 16,
+) -> TileSpectra:
+    """Periodogram of each tile of a grid covering the micrograph.
+
+    Parameters
+    ----------
+    image
+        2D micrograph, rows = y, columns = x.
+    pixel_size
+        Å per pixel of ``image``.
+    box
+        Side of each periodogram (pixels at the fitting pixel size).
+    overlap
+        Fractional overlap of neighbouring tiles (0: tiles side by side).
+    fit_pixel_size
+        If larger than ``pixel_size``, tiles of ``box * fit_pixel_size / pixel_size`` pixels
+        are Fourier-cropped to ``box``.
+    workers
+        Threads for ``scipy.fft``.
+    chunk
+        Tiles transformed at once.
+
+    Returns
+    -------
+    TileSpectra
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise InputError(f"expected a 2D image, got an array of shape {img.shape}")
+    crop = fit_pixel_size is not None and fit_pixel_size > pixel_size * (1 + 1e-6)
+    tile = int(round(box * fit_pixel_size / pixel_size / 2)) * 2 if crop else int(box)
+    ny, nx = img.shape
+    if ny < tile or nx < tile:
+        raise InputError(
+            f"image of {nx}x{ny} px is smaller than one {tile}-px tile; use a smaller --box"
+        )
+    rows = tile_starts(ny, tile, overlap)
+    cols = tile_starts(nx, tile, overlap)
+    origins = np.array([(r, c) for r in rows for c in cols], dtype=np.int64)
+    nt = len(origins)
+    win = taper_window(tile)
+    norm = float(np.sum(win.astype(np.float64) ** 2))
+    if crop:
+        norm *= (tile / box) ** 2
+    h = box // 2
+    power = np.empty((nt, box, h + 1), dtype=np.float32)
+    feats = np.zeros((nt, 2))
+    buf = np.empty((min(chunk, nt), tile, tile), dtype=np.float32)
+    for start in range(0, nt, chunk):
+        sel = range(start, min(start + chunk, nt))
+        b = buf[: len(sel)]
+        for i, j in enumerate(sel):
+            r, c = origins[j]
+            t = np.asarray(img[r : r + tile, c : c + tile], dtype=np.float32)
+            m = float(t.mean(dtype=np.float64))
+            feats[j, 0] = m
+            np.multiply(t - np.float32(m), win, out=b[i])
+        f = sfft.rfft2(b, workers=workers, overwrite_x=True)
+        if crop:
+            f = np.concatenate([f[:, :h, : h + 1], f[:, -h:, : h + 1]], axis=1)
+        p = power[start : start + len(sel)]
+        np.multiply(f.real, f.real, out=p)
+        p += f.imag * f.imag
+        p *= np.float32(1.0 / norm)
+        feats[start : start + len(sel), 1] = p.reshape(len(sel), -1).mean(axis=1)
+    feats[:, 1] = np.log(np.maximum(feats[:, 1], 1e-30))
+    weights = _outlier_weights(feats) if nt >= 5 else np.ones(nt)
+    centres = np.stack(
+        [origins[:, 1] + 0.5 * (tile - 1), origins[:, 0] + 0.5 * (tile - 1)], axis=1
+    ).astype(np.float64)
+    return TileSpectra(
+        power=power,
+        centres=centres,
+        pixel_size=float(pixel_size * tile / box),
+        tile=tile,
+        image_shape=(int(ny), int(nx)),
+        weights=weights,
+    )
