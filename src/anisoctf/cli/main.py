@@ -328,6 +328,9 @@ def simulate(
     ] = None,
     tilt_angle: Annotated[float, typer.Option(help="Specimen tilt (deg).")] = _SIM.tilt_angle,
     tilt_axis: Annotated[float, typer.Option(help="Tilt-axis angle (deg).")] = _SIM.tilt_axis,
+    thickness: Annotated[
+        float, typer.Option("--thickness", help="Specimen thickness (Å).")
+    ] = _SIM.thickness,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _SIM.seed,
 ) -> None:
     """Simulate micrographs with a known CTF: <prefix>_NNN.mrc and the truth <prefix>_NNN.json."""
@@ -351,6 +354,7 @@ def simulate(
         mag_matrix=mag_matrix,
         tilt_angle=tilt_angle,
         tilt_axis=tilt_axis,
+        thickness=thickness,
         seed=seed,
     )
     console = _out_console()

@@ -57,6 +57,8 @@ class SimulationOptions:
         (M00, M01, M10, M11) of the magnification matrix; None for identity.
     tilt_angle, tilt_axis
         Specimen tilt and tilt-axis angle (degrees).
+    thickness
+        Specimen thickness (Å); 0 for a thin specimen.
     seed
         Random seed.
     """
@@ -80,6 +82,7 @@ class SimulationOptions:
     mag_matrix: tuple[float, float, float, float] | None = None
     tilt_angle: float = _SPEC.tilt_angle_deg
     tilt_axis: float = _SPEC.tilt_axis_deg
+    thickness: float = _SPEC.thickness
     seed: int = _SPEC.seed
 
 
@@ -113,6 +116,8 @@ def _check(opts: SimulationOptions) -> None:
             raise UsageError(f"{label} must be a positive number, got {value}")
     if not (math.isfinite(opts.background) and opts.background >= 0):
         raise UsageError(f"--background must be ≥ 0, got {opts.background}")
+    if not 0 <= opts.thickness <= 10000:
+        raise UsageError(f"--thickness must be between 0 and 10000 Å, got {opts.thickness}")
     if not abs(opts.tilt_angle) < 80:
         raise UsageError(f"--tilt-angle must be within ±80°, got {opts.tilt_angle}")
 
@@ -165,6 +170,7 @@ def make_specs(opts: SimulationOptions) -> list[MicrographSpec]:
                 background=opts.background,
                 tilt_angle_deg=opts.tilt_angle,
                 tilt_axis_deg=opts.tilt_axis,
+                thickness=opts.thickness,
                 seed=int(seq.generate_state(1)[0]),
             )
         )
