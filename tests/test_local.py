@@ -237,11 +237,11 @@ def test_blank_region_patches_are_left_out(tilted) -> None:
 
 
 def test_thickness() -> None:
-    spec = _spec(thickness=1000.0, seed=4)
+    spec = _spec(thickness=1500.0, seed=4)
     img = simulate_micrograph(spec).image
     g = estimate_ctf(img, OPTICS)
     loc = estimate_local(img, OPTICS, g, local=LocalSettings(thickness=True))
-    assert loc.thickness == pytest.approx(1000.0, abs=150.0)
+    assert loc.thickness == pytest.approx(1500.0, abs=150.0)
     assert loc.thickness_sigma < 200.0
 
 
@@ -396,3 +396,25 @@ def test_cli_patches_option_errors(tmp_path: Path) -> None:
     assert "--patches must look like 5x5" in r.output
     r = runner.invoke(app, ["estimate", "x.mrc", "--patches", "0x3", "--out", str(tmp_path)])
     assert r.exit_code == 2
+
+
+def test_tilt_and_surface_with_a_magnification_matrix() -> None:
+    mag = ((1.015, 0.005), (0.005, 0.99))
+    optics = Optics(pixel_size=1.0, voltage_kv=300.0, mag_matrix=mag)
+    spec = _spec(optics=optics, tilt_angle_deg=25.0, tilt_axis_deg=40.0, seed=8)
+    img = simulate_micrograph(spec).image
+    g = estimate_ctf(img, optics)
+    loc = estimate_local(img, optics, g)
+    # the simulator tilts in image coordinates; the estimate reports the specimen's tilt
+    gx, gy = gradient_from_tilt(25.0, 40.0, 1.0)
+    tilt_true, axis_true = tilt_from_gradient(gx, gy, 1.0, mag)
+    assert abs(loc.tilt_angle - tilt_true) < 1.5
+    assert abs(loc.tilt_axis - axis_true) < 5.0
+    # and the surface, on image pixels, is the simulator's plane around the true-frame defocus
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(0, SIZE, (2, 100))
+    err = loc.surface(x, y) - _truth(spec, x, y)
+    assert np.sqrt(np.mean(err**2)) < 50.0
+    # the shared astigmatism is the global fit's (true frame; the tilt blurs its rings a little)
+    assert loc.astigmatism == pytest.approx(g.params.astigmatism)
+    assert loc.astigmatism == pytest.approx(spec.ctf.astigmatism, abs=150.0)

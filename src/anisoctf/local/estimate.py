@@ -332,7 +332,11 @@ def _thickness_curve(
     out: a smooth fading of the rings must not read as thickness, while the nodes of
     ``sinc(λ k² t)`` and the contrast reversal beyond them can only come from thickness.
     """
-    decay = np.arange(0.0, 121.0, 10.0) if decay is None else decay
+    decay = (
+        np.concatenate([np.arange(0.0, 100.0, 10.0), np.arange(100.0, 401.0, 25.0)])
+        if decay is None
+        else decay
+    )
     total = np.zeros((thick.size, decay.size))
     for t in range(prof.y.shape[0]):
         ok = prof.n[t] > 0
@@ -359,6 +363,7 @@ def _fit_thickness(
     local: LocalSettings,
     surface: DefocusSurface,
     apix: float,
+    fit_resolution: float = float("nan"),
 ) -> tuple[float, float, list[str]]:
     """Sample thickness (Å), its standard error and remarks.
 
@@ -375,6 +380,10 @@ def _fit_thickness(
     k_max = min(
         1.0 / settings.max_res, 1.0 / (2.0 * lam * z * 3.0 * step_k), 0.5 / tiles.pixel_size
     )
+    if np.isfinite(fit_resolution) and fit_resolution > 0:
+        # beyond the rings the global fit saw (plus room for the lobe after a node) there is
+        # only noise, which a thick-sample model would "explain" by switching the rings off
+        k_max = min(k_max, 2.0 / fit_resolution)
     tx, ty = tiles.centres[:, 0], tiles.centres[:, 1]
     z_ref = surface(tx, ty)
     prof = tile_profiles(tiles, opt, p, z_ref, k_min, k_max, apix, exact_window=True)
@@ -396,8 +405,8 @@ def _fit_thickness(
     pos, sd, top = _peak(curve, thick)
     gain = float(top - curve[0])
     # thinnest sample whose first ring node (k² = 1/(λt)) lies well inside the band
-    t_limit = 1.0 / (lam * (0.8 * k_max) ** 2)
-    if i == 0 or gain < 10.0:
+    t_limit = 1.0 / (lam * (0.7 * k_max) ** 2)
+    if i == 0 or gain < 25.0:
         warnings.append(
             f"no sign of sample thickness (detectable from about {t_limit:.0f} Å, when the "
             f"first ring node lies inside {1 / k_max:.1f} Å)"
@@ -556,7 +565,14 @@ def fit_local(
     if local.thickness:
         th_tiles = thickness_tiles or tiles
         thickness, thickness_sigma, more = _fit_thickness(
-            th_tiles, optics.with_pixel_size(th_tiles.pixel_size), p, settings, local, surface, apix
+            th_tiles,
+            optics.with_pixel_size(th_tiles.pixel_size),
+            p,
+            settings,
+            local,
+            surface,
+            apix,
+            glob.fit_resolution,
         )
         warnings += more
 
