@@ -38,7 +38,7 @@ Method
 * The gradient is converted to (tilt, axis) in anisoctf's convention with
   :func:`anisoctf.local.tilt.tilt_from_gradient` (signed tilt, axis in [0, 180)).
 
-Runs in a few seconds on a 4096² micrograph (single thread).
+Takes about 0.2 s of CPU (single thread) on a 4096² micrograph at 1 Å/px.
 """
 
 from __future__ import annotations

@@ -418,3 +418,24 @@ def test_tilt_and_surface_with_a_magnification_matrix() -> None:
     # the shared astigmatism is the global fit's (true frame; the tilt blurs its rings a little)
     assert loc.astigmatism == pytest.approx(g.params.astigmatism)
     assert loc.astigmatism == pytest.approx(spec.ctf.astigmatism, abs=150.0)
+
+
+def test_carbon_corner_does_not_tilt_the_plane(tilted) -> None:
+    spec, img = tilted
+    img = img.copy()
+    # strong rings at another height (carbon, 1.3 µm further from focus) in one corner
+    carbon = simulate_micrograph(
+        _spec(ctf=CTFParams(17300.0, 16300.0, 30.0, 0.0, 60.0), snr=3.0, seed=5)
+    ).image
+    img[:700, :700] = carbon[:700, :700] * (img.mean() / carbon.mean())
+    g = estimate_ctf(img, OPTICS)
+    loc = estimate_local(img, OPTICS, g)
+    assert abs(loc.tilt_angle - 30.0) < 1.5
+    assert abs(loc.tilt_axis - 70.0) < 5.0
+    corner = [p for p in loc.patches if p.x < 500 and p.y < 500]
+    assert corner and all(p.outlier for p in corner)
+    rng = np.random.default_rng(4)
+    x, y = rng.uniform(0, SIZE, (2, 400))
+    m = (x > 800) | (y > 800)
+    err = loc.surface(x[m], y[m]) - _truth(spec, x[m], y[m])
+    assert np.sqrt(np.mean(err**2)) < 40.0

@@ -296,6 +296,62 @@ def _search_plane(
     return best
 
 
+def _vote_caps(peaks: NDArray, factor: float = 2.0) -> NDArray:
+    """Per-tile factors that cap each tile's peak score at ``factor`` × the median of the tiles
+    with rings (1 for the others)."""
+    ringed = peaks[peaks > MIN_PEAK_SCORE]
+    if ringed.size == 0:
+        return np.ones_like(peaks)
+    cap = factor * float(np.median(ringed))
+    return np.minimum(1.0, cap / np.maximum(peaks, 1e-12))
+
+
+def _consensus_outliers(
+    curves: NDArray,
+    offsets: NDArray,
+    z_ref: NDArray,
+    xs: NDArray,
+    ys: NDArray,
+    step: float,
+    trials: int = 3000,
+) -> NDArray | None:
+    """Tiles outside the largest set of tile peaks that one plane explains (None if unclear).
+
+    Each tile with rings has its own peak defocus and standard error; planes through random
+    triples of them are scored by how many peaks they pass within ``max(3 SD, 2 step)``.
+    """
+    nt = len(curves)
+    pos = np.zeros(nt)
+    sd = np.full(nt, np.inf)
+    ringed = np.zeros(nt, dtype=bool)
+    for t in range(nt):
+        p_, s_, top = _peak(curves[t], offsets)
+        pos[t], sd[t] = p_ + z_ref[t], s_
+        ringed[t] = top - float(np.median(curves[t])) > MIN_PEAK_SCORE and np.isfinite(s_)
+    idx = np.flatnonzero(ringed)
+    if idx.size < 6:
+        return None
+    rng = np.random.default_rng(0)
+    tri = np.array([rng.choice(idx, 3, replace=False) for _ in range(trials)])
+    a = np.stack([np.ones(tri.shape), xs[tri], ys[tri]], axis=2)  # (T, 3, 3)
+    det = np.linalg.det(a)
+    ok = np.abs(det) > 1e-6 * (np.ptp(xs) * np.ptp(ys) + 1.0)
+    tri, a = tri[ok], a[ok]
+    if len(tri) == 0:
+        return None
+    coef = np.linalg.solve(a, pos[tri][..., None])[..., 0]  # (T, 3)
+    pred = coef[:, :1] + coef[:, 1:2] * xs[idx][None, :] + coef[:, 2:3] * ys[idx][None, :]
+    tol = np.maximum(3.0 * sd[idx], 2.0 * step)
+    inl = np.abs(pred - pos[idx][None, :]) <= tol[None, :]
+    best = int(np.argmax(inl.sum(axis=1)))
+    good = inl[best]
+    if good.sum() < 0.5 * idx.size:  # no clear majority: leave the tiles as they are
+        return None
+    out = np.zeros(nt, dtype=bool)
+    out[idx[~good]] = True
+    return out
+
+
 def _peak(curve: NDArray, grid: NDArray) -> tuple[float, float, float]:
     """Sub-grid peak position, standard error (curvature of a Δχ² curve) and peak height."""
     i = int(np.argmax(curve))
@@ -489,10 +545,24 @@ def fit_local(
     z_ref = np.full(tiles.n_tiles, z_glob)
     prof = tile_profiles(tiles, opt, p, z_ref, k_min, k_max1, apix)
     curves = score_curves(prof, opt, offsets, phase) * w[:, None]
-    if not np.any(curves.max(axis=1) - np.median(curves, axis=1) > MIN_PEAK_SCORE):
+    peaks = curves.max(axis=1) - np.median(curves, axis=1)
+    if not np.any(peaks > MIN_PEAK_SCORE):
         raise FitError("no tile of the micrograph shows Thon rings on its own", path=name)
+    # votes, not just evidence: a tile's weight is capped at twice the typical tile's, so a
+    # region with much stronger rings (carbon at another height) cannot carry the plane alone
+    cap = _vote_caps(peaks)
+    curves = curves * cap[:, None]
     plane = _search_plane(curves, offsets, z_ref, xs, ys, z_glob, max_grad)
     plane = _refine_plane(curves, offsets, z_ref, xs, ys, plane)
+    # consensus: the plane through the most tiles' own peaks (RANSAC over tile triples); tiles
+    # outside it (carbon at another height, contamination) are faded out and the plane searched
+    # again, so that a minority with strong rings cannot tilt it
+    outside = _consensus_outliers(curves, offsets, z_ref, xs, ys, h1)
+    if outside is not None and outside.any():
+        keep = np.where(outside, 0.02, 1.0)
+        plane = _search_plane(curves * keep[:, None], offsets, z_ref, xs, ys, z_glob, max_grad)
+        plane = _refine_plane(curves * keep[:, None], offsets, z_ref, xs, ys, plane)
+        cap = cap * keep
 
     # pass 2: profiles around the plane, with the ramp's blur across each tile in the model
     for _ in range(1):
@@ -507,7 +577,7 @@ def fit_local(
         curves2 = score_curves(prof, opt, offsets2, phase, spreads=spreads)
         # tiles whose own peak disagrees strongly with the plane (carbon at another height,
         # contamination) are down-weighted before the final plane
-        wt = w.copy()
+        wt = w * np.minimum(cap, 1.0)
         for t in range(tiles.n_tiles):
             pos, sd, top = _peak(curves2[t], offsets2)
             if top - np.median(curves2[t]) > 4 * MIN_PEAK_SCORE and abs(pos) > 5 * sd + 150.0:
