@@ -188,10 +188,36 @@ def estimate(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks of internal errors.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--continue/--overwrite",
+            help="Skip micrographs already done with the same parameters (--continue), or "
+            "redo them all (--overwrite).",
+        ),
+    ] = True,
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="Keep watching the inputs for new micrographs; stop after SECONDS without any.",
+            show_default=False,
+        ),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Run on Dask: a scheduler address (tcp://host:8786) or 'local' for a local "
+            "cluster of --jobs workers. Needs pip install 'anisoctf[dask]'.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Estimate the CTF of micrographs; write micrographs_ctf.star, <stem>.txt, _ctf.png, .ctf.
 
-    Exit status: 0 all succeeded, 1 some failed, 2 bad options or inputs.
+    Reruns continue where a previous (interrupted) run stopped. Exit status: 0 all succeeded,
+    1 some failed, 2 bad options or inputs (or the output directory is in use), 130 interrupted.
     """
     settings = _settings(
         box=box,
@@ -219,9 +245,19 @@ def estimate(
             debug=debug,
             console=_out_console(),
             err_console=_err_console(),
+            overwrite=not resume,
+            watch=watch,
+            scheduler=scheduler,
         )
     except UsageError as exc:
         _usage_exit(str(exc))
+    except KeyboardInterrupt:
+        _err_console().print(
+            f"interrupted: the finished micrographs are in {out / STAR_NAME}; run the same "
+            "command again to finish the rest",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
     raise typer.Exit(report.exit_code)
 
 

@@ -26,15 +26,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import math
-import multiprocessing
 import os
 import re
 import statistics
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -60,6 +57,19 @@ from anisoctf.io.star import (
     read_micrographs_star,
     read_optics_group_names,
     write_micrographs_ctf_star,
+)
+from anisoctf.jobs.backends import Backend, BackendError, make_backend
+from anisoctf.jobs.batch_state import (
+    BatchLock,
+    BatchLockedError,
+    MicrographRecord,
+    input_signature,
+    process_and_record,
+    read_record,
+    record_path,
+    remove_stray_temporaries,
+    task_fingerprint,
+    write_record,
 )
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.optics.ctf import Optics
@@ -93,14 +103,6 @@ DEFAULT_AMPLITUDE_CONTRAST = _OPTICS_DEFAULTS.amplitude_contrast
 
 #: header pixel size that is almost always a placeholder rather than a measurement
 _PLACEHOLDER_PIXEL_SIZE = 1.0
-_BLAS_THREAD_VARS = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "BLIS_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -201,6 +203,9 @@ class EstimateReport:
         Wall time of the whole job.
     star_error
         Why the STAR file could not be written, if so.
+    n_skipped
+        Micrographs not processed again because an earlier run had finished them with the
+        same parameters (their results are in ``results``).
     """
 
     results: list[RowResult]
@@ -208,6 +213,7 @@ class EstimateReport:
     star_path: Path | None
     seconds: float
     star_error: str | None = None
+    n_skipped: int = 0
 
     @property
     def n_ok(self) -> int:
@@ -651,111 +657,57 @@ def _version() -> str:
 # the batch
 
 
-def _blas_single_thread() -> contextlib.AbstractContextManager:
-    """One BLAS thread inside the block when threadpoolctl is installed (else no change).
-
-    The fit does many small linear-algebra calls, for which BLAS threads only add overhead
-    (and spin-wait badly on a busy machine).
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def _init_worker() -> None:
-    """Pool initializer: one BLAS thread per worker (only when threadpoolctl is installed).
-
-    Environment variables would come too late here (numpy is already imported when the
-    initializer runs); they are set for the workers when they start instead, see
-    :func:`_single_threaded_children`.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(limits=1, user_api="blas")
-
-
-@contextlib.contextmanager
-def _single_threaded_children() -> Iterator[None]:
-    """Environment inherited by worker processes started inside the block: 1 BLAS thread."""
-    saved = {k: os.environ.get(k) for k in _BLAS_THREAD_VARS}
-    os.environ.update({k: "1" for k in _BLAS_THREAD_VARS})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _run_tasks(
-    tasks: Sequence[MicrographTask],
-    optics: dict[int, Optics],
-    settings: FitSettings,
-    out_dir: Path,
-    jobs: int,
-    debug: bool,
-    on_done: Callable[[MicrographTask, RowResult | str], None],
-) -> None:
-    """Process the tasks (in a process pool when ``jobs > 1``), reporting each as it ends."""
-    todo = []
-    for t in tasks:
-        if t.error is not None:
-            on_done(t, t.error)
-        else:
-            todo.append(t)
-    if not todo:
-        return
-
-    def args(t: MicrographTask, fft_workers: int) -> tuple[tuple, dict]:
-        return (
-            (t.path, t.name, optics[t.optics_group], settings, str(out_dir), t.optics_group),
-            {"stem": t.stem, "fft_workers": fft_workers, "debug": debug},
-        )
-
-    if jobs <= 1 or len(todo) == 1:
-        # --jobs N means N single-threaded workers: one here, FFTs included
-        with _blas_single_thread():
-            for t in todo:
-                a, kw = args(t, 1)
-                on_done(t, process_one(*a, **kw))
-        return
-
-    # fork (Linux) starts workers at once with everything imported; spawn elsewhere. Workers
-    # only compute and write files (no terminal output), so forking beside the progress-bar
-    # thread is safe.
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context(
-        "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
-    )
-    n = min(jobs, len(todo))
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker) as pool:
-        futures: dict[Future, MicrographTask] = {}
-        try:
-            with _single_threaded_children():
-                for t in todo:
-                    a, kw = args(t, 1)
-                    futures[pool.submit(process_one, *a, **kw)] = t
-            for fut in as_completed(futures):
-                t = futures[fut]
-                try:
-                    result = fut.result()
-                except Exception as exc:  # noqa: BLE001 - e.g. a worker killed by the OS
-                    result = _failure(t.name, f"internal error: {type(exc).__name__}: {exc}")
-                on_done(t, result)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
 def _median(values: Sequence[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return statistics.median(finite) if finite else float("nan")
+
+
+def _path_key(path: str) -> str:
+    return os.path.normcase(os.path.abspath(path))
+
+
+def _from_record(name: str, rec: MicrographRecord) -> RowResult:
+    assert rec.row is not None
+    return RowResult(
+        name=name,
+        row=rec.row,
+        figure_of_merit=rec.figure_of_merit,
+        fit_resolution=rec.fit_resolution,
+        warnings=rec.warnings,
+        outputs=rec.outputs,
+        seconds=rec.seconds,
+    )
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block (main thread only), so that a killed
+    run removes its temporary files and releases its workers as on Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _resolve_for_watch(inputs, **kw) -> ResolvedInputs:
+    """:func:`resolve_inputs`, but a pattern that matches nothing yet gives no micrographs."""
+    try:
+        return resolve_inputs(inputs, **kw)
+    except UsageError as exc:
+        if "no file matches" in str(exc):
+            return ResolvedInputs(tasks=[], optics={})
+        raise
 
 
 def run_estimate(
@@ -773,27 +725,51 @@ def run_estimate(
     debug: bool = False,
     console: Console | None = None,
     err_console: Console | None = None,
+    overwrite: bool = False,
+    watch: float | None = None,
+    scheduler: str | None = None,
+    backend: Backend | None = None,
+    process_fn: Callable[..., RowResult | str] | None = None,
+    poll_seconds: float | None = None,
 ) -> EstimateReport:
-    """Run the whole ``anisoctf estimate`` job.
+    """Run the whole ``anisoctf estimate`` job (resumable, locked, every output atomic).
 
     Parameters
     ----------
     inputs
-        MRC files / glob patterns, or one RELION micrographs ``.star`` file.
+        MRC files / glob patterns, one RELION micrographs ``.star`` file or one cryoSPARC
+        exposures ``.cs`` file.
     out_dir
-        Output directory (created if needed).
+        Output directory (created if needed). It is locked for the duration of the run.
     settings
         Fit settings.
     apix, kv, cs, ac, mag_matrix
         Optics from the command line (see :func:`resolve_inputs`).
     jobs
-        Micrographs processed at once (separate processes when > 1).
+        Micrographs processed at once (separate processes when > 1; Dask workers of a local
+        cluster with ``scheduler="local"``).
     quiet
         No progress bar, warnings or summary; failures are still printed.
     debug
         Print tracebacks of unexpected errors.
     console, err_console
         Where the summary and the progress/failure lines go (default stdout and stderr).
+    overwrite
+        Redo every micrograph. By default (``--continue``) a micrograph whose record in the
+        output directory has the same parameters and input file is not processed again.
+    watch
+        Keep polling the inputs for new micrographs and stop after this many seconds without
+        any (None: one pass).
+    scheduler
+        Dask scheduler address, or ``"local"`` for a local Dask cluster; None for local
+        processes.
+    backend
+        A ready backend (see :mod:`anisoctf.jobs.backends`); overrides ``jobs``/``scheduler``.
+    process_fn
+        Replacement for :func:`process_one` (same signature); for benchmarks of the batch
+        machinery only.
+    poll_seconds
+        Watch mode: time between polls (default min(2 s, watch / 4)).
 
     Returns
     -------
@@ -803,20 +779,29 @@ def run_estimate(
     Raises
     ------
     UsageError
-        Bad inputs or options (exit status 2).
+        Bad inputs or options, or the output directory is locked by another run (exit 2).
+    KeyboardInterrupt
+        On Ctrl-C or SIGTERM, after the finished micrographs were written to the STAR file.
     """
+
     t_start = time.perf_counter()
     console = console or Console(highlight=False, soft_wrap=True)
     err = err_console or Console(stderr=True, highlight=False, soft_wrap=True)
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if watch is not None and not watch >= 0:
+        raise UsageError(f"--watch must be a number of seconds >= 0, got {watch}")
     out = Path(out_dir)
     if any(c.isspace() for c in str(out)):
         raise UsageError(
             f"output directory {str(out)!r} contains whitespace, which RELION cannot read"
         )
+    resolve_kw = {"apix": apix, "kv": kv, "cs": cs, "ac": ac, "mag_matrix": mag_matrix}
     try:
-        resolved = resolve_inputs(inputs, apix=apix, kv=kv, cs=cs, ac=ac, mag_matrix=mag_matrix)
+        if watch is None:
+            resolved = resolve_inputs(inputs, **resolve_kw)
+        else:
+            resolved = _resolve_for_watch(inputs, **resolve_kw)
     except InputError as exc:  # the STAR file itself is unreadable
         raise UsageError(str(exc)) from None
     try:
@@ -827,8 +812,26 @@ def run_estimate(
         for w in resolved.warnings:
             err.print(f"warning: {w}", markup=False)
 
-    tasks = resolved.tasks
-    outcome: dict[int, RowResult | str] = {}
+    lock = BatchLock(out)
+    try:
+        lock.acquire()
+    except BatchLockedError as exc:
+        raise UsageError(str(exc)) from None
+    own_backend = backend is None
+    try:
+        remove_stray_temporaries(out)
+        if backend is None:
+            backend = make_backend(jobs, scheduler, close_fds=() if lock.fd is None else (lock.fd,))
+    except BackendError as exc:
+        lock.release()
+        raise UsageError(str(exc)) from None
+    except BaseException:
+        lock.release()
+        raise
+    fn = process_fn or process_one
+
+    outcome: dict[str, RowResult | str] = {}  # by input path, for this run
+    n_skipped = 0
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -839,43 +842,147 @@ def run_estimate(
         disable=quiet or not err.is_terminal,
         transient=True,
     )
-    with progress:
-        bar = progress.add_task("CTF estimation", total=len(tasks))
 
-        def on_done(task: MicrographTask, result: RowResult | str) -> None:
-            outcome[task.index] = result
+    def fingerprint(t: MicrographTask, optics: dict[int, Optics]) -> str:
+        return task_fingerprint(
+            settings=settings,
+            optics=optics[t.optics_group],
+            name=t.name,
+            optics_group=t.optics_group,
+            stem=t.stem,
+            input=input_signature(t.path),
+        )
+
+    def write_star(current: ResolvedInputs) -> tuple[Path | None, str | None]:
+        rows = [
+            r for t in current.tasks if isinstance(r := outcome.get(_path_key(t.path)), RowResult)
+        ]
+        if not rows:
+            return None, None
+        used = {r.row.optics_group for r in rows}
+        try:
+            write_micrographs_ctf_star(
+                out / STAR_NAME,
+                [r.row for r in rows],
+                {g: o for g, o in current.optics.items() if g in used},
+                current.optics_names,
+            )
+        except (OSError, ValueError) as exc:
+            message = _one_line(f"cannot write {out / STAR_NAME}: {exc}")
+            return None, message
+        return out / STAR_NAME, None
+
+    def one_pass(current: ResolvedInputs, bar, ready: Callable[[MicrographTask], bool]) -> int:
+        """Process the tasks of ``current`` not handled yet in this run; return how many."""
+        nonlocal n_skipped
+        todo: list[tuple[MicrographTask, str]] = []
+        for t in current.tasks:
+            key = _path_key(t.path)
+            if key in outcome or not ready(t):
+                continue
+            if t.error is not None:
+                outcome[key] = t.error
+                progress.console.print(f"FAILED {t.error}", markup=False, highlight=False)
+                progress.advance(bar)
+                continue
+            fp = fingerprint(t, current.optics)
+            rec_file = record_path(out, t.stem)
+            if not overwrite:
+                rec = read_record(rec_file)
+                if rec is not None and rec.ok and rec.fingerprint == fp and rec.outputs_exist():
+                    outcome[key] = _from_record(t.name, rec)
+                    n_skipped += 1
+                    progress.advance(bar)
+                    continue
+            todo.append((t, fp))
+        if not todo:
+            return 0
+        by_key = {_path_key(t.path): t for t, _ in todo}
+
+        def items():
+            for t, fp in todo:
+                args = (t.path, t.name, current.optics[t.optics_group], settings, str(out))
+                kwargs = {"stem": t.stem, "fft_workers": 1, "debug": debug}
+                yield (
+                    _path_key(t.path),
+                    process_and_record,
+                    (fn, str(record_path(out, t.stem)), fp, (*args, t.optics_group), kwargs),
+                    {},
+                )
+
+        for key, result in backend.run(items()):
+            t = by_key[key]
+            if isinstance(result, BaseException):
+                result = _failure(t.name, f"internal error: {type(result).__name__}: {result}")
+                with contextlib.suppress(OSError):
+                    write_record(
+                        record_path(out, t.stem),
+                        MicrographRecord(fingerprint="", ok=False, message=result),
+                    )
+            outcome[key] = result
             if isinstance(result, str):
                 progress.console.print(f"FAILED {result}", markup=False, highlight=False)
             elif not quiet:
                 for w in result.warnings:
-                    progress.console.print(f"warning: {task.name}: {w}", markup=False)
+                    progress.console.print(f"warning: {t.name}: {w}", markup=False)
             progress.advance(bar)
+        return len(todo)
 
-        _run_tasks(tasks, resolved.optics, settings, out, jobs, debug, on_done)
-
-    results = [r for i in sorted(outcome) if isinstance(r := outcome[i], RowResult)]
-    failures = [(t.name, r) for t in tasks if isinstance(r := outcome[t.index], str)]
     star_path: Path | None = None
     star_error: str | None = None
-    if results:
-        used = {r.row.optics_group for r in results}
-        try:
-            write_micrographs_ctf_star(
-                out / STAR_NAME,
-                [r.row for r in results],
-                {g: o for g, o in resolved.optics.items() if g in used},
-                resolved.optics_names,
-            )
-            star_path = out / STAR_NAME
-        except (OSError, ValueError) as exc:
-            star_error = _one_line(f"cannot write {out / STAR_NAME}: {exc}")
-            err.print(f"error: {star_error}", markup=False)
+    try:
+        with _sigterm_as_interrupt(), progress:
+            bar = progress.add_task("CTF estimation", total=len(resolved.tasks))
+            try:
+                one_pass(resolved, bar, lambda t: True)
+                star_path, star_error = write_star(resolved)
+                if watch is not None:
+                    poll = poll_seconds if poll_seconds is not None else min(2.0, watch / 4)
+                    poll = max(poll, 0.01)
+                    last_new = time.monotonic()
+                    seen: dict[str, object] = {}
+
+                    def settled(t: MicrographTask) -> bool:
+                        # a file is taken once its size and mtime did not change between polls
+                        sig = input_signature(t.path)
+                        key = _path_key(t.path)
+                        old = seen.get(key)
+                        seen[key] = sig
+                        return sig is not None and old == sig
+
+                    while time.monotonic() - last_new < watch:
+                        time.sleep(poll)
+                        current = _resolve_for_watch(inputs, **resolve_kw)
+                        progress.update(bar, total=len(current.tasks))
+                        news = [t for t in current.tasks if _path_key(t.path) not in outcome]
+                        if news:
+                            last_new = time.monotonic()
+                        if one_pass(current, bar, settled):
+                            resolved = current
+                            star_path, star_error = write_star(resolved)
+            except KeyboardInterrupt:
+                write_star(resolved)
+                raise
+    finally:
+        if own_backend:
+            backend.close()
+        lock.release()
+
+    results = [
+        r for t in resolved.tasks if isinstance(r := outcome.get(_path_key(t.path)), RowResult)
+    ]
+    failures = [
+        (t.name, r) for t in resolved.tasks if isinstance(r := outcome.get(_path_key(t.path)), str)
+    ]
+    if star_error:
+        err.print(f"error: {star_error}", markup=False)
     report = EstimateReport(
         results=results,
         failures=failures,
         star_path=star_path,
         seconds=time.perf_counter() - t_start,
         star_error=star_error,
+        n_skipped=n_skipped,
     )
     if not quiet:
         _print_summary(console, report)
@@ -887,6 +994,8 @@ def _print_summary(console: Console, report: EstimateReport) -> None:
     line = (
         f"{report.n_ok} of {n} micrographs ok, {report.n_failed} failed in {report.seconds:.1f} s"
     )
+    if report.n_skipped:
+        line += f" ({report.n_skipped} done by an earlier run, not redone)"
     if report.results:
         df = _median([r.mean_defocus for r in report.results])
         res = _median([r.fit_resolution for r in report.results])
