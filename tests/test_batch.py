@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from anisoctf.fit.result import FitSettings
+from anisoctf.io.star import MicrographCTFRow
 from anisoctf.jobs.batch_state import (
     BatchLock,
     MicrographRecord,
@@ -27,7 +28,6 @@ from anisoctf.jobs.batch_state import (
 )
 from anisoctf.jobs.estimate_micrographs import UsageError, run_estimate
 from anisoctf.jobs.simulate_micrographs import SimulationOptions, run_simulate
-from anisoctf.io.star import MicrographCTFRow
 
 N_MICS = 8
 SETTINGS = FitSettings(box=128)
