@@ -23,6 +23,7 @@ from rich.table import Table
 
 from anisoctf import __version__
 from anisoctf.cli.aniso import aniso_app
+from anisoctf.cli.production import RELION_CONTEXT, relion_external_command, report_command
 from anisoctf.errors import AnisoctfError
 from anisoctf.fit.result import FitSettings
 from anisoctf.jobs.estimate_micrographs import (
@@ -467,6 +468,8 @@ def demo(
 
 
 app.add_typer(aniso_app, name="aniso")
+app.command("relion-external", context_settings=RELION_CONTEXT)(relion_external_command)
+app.command("report")(report_command)
 
 
 def main() -> None:  # pragma: no cover - entry point for ``python -m anisoctf.cli.main``

@@ -882,6 +882,11 @@ def run_estimate(
                 continue
             if t.error is not None:
                 outcome[key] = t.error
+                with contextlib.suppress(OSError):
+                    write_record(
+                        record_path(out, t.stem),
+                        MicrographRecord(fingerprint="", ok=False, message=t.error),
+                    )
                 progress.console.print(f"FAILED {t.error}", markup=False, highlight=False)
                 progress.advance(bar)
                 continue
