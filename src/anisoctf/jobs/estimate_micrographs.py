@@ -50,6 +50,7 @@ from rich.progress import (
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.fit.estimate import check_image, estimate_ctf, fit_spectrum
 from anisoctf.fit.result import CTFEstimate, FitSettings
+from anisoctf.io.cryosparc_ctf import read_cs_micrographs, write_ctf_cs
 from anisoctf.io.ctffind import CTFFindRecord, write_ctffind_txt
 from anisoctf.io.mrc import read_micrograph, read_mrc_header, read_stack, write_mrc
 from anisoctf.io.star import (
@@ -80,6 +81,7 @@ __all__ = [
     "DEFAULT_AMPLITUDE_CONTRAST",
     "DEFAULT_CS_MM",
     "DEFAULT_VOLTAGE_KV",
+    "CS_NAME",
     "STAR_NAME",
     "EstimateReport",
     "MicrographTask",
@@ -94,6 +96,8 @@ __all__ = [
 
 #: name of the results table written into the output directory
 STAR_NAME = "micrographs_ctf.star"
+#: the same results as a cryoSPARC dataset (``ctf/*`` fields)
+CS_NAME = "micrographs_ctf.cs"
 
 # Defaults for plain MRC inputs: those of :class:`~anisoctf.optics.ctf.Optics`.
 _OPTICS_DEFAULTS = Optics(pixel_size=1.0)
@@ -133,6 +137,9 @@ class MicrographTask:
     error
         A one-line reason when the micrograph is known to fail before any work (e.g. its header
         cannot be read); None otherwise.
+    stack
+        The file is a stack of particle images (cryoSPARC's ``_particles.mrc``), estimated
+        from its pooled periodograms like a ``.mrcs`` file.
     """
 
     index: int
@@ -141,6 +148,7 @@ class MicrographTask:
     optics_group: int
     stem: str
     error: str | None = None
+    stack: bool = False  # a particle stack (pooled periodograms) whatever its suffix
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,7 @@ class ResolvedInputs:
     optics: dict[int, Optics]
     optics_names: dict[int, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    uids: dict[str, int] = field(default_factory=dict)  # cryoSPARC uid by name (.cs input)
 
 
 @dataclass(frozen=True)
@@ -339,6 +348,43 @@ def _resolve_star(
     return ResolvedInputs(tasks=tasks, optics=optics, optics_names=names)
 
 
+def _resolve_cs(
+    path: str, apix: float | None, kv: float | None, cs: float | None, ac: float | None
+) -> ResolvedInputs:
+    """Micrographs (or particle stacks) and optics of a cryoSPARC exposures/particles file."""
+    found = read_cs_micrographs(path)
+    overrides = {
+        k: v
+        for k, v in (
+            ("pixel_size", apix),
+            ("voltage_kv", kv),
+            ("cs_mm", cs),
+            ("amplitude_contrast", ac),
+        )
+        if v is not None
+    }
+    optics = found.optics
+    if overrides:
+        try:
+            optics = {g: replace(o, **overrides) for g, o in optics.items()}
+        except ValueError as exc:
+            raise UsageError(f"bad optics: {exc}") from None
+    paths = [str(m.path) for m in found.micrographs]
+    stems = _unique_stems(paths)
+    tasks = [
+        MicrographTask(
+            i, p, m.name, m.optics_group, s, _name_error(m.name), found.kind == "particles"
+        )
+        for i, (m, p, s) in enumerate(zip(found.micrographs, paths, stems, strict=True))
+    ]
+    return ResolvedInputs(
+        tasks=tasks,
+        optics=optics,
+        warnings=list(found.notes),
+        uids={m.name: m.uid for m in found.micrographs},
+    )
+
+
 def _resolve_mrcs(
     paths: Sequence[str],
     apix: float | None,
@@ -441,6 +487,11 @@ def resolve_inputs(
     inputs = [str(x) for x in inputs]
     if not inputs:
         raise UsageError("no input micrographs; give MRC files, glob patterns or one .star file")
+    css = [x for x in inputs if x.lower().endswith(".cs")]
+    if css:
+        if len(inputs) > 1:
+            raise UsageError("give either one .cs file or MRC files, not both or several")
+        return _with_mag_matrix(_resolve_cs(css[0], apix, kv, cs, ac), mag_matrix)
     stars = [x for x in inputs if x.lower().endswith(".star")]
     if stars:
         if len(inputs) > 1:
@@ -543,6 +594,7 @@ def process_one(
     stem: str | None = None,
     fft_workers: int = 1,
     debug: bool = False,
+    stack: bool = False,
 ) -> RowResult | str:
     """Estimate the CTF of one micrograph and write its output files.
 
@@ -566,6 +618,8 @@ def process_one(
         Threads for the FFTs.
     debug
         Append the traceback to the message of an unexpected error.
+    stack
+        Treat the file as a particle stack whatever its suffix (``.mrcs`` always is one).
 
     Returns
     -------
@@ -577,7 +631,7 @@ def process_one(
     stem = stem or Path(path).stem
     out = Path(out_dir)
     try:
-        if path.lower().endswith(".mrcs"):  # a particle stack: pool its periodograms
+        if stack or path.lower().endswith(".mrcs"):  # a particle stack: pool periodograms
             est = _estimate_stack(path, optics, settings, fft_workers)
         else:
             image = read_micrograph(path).data
@@ -870,6 +924,10 @@ def run_estimate(
         except (OSError, ValueError) as exc:
             message = _one_line(f"cannot write {out / STAR_NAME}: {exc}")
             return None, message
+        try:  # the same results for cryoSPARC
+            write_ctf_cs(out / CS_NAME, [r.row for r in rows], current.optics, uids=current.uids)
+        except (OSError, ValueError) as exc:
+            return out / STAR_NAME, _one_line(f"cannot write {out / CS_NAME}: {exc}")
         return out / STAR_NAME, None
 
     def one_pass(current: ResolvedInputs, bar, ready: Callable[[MicrographTask], bool]) -> int:
@@ -908,6 +966,8 @@ def run_estimate(
             for t, fp in todo:
                 args = (t.path, t.name, current.optics[t.optics_group], settings, str(out))
                 kwargs = {"stem": t.stem, "fft_workers": 1, "debug": debug}
+                if t.stack:
+                    kwargs["stack"] = True
                 yield (
                     _path_key(t.path),
                     process_and_record,
