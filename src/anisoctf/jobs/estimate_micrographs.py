@@ -905,6 +905,7 @@ def run_estimate(
             optics_group=t.optics_group,
             stem=t.stem,
             input=input_signature(t.path),
+            out=str(out),  # the rows name their .ctf files by this path
         )
 
     def write_star(current: ResolvedInputs) -> tuple[Path | None, str | None]:
