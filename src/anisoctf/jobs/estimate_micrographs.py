@@ -1027,6 +1027,15 @@ def run_estimate(
                             resolved = current
                             star_path, star_error = write_star(resolved)
             except KeyboardInterrupt:
+                # micrographs whose record was written just before the interrupt count too
+                for t in resolved.tasks:
+                    key = _path_key(t.path)
+                    if key in outcome or t.error is not None:
+                        continue
+                    rec = read_record(record_path(out, t.stem))
+                    if rec is not None and rec.ok and rec.outputs_exist():
+                        if rec.fingerprint == fingerprint(t, resolved.optics):
+                            outcome[key] = _from_record(t.name, rec)
                 write_star(resolved)
                 raise
     finally:
