@@ -11,10 +11,18 @@ output directory (every file atomically):
   and the fitted CTF² in the right half (as CTFFIND's diagnostic), for RELION's ``_rlnCtfImage``.
 
 At the end ``micrographs_ctf.star`` (RELION 3.1+ layout) lists the micrographs that succeeded,
-in input order. A micrograph that fails is reported on one line and the batch goes on.
+in input order, and ``micrographs_ctf.cs`` holds the same results for cryoSPARC. A micrograph
+that fails is reported on one line and the batch goes on.
 
-Inputs are MRC files and/or glob patterns, or one RELION micrographs STAR file (e.g.
-``corrected_micrographs.star``) whose optics table gives the optics of every optics group.
+Batches are resumable (see :mod:`anisoctf.jobs.batch_state` and ``docs/production.md``): each
+micrograph's outcome is stored in ``<stem>.record.json`` with a fingerprint of its parameters,
+a rerun skips what is done, the output directory is locked while a run writes into it, and
+``--watch`` keeps processing new inputs. Where the micrographs run (this process, local worker
+processes, Dask) is :mod:`anisoctf.jobs.backends`' business.
+
+Inputs are MRC files and/or glob patterns, one RELION micrographs STAR file (e.g.
+``corrected_micrographs.star``) whose optics table gives the optics of every optics group, or
+one cryoSPARC exposures/particles ``.cs`` file.
 
 A magnification matrix (``--mag-matrix``, else the ``_rlnMagMat00..11`` of a STAR file's optics
 group) is passed to the fit, which then works on true-frame frequencies: the defoci written are
