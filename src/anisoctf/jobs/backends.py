@@ -234,11 +234,13 @@ class DaskBackend:
                 )
                 self.client = Client(self.cluster)
             else:
-                self.client = Client(scheduler, timeout=30)
-        except (OSError, TimeoutError) as exc:
+                self.client = Client(scheduler, timeout=10)
+        except (OSError, TimeoutError, ValueError) as exc:
             if self.cluster is not None:
                 self.cluster.close()
-            raise BackendError(f"cannot connect to the Dask scheduler {scheduler}: {exc}") from None
+            raise BackendError(
+                f"cannot connect to the Dask scheduler {scheduler}: {' '.join(str(exc).split())}"
+            ) from None
         n = len(self.client.scheduler_info().get("workers", {}))
         self.workers = max(1, n)
         self.per_worker = max(1, int(per_worker))

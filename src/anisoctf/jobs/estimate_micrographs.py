@@ -473,7 +473,8 @@ def resolve_inputs(
     Parameters
     ----------
     inputs
-        MRC paths and/or glob patterns (expanded, sorted, de-duplicated), or one ``.star`` file.
+        MRC paths and/or glob patterns (expanded, sorted, de-duplicated), one ``.star`` file,
+        or one cryoSPARC exposures/particles ``.cs`` file.
     apix, kv, cs, ac
         Optics from the command line. For a STAR file they replace the optics table's values;
         for MRC files ``apix`` falls back to a plausible header pixel size and the others to
