@@ -238,6 +238,10 @@ def test_report_page_content(estimated: Path) -> None:
     assert 'id="histograms"' in text and "http://" not in text and "https://" not in text
     # one row per micrograph and per failure, plus the two header rows
     assert text.count("<tr>") == len(data.rows) + len(data.failures) + 2
+    r = runner.invoke(app, ["report", str(estimated), "--out", str(estimated / "r2.html")])
+    assert r.exit_code == 0 and (estimated / "r2.html").is_file()
+    r = runner.invoke(app, ["report", str(estimated / "nope")])
+    assert r.exit_code == 2 and "not a folder" in r.output and "Traceback" not in r.output
 
 
 def test_report_in_headless_chromium(estimated: Path, tmp_path: Path) -> None:
