@@ -107,7 +107,15 @@ def _die_with_parent() -> None:
 
 
 def _init_pool_worker(close_fds: tuple[int, ...]) -> None:
-    """Pool initializer: die with the parent, drop inherited lock descriptors, 1 BLAS thread."""
+    """Pool initializer: die with the parent, drop inherited lock descriptors, 1 BLAS thread.
+
+    Ctrl-C is ignored (it reaches the whole process group; the parent handles it and stops the
+    workers) and SIGTERM ends the worker at once (the default, whatever the parent installed).
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent()
     for fd in close_fds:
         with contextlib.suppress(OSError):
@@ -188,13 +196,29 @@ class LocalPoolBackend:
                     except Exception as exc:  # noqa: BLE001 - e.g. a worker killed by the OS
                         outcome = exc
                     yield key, outcome
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException:  # interrupted (or the consumer stopped early): stop the workers
+            _stop_workers(pool)
             raise
         pool.shutdown(wait=True)
 
     def close(self) -> None:
         pass
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes now and wait until they are gone.
+
+    Work in progress is abandoned; a worker killed in the middle of a write leaves at most a
+    hidden temporary file, which the batch removes while it still holds its lock.
+    """
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=10)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 class DaskBackend:

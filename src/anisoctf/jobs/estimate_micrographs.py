@@ -985,7 +985,7 @@ def run_estimate(
                     {},
                 )
 
-        for key, result in backend.run(items()):
+        def handle(key: str, result: object) -> None:
             t = by_key[key]
             if isinstance(result, BaseException):
                 result = _failure(t.name, f"internal error: {type(result).__name__}: {result}")
@@ -1001,6 +1001,13 @@ def run_estimate(
                 for w in result.warnings:
                     progress.console.print(f"warning: {t.name}: {w}", markup=False)
             progress.advance(bar)
+
+        results = backend.run(items())
+        try:
+            for key, result in results:
+                handle(key, result)
+        finally:
+            results.close()  # on an interrupt the backend stops its workers here
         return len(todo)
 
     star_path: Path | None = None
@@ -1050,6 +1057,7 @@ def run_estimate(
     finally:
         if own_backend:
             backend.close()
+        remove_stray_temporaries(out)  # left by workers stopped mid-write; we still hold the lock
         lock.release()
 
     results = [
