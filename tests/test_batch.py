@@ -108,27 +108,39 @@ def test_kill9_and_rerun_gives_the_uninterrupted_table(mics: Path, tmp_path: Pat
     assert n_before <= N_MICS
 
 
-def test_sigterm_stops_cleanly_with_the_finished_rows(mics: Path) -> None:
-    out = mics / "termed"
+@pytest.mark.parametrize(
+    ("sig", "jobs"), [(signal.SIGTERM, 1), (signal.SIGINT, 2)], ids=["sigterm-j1", "ctrl-c-j2"]
+)
+def test_interrupt_stops_cleanly_with_the_finished_rows(mics: Path, sig, jobs: int) -> None:
+    """SIGTERM to the process, or Ctrl-C (SIGINT to the whole process group, workers included):
+    exit 130 with one line, the STAR file holds exactly the finished micrographs, no temporary
+    file is left."""
+    name = f"int{jobs}"
+    out = mics / name
     p = subprocess.Popen(
-        _estimate_cmd("--out", "termed", "-j", "1"),
+        _estimate_cmd("--out", name, "-j", str(jobs)),
         cwd=mics,
         env={**os.environ, **_ONE_THREAD},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     t0 = time.monotonic()
     while time.monotonic() - t0 < 60 and p.poll() is None:
         if out.is_dir() and list(out.glob("*.record.json")):
             break
         time.sleep(0.005)
-    p.send_signal(signal.SIGTERM)
+    if sig == signal.SIGINT:
+        os.killpg(p.pid, sig)
+    else:
+        p.send_signal(sig)
     _, stderr = p.communicate(timeout=60)
     if p.returncode in (0, 1):
         pytest.skip("the batch finished before SIGTERM arrived")
     assert p.returncode == 130, stderr
     assert "interrupted" in stderr and "run the same command again" in stderr
+    assert "Traceback" not in stderr
     records = [read_record(f) for f in out.glob("*.record.json")]
     n_ok = sum(r is not None and r.ok for r in records)
     assert 0 < n_ok < N_MICS
