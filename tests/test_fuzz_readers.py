@@ -5,8 +5,10 @@ else. Example counts are modest to keep the suite fast."""
 
 from __future__ import annotations
 
+import atexit
 import io
 import math
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ FUZZ = settings(
 )
 
 _DIR = Path(tempfile.mkdtemp(prefix="anisoctf-fuzz-"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 
 
 def _check(reader: Callable, data: bytes, suffix: str):
