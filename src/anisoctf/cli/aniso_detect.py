@@ -1,7 +1,8 @@
 """``anisoctf aniso detect``: anisotropic magnification from per-micrograph CTF fits.
 
 Input: one micrographs STAR file with CTF results (``micrographs_ctf.star`` from RELION/CTFFIND,
-gctf or ``anisoctf estimate``), or CTFFIND ``.txt`` result files and/or glob patterns. The
+Gctf's ``micrographs_all_gctf.star`` or ``anisoctf estimate``), or CTFFIND ``.txt`` / Gctf
+``_gctf.log`` result files, glob patterns and folders of them (e.g. a CtfFind job folder). The
 astigmatism of every micrograph is fitted against its defocus
 (:func:`anisoctf.magnification.detect.detect_anisomag`); a short summary is printed and,
 on request, a JSON record (``--json``) and a plot (``--plot``) are written.
@@ -29,7 +30,7 @@ from rich.text import Text
 
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.io.ctffind import read_ctffind_txt
-from anisoctf.io.star import read_micrographs_ctf_star
+from anisoctf.io.gctf import read_gctf_log, read_gctf_star
 from anisoctf.magnification.detect import (
     DEFAULT_BOOTSTRAP,
     AnisoDetection,
@@ -80,7 +81,7 @@ def _expand(patterns: list[str]) -> list[str]:
 
 
 def _from_star(path: str, group: int | None) -> CTFTable:
-    rows, optics = read_micrographs_ctf_star(path)
+    rows, optics = read_gctf_star(path)
     if not rows:
         raise InputError("lists no micrographs", path=path)
     groups = sorted({r.optics_group for r in rows})
@@ -117,18 +118,47 @@ def _from_ctffind(paths: list[str]) -> CTFTable:
     v: list[float] = []
     a: list[float] = []
     for p in paths:
+        if p.lower().endswith("_gctf.log") or p.lower().endswith(".log"):
+            g = read_gctf_log(p)
+            names.append(p)
+            u.append(g.defocus_u)
+            v.append(g.defocus_v)
+            a.append(g.angle)
+            continue
         records = read_ctffind_txt(p)
         for k, rec in enumerate(records, start=1):
             names.append(p if len(records) == 1 else f"{p}#{k}")
             u.append(rec.defocus_1)
             v.append(rec.defocus_2)
             a.append(rec.azimuth)
-    source = paths[0] if len(paths) == 1 else f"{len(paths)} CTFFIND files"
+    source = paths[0] if len(paths) == 1 else f"{len(paths)} CTFFIND/Gctf files"
     return CTFTable(names, np.array(u), np.array(v), np.array(a), source)
 
 
+def _result_files(folder: str) -> list[str]:
+    """The CTF result files of a folder (recursively): CTFFIND ``.txt`` files (not the
+    ``_avrot.txt`` rotational averages) and Gctf ``_gctf.log`` files, sorted."""
+    root = Path(folder)
+    found = [
+        str(f)
+        for f in root.rglob("*")
+        if f.is_file()
+        and (
+            (f.suffix == ".txt" and not f.name.endswith("_avrot.txt"))
+            or f.name.endswith("_gctf.log")
+        )
+    ]
+    if not found:
+        raise InputError(
+            "holds no CTFFIND .txt or Gctf _gctf.log files; give the folder of a CTF job",
+            path=root,
+        )
+    return sorted(found)
+
+
 def load_ctf_table(inputs: list[str], group: int | None = None) -> CTFTable:
-    """Read one CTF STAR file, or CTFFIND ``.txt`` files / glob patterns.
+    """Read one CTF STAR file (RELION/CTFFIND, Gctf or anisoctf), or CTFFIND ``.txt`` / Gctf
+    ``_gctf.log`` files, glob patterns and folders of them.
 
     Raises
     ------
@@ -146,7 +176,10 @@ def load_ctf_table(inputs: list[str], group: int | None = None) -> CTFTable:
         return _from_star(stars[0], group)
     if group is not None:
         raise InputError("--group applies to a STAR file only")
-    return _from_ctffind(_expand(inputs))
+    paths: list[str] = []
+    for x in inputs:
+        paths += _result_files(x) if Path(x).is_dir() else _expand([x])
+    return _from_ctffind(paths)
 
 
 def _err_exit(message: str) -> NoReturn:
@@ -232,8 +265,8 @@ def detect_command(
         list[str] | None,
         typer.Argument(
             metavar="INPUT...",
-            help="One micrographs_ctf.star, or CTFFIND .txt result files and/or glob patterns "
-            "(quoted).",
+            help="One micrographs_ctf.star (RELION/CTFFIND, Gctf, anisoctf), or CTFFIND .txt / "
+            "Gctf _gctf.log files, glob patterns (quoted) and folders of them.",
             show_default=False,
         ),
     ] = None,

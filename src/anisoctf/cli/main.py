@@ -24,6 +24,7 @@ from rich.table import Table
 from anisoctf import __version__
 from anisoctf.cli.aniso import aniso_app
 from anisoctf.cli.assign import assign_command
+from anisoctf.cli.production import RELION_CONTEXT, relion_external_command, report_command
 from anisoctf.errors import AnisoctfError
 from anisoctf.fit.result import FitSettings
 from anisoctf.jobs.estimate_micrographs import (
@@ -216,10 +217,36 @@ def estimate(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks of internal errors.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--continue/--overwrite",
+            help="Skip micrographs already done with the same parameters (--continue), or "
+            "redo them all (--overwrite).",
+        ),
+    ] = True,
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="Keep watching the inputs for new micrographs; stop after SECONDS without any.",
+            show_default=False,
+        ),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Run on Dask: a scheduler address (tcp://host:8786) or 'local' for a local "
+            "cluster of --jobs workers. Needs pip install 'anisoctf[dask]'.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Estimate the CTF of micrographs; write micrographs_ctf.star, <stem>.txt, _ctf.png, .ctf.
 
-    Exit status: 0 all succeeded, 1 some failed, 2 bad options or inputs.
+    Reruns continue where a previous (interrupted) run stopped. Exit status: 0 all succeeded,
+    1 some failed, 2 bad options or inputs (or the output directory is in use), 130 interrupted.
     """
     local = _local_settings(patches, tilt, thickness, box)
     settings = _settings(
@@ -249,9 +276,19 @@ def estimate(
             console=_out_console(),
             err_console=_err_console(),
             local=local,
+            overwrite=not resume,
+            watch=watch,
+            scheduler=scheduler,
         )
     except UsageError as exc:
         _usage_exit(str(exc))
+    except KeyboardInterrupt:
+        _err_console().print(
+            f"interrupted: the finished micrographs are in {out / STAR_NAME}; run the same "
+            "command again to finish the rest",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
     raise typer.Exit(report.exit_code)
 
 
@@ -487,6 +524,8 @@ def demo(
 
 app.add_typer(aniso_app, name="aniso")
 app.command("assign")(assign_command)
+app.command("relion-external", context_settings=RELION_CONTEXT)(relion_external_command)
+app.command("report")(report_command)
 
 
 def main() -> None:  # pragma: no cover - entry point for ``python -m anisoctf.cli.main``

@@ -1,5 +1,6 @@
 """File formats at the edge of anisoctf: MRC images, RELION STAR files, cryoSPARC .cs files,
-CTFFIND text.
+CTFFIND text (and, in their own modules, Gctf results :mod:`anisoctf.io.gctf` and cryoSPARC CTF
+input/output :mod:`anisoctf.io.cryosparc_ctf`).
 
 Everything inside the package works on plain arrays and frozen records; only these modules
 open files. Readers turn every kind of bad input into one-line

@@ -1,7 +1,11 @@
 """File-level jobs behind the command line: they read and write files and call the science.
 
 * :mod:`anisoctf.jobs.estimate_micrographs`: ``anisoctf estimate`` (micrographs → CTF results);
-* :mod:`anisoctf.jobs.simulate_micrographs`: ``anisoctf simulate`` (micrographs with known CTF).
+* :mod:`anisoctf.jobs.simulate_micrographs`: ``anisoctf simulate`` (micrographs with known CTF);
+* :mod:`anisoctf.jobs.batch_state`: resumable batches (per-micrograph records, fingerprints, the
+  output-directory lock, leftover temporaries);
+* :mod:`anisoctf.jobs.backends`: where micrographs are processed (serial, local processes, Dask);
+* :mod:`anisoctf.jobs.relion_external`: ``anisoctf relion-external`` (a RELION External job).
 """
 
 from anisoctf.jobs.estimate_micrographs import (

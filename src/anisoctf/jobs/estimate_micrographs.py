@@ -11,10 +11,18 @@ output directory (every file atomically):
   and the fitted CTF² in the right half (as CTFFIND's diagnostic), for RELION's ``_rlnCtfImage``.
 
 At the end ``micrographs_ctf.star`` (RELION 3.1+ layout) lists the micrographs that succeeded,
-in input order. A micrograph that fails is reported on one line and the batch goes on.
+in input order, and ``micrographs_ctf.cs`` holds the same results for cryoSPARC. A micrograph
+that fails is reported on one line and the batch goes on.
 
-Inputs are MRC files and/or glob patterns, or one RELION micrographs STAR file (e.g.
-``corrected_micrographs.star``) whose optics table gives the optics of every optics group.
+Batches are resumable (see :mod:`anisoctf.jobs.batch_state` and ``docs/production.md``): each
+micrograph's outcome is stored in ``<stem>.record.json`` with a fingerprint of its parameters,
+a rerun skips what is done, the output directory is locked while a run writes into it, and
+``--watch`` keeps processing new inputs. Where the micrographs run (this process, local worker
+processes, Dask) is :mod:`anisoctf.jobs.backends`' business.
+
+Inputs are MRC files and/or glob patterns, one RELION micrographs STAR file (e.g.
+``corrected_micrographs.star``) whose optics table gives the optics of every optics group, or
+one cryoSPARC exposures/particles ``.cs`` file.
 
 A magnification matrix (``--mag-matrix``, else the ``_rlnMagMat00..11`` of a STAR file's optics
 group) is passed to the fit, which then works on true-frame frequencies: the defoci written are
@@ -26,15 +34,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import math
-import multiprocessing
 import os
 import re
 import statistics
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -53,6 +58,7 @@ from rich.progress import (
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.fit.estimate import check_image, estimate_ctf, fit_spectrum
 from anisoctf.fit.result import CTFEstimate, FitSettings
+from anisoctf.io.cryosparc_ctf import read_cs_micrographs, write_ctf_cs
 from anisoctf.io.ctffind import CTFFindRecord, write_ctffind_txt
 from anisoctf.io.mrc import read_micrograph, read_mrc_header, read_stack, write_mrc
 from anisoctf.io.star import (
@@ -60,6 +66,19 @@ from anisoctf.io.star import (
     read_micrographs_star,
     read_optics_group_names,
     write_micrographs_ctf_star,
+)
+from anisoctf.jobs.backends import Backend, BackendError, make_backend
+from anisoctf.jobs.batch_state import (
+    BatchLock,
+    BatchLockedError,
+    MicrographRecord,
+    input_signature,
+    process_and_record,
+    read_record,
+    record_path,
+    remove_stray_temporaries,
+    task_fingerprint,
+    write_record,
 )
 from anisoctf.jobs.local_step import LocalOutcome, run_local_step
 from anisoctf.local.estimate import LocalSettings
@@ -72,6 +91,7 @@ __all__ = [
     "DEFAULT_AMPLITUDE_CONTRAST",
     "DEFAULT_CS_MM",
     "DEFAULT_VOLTAGE_KV",
+    "CS_NAME",
     "STAR_NAME",
     "EstimateReport",
     "MicrographTask",
@@ -86,6 +106,8 @@ __all__ = [
 
 #: name of the results table written into the output directory
 STAR_NAME = "micrographs_ctf.star"
+#: the same results as a cryoSPARC dataset (``ctf/*`` fields)
+CS_NAME = "micrographs_ctf.cs"
 
 # Defaults for plain MRC inputs: those of :class:`~anisoctf.optics.ctf.Optics`.
 _OPTICS_DEFAULTS = Optics(pixel_size=1.0)
@@ -95,14 +117,6 @@ DEFAULT_AMPLITUDE_CONTRAST = _OPTICS_DEFAULTS.amplitude_contrast
 
 #: header pixel size that is almost always a placeholder rather than a measurement
 _PLACEHOLDER_PIXEL_SIZE = 1.0
-_BLAS_THREAD_VARS = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "BLIS_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -133,6 +147,9 @@ class MicrographTask:
     error
         A one-line reason when the micrograph is known to fail before any work (e.g. its header
         cannot be read); None otherwise.
+    stack
+        The file is a stack of particle images (cryoSPARC's ``_particles.mrc``), estimated
+        from its pooled periodograms like a ``.mrcs`` file.
     """
 
     index: int
@@ -141,6 +158,7 @@ class MicrographTask:
     optics_group: int
     stem: str
     error: str | None = None
+    stack: bool = False  # a particle stack (pooled periodograms) whatever its suffix
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,7 @@ class ResolvedInputs:
     optics: dict[int, Optics]
     optics_names: dict[int, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    uids: dict[str, int] = field(default_factory=dict)  # cryoSPARC uid by name (.cs input)
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,9 @@ class EstimateReport:
         Wall time of the whole job.
     star_error
         Why the STAR file could not be written, if so.
+    n_skipped
+        Micrographs not processed again because an earlier run had finished them with the
+        same parameters (their results are in ``results``).
     """
 
     results: list[RowResult]
@@ -210,6 +232,7 @@ class EstimateReport:
     star_path: Path | None
     seconds: float
     star_error: str | None = None
+    n_skipped: int = 0
 
     @property
     def n_ok(self) -> int:
@@ -335,6 +358,43 @@ def _resolve_star(
     return ResolvedInputs(tasks=tasks, optics=optics, optics_names=names)
 
 
+def _resolve_cs(
+    path: str, apix: float | None, kv: float | None, cs: float | None, ac: float | None
+) -> ResolvedInputs:
+    """Micrographs (or particle stacks) and optics of a cryoSPARC exposures/particles file."""
+    found = read_cs_micrographs(path)
+    overrides = {
+        k: v
+        for k, v in (
+            ("pixel_size", apix),
+            ("voltage_kv", kv),
+            ("cs_mm", cs),
+            ("amplitude_contrast", ac),
+        )
+        if v is not None
+    }
+    optics = found.optics
+    if overrides:
+        try:
+            optics = {g: replace(o, **overrides) for g, o in optics.items()}
+        except ValueError as exc:
+            raise UsageError(f"bad optics: {exc}") from None
+    paths = [str(m.path) for m in found.micrographs]
+    stems = _unique_stems(paths)
+    tasks = [
+        MicrographTask(
+            i, p, m.name, m.optics_group, s, _name_error(m.name), found.kind == "particles"
+        )
+        for i, (m, p, s) in enumerate(zip(found.micrographs, paths, stems, strict=True))
+    ]
+    return ResolvedInputs(
+        tasks=tasks,
+        optics=optics,
+        warnings=list(found.notes),
+        uids={m.name: m.uid for m in found.micrographs},
+    )
+
+
 def _resolve_mrcs(
     paths: Sequence[str],
     apix: float | None,
@@ -415,7 +475,8 @@ def resolve_inputs(
     Parameters
     ----------
     inputs
-        MRC paths and/or glob patterns (expanded, sorted, de-duplicated), or one ``.star`` file.
+        MRC paths and/or glob patterns (expanded, sorted, de-duplicated), one ``.star`` file,
+        or one cryoSPARC exposures/particles ``.cs`` file.
     apix, kv, cs, ac
         Optics from the command line. For a STAR file they replace the optics table's values;
         for MRC files ``apix`` falls back to a plausible header pixel size and the others to
@@ -437,6 +498,11 @@ def resolve_inputs(
     inputs = [str(x) for x in inputs]
     if not inputs:
         raise UsageError("no input micrographs; give MRC files, glob patterns or one .star file")
+    css = [x for x in inputs if x.lower().endswith(".cs")]
+    if css:
+        if len(inputs) > 1:
+            raise UsageError("give either one .cs file or MRC files, not both or several")
+        return _with_mag_matrix(_resolve_cs(css[0], apix, kv, cs, ac), mag_matrix)
     stars = [x for x in inputs if x.lower().endswith(".star")]
     if stars:
         if len(inputs) > 1:
@@ -540,6 +606,7 @@ def process_one(
     fft_workers: int = 1,
     debug: bool = False,
     local: LocalSettings | None = None,
+    stack: bool = False,
 ) -> RowResult | str:
     """Estimate the CTF of one micrograph and write its output files.
 
@@ -566,6 +633,8 @@ def process_one(
     local
         Also fit the local defocus (patches, tilt, thickness) and write
         ``<stem>_surface.json`` and ``<stem>_defocus.png``; None for the global fit only.
+    stack
+        Treat the file as a particle stack whatever its suffix (``.mrcs`` always is one).
 
     Returns
     -------
@@ -578,7 +647,7 @@ def process_one(
     out = Path(out_dir)
     lo: LocalOutcome | None = None
     try:
-        if path.lower().endswith(".mrcs"):  # a particle stack: pool its periodograms
+        if stack or path.lower().endswith(".mrcs"):  # a particle stack: pool periodograms
             est = _estimate_stack(path, optics, settings, fft_workers)
             if local is not None:
                 lo = LocalOutcome(None, "", (), ("local defocus needs a micrograph, not a stack",))
@@ -672,112 +741,57 @@ def _version() -> str:
 # the batch
 
 
-def _blas_single_thread() -> contextlib.AbstractContextManager:
-    """One BLAS thread inside the block when threadpoolctl is installed (else no change).
-
-    The fit does many small linear-algebra calls, for which BLAS threads only add overhead
-    (and spin-wait badly on a busy machine).
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def _init_worker() -> None:
-    """Pool initializer: one BLAS thread per worker (only when threadpoolctl is installed).
-
-    Environment variables would come too late here (numpy is already imported when the
-    initializer runs); they are set for the workers when they start instead, see
-    :func:`_single_threaded_children`.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(limits=1, user_api="blas")
-
-
-@contextlib.contextmanager
-def _single_threaded_children() -> Iterator[None]:
-    """Environment inherited by worker processes started inside the block: 1 BLAS thread."""
-    saved = {k: os.environ.get(k) for k in _BLAS_THREAD_VARS}
-    os.environ.update({k: "1" for k in _BLAS_THREAD_VARS})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _run_tasks(
-    tasks: Sequence[MicrographTask],
-    optics: dict[int, Optics],
-    settings: FitSettings,
-    out_dir: Path,
-    jobs: int,
-    debug: bool,
-    on_done: Callable[[MicrographTask, RowResult | str], None],
-    local: LocalSettings | None = None,
-) -> None:
-    """Process the tasks (in a process pool when ``jobs > 1``), reporting each as it ends."""
-    todo = []
-    for t in tasks:
-        if t.error is not None:
-            on_done(t, t.error)
-        else:
-            todo.append(t)
-    if not todo:
-        return
-
-    def args(t: MicrographTask, fft_workers: int) -> tuple[tuple, dict]:
-        return (
-            (t.path, t.name, optics[t.optics_group], settings, str(out_dir), t.optics_group),
-            {"stem": t.stem, "fft_workers": fft_workers, "debug": debug, "local": local},
-        )
-
-    if jobs <= 1 or len(todo) == 1:
-        # --jobs N means N single-threaded workers: one here, FFTs included
-        with _blas_single_thread():
-            for t in todo:
-                a, kw = args(t, 1)
-                on_done(t, process_one(*a, **kw))
-        return
-
-    # fork (Linux) starts workers at once with everything imported; spawn elsewhere. Workers
-    # only compute and write files (no terminal output), so forking beside the progress-bar
-    # thread is safe.
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context(
-        "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
-    )
-    n = min(jobs, len(todo))
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker) as pool:
-        futures: dict[Future, MicrographTask] = {}
-        try:
-            with _single_threaded_children():
-                for t in todo:
-                    a, kw = args(t, 1)
-                    futures[pool.submit(process_one, *a, **kw)] = t
-            for fut in as_completed(futures):
-                t = futures[fut]
-                try:
-                    result = fut.result()
-                except Exception as exc:  # noqa: BLE001 - e.g. a worker killed by the OS
-                    result = _failure(t.name, f"internal error: {type(exc).__name__}: {exc}")
-                on_done(t, result)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
 def _median(values: Sequence[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return statistics.median(finite) if finite else float("nan")
+
+
+def _path_key(path: str) -> str:
+    return os.path.normcase(os.path.abspath(path))
+
+
+def _from_record(name: str, rec: MicrographRecord) -> RowResult:
+    assert rec.row is not None
+    return RowResult(
+        name=name,
+        row=rec.row,
+        figure_of_merit=rec.figure_of_merit,
+        fit_resolution=rec.fit_resolution,
+        warnings=rec.warnings,
+        outputs=rec.outputs,
+        seconds=rec.seconds,
+    )
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block (main thread only), so that a killed
+    run removes its temporary files and releases its workers as on Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _resolve_for_watch(inputs, **kw) -> ResolvedInputs:
+    """:func:`resolve_inputs`, but a pattern that matches nothing yet gives no micrographs."""
+    try:
+        return resolve_inputs(inputs, **kw)
+    except UsageError as exc:
+        if "no file matches" in str(exc):
+            return ResolvedInputs(tasks=[], optics={})
+        raise
 
 
 def run_estimate(
@@ -796,21 +810,29 @@ def run_estimate(
     console: Console | None = None,
     err_console: Console | None = None,
     local: LocalSettings | None = None,
+    overwrite: bool = False,
+    watch: float | None = None,
+    scheduler: str | None = None,
+    backend: Backend | None = None,
+    process_fn: Callable[..., RowResult | str] | None = None,
+    poll_seconds: float | None = None,
 ) -> EstimateReport:
-    """Run the whole ``anisoctf estimate`` job.
+    """Run the whole ``anisoctf estimate`` job (resumable, locked, every output atomic).
 
     Parameters
     ----------
     inputs
-        MRC files / glob patterns, or one RELION micrographs ``.star`` file.
+        MRC files / glob patterns, one RELION micrographs ``.star`` file or one cryoSPARC
+        exposures ``.cs`` file.
     out_dir
-        Output directory (created if needed).
+        Output directory (created if needed). It is locked for the duration of the run.
     settings
         Fit settings.
     apix, kv, cs, ac, mag_matrix
         Optics from the command line (see :func:`resolve_inputs`).
     jobs
-        Micrographs processed at once (separate processes when > 1).
+        Micrographs processed at once (separate processes when > 1; Dask workers of a local
+        cluster with ``scheduler="local"``).
     quiet
         No progress bar, warnings or summary; failures are still printed.
     debug
@@ -819,6 +841,22 @@ def run_estimate(
         Where the summary and the progress/failure lines go (default stdout and stderr).
     local
         Also fit each micrograph's local defocus (``--patches``, ``--tilt``, ``--thickness``).
+    overwrite
+        Redo every micrograph. By default (``--continue``) a micrograph whose record in the
+        output directory has the same parameters and input file is not processed again.
+    watch
+        Keep polling the inputs for new micrographs and stop after this many seconds without
+        any (None: one pass).
+    scheduler
+        Dask scheduler address, or ``"local"`` for a local Dask cluster; None for local
+        processes.
+    backend
+        A ready backend (see :mod:`anisoctf.jobs.backends`); overrides ``jobs``/``scheduler``.
+    process_fn
+        Replacement for :func:`process_one` (same signature); for benchmarks of the batch
+        machinery only.
+    poll_seconds
+        Watch mode: time between polls (default min(2 s, watch / 4)).
 
     Returns
     -------
@@ -828,20 +866,29 @@ def run_estimate(
     Raises
     ------
     UsageError
-        Bad inputs or options (exit status 2).
+        Bad inputs or options, or the output directory is locked by another run (exit 2).
+    KeyboardInterrupt
+        On Ctrl-C or SIGTERM, after the finished micrographs were written to the STAR file.
     """
+
     t_start = time.perf_counter()
     console = console or Console(highlight=False, soft_wrap=True)
     err = err_console or Console(stderr=True, highlight=False, soft_wrap=True)
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if watch is not None and not watch >= 0:
+        raise UsageError(f"--watch must be a number of seconds >= 0, got {watch}")
     out = Path(out_dir)
     if any(c.isspace() for c in str(out)):
         raise UsageError(
             f"output directory {str(out)!r} contains whitespace, which RELION cannot read"
         )
+    resolve_kw = {"apix": apix, "kv": kv, "cs": cs, "ac": ac, "mag_matrix": mag_matrix}
     try:
-        resolved = resolve_inputs(inputs, apix=apix, kv=kv, cs=cs, ac=ac, mag_matrix=mag_matrix)
+        if watch is None:
+            resolved = resolve_inputs(inputs, **resolve_kw)
+        else:
+            resolved = _resolve_for_watch(inputs, **resolve_kw)
     except InputError as exc:  # the STAR file itself is unreadable
         raise UsageError(str(exc)) from None
     try:
@@ -852,8 +899,26 @@ def run_estimate(
         for w in resolved.warnings:
             err.print(f"warning: {w}", markup=False)
 
-    tasks = resolved.tasks
-    outcome: dict[int, RowResult | str] = {}
+    lock = BatchLock(out)
+    try:
+        lock.acquire()
+    except BatchLockedError as exc:
+        raise UsageError(str(exc)) from None
+    own_backend = backend is None
+    try:
+        remove_stray_temporaries(out)
+        if backend is None:
+            backend = make_backend(jobs, scheduler, close_fds=() if lock.fd is None else (lock.fd,))
+    except BackendError as exc:
+        lock.release()
+        raise UsageError(str(exc)) from None
+    except BaseException:
+        lock.release()
+        raise
+    fn = process_fn or process_one
+
+    outcome: dict[str, RowResult | str] = {}  # by input path, for this run
+    n_skipped = 0
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -864,43 +929,179 @@ def run_estimate(
         disable=quiet or not err.is_terminal,
         transient=True,
     )
-    with progress:
-        bar = progress.add_task("CTF estimation", total=len(tasks))
 
-        def on_done(task: MicrographTask, result: RowResult | str) -> None:
-            outcome[task.index] = result
+    def fingerprint(t: MicrographTask, optics: dict[int, Optics]) -> str:
+        return task_fingerprint(
+            settings=settings,
+            optics=optics[t.optics_group],
+            name=t.name,
+            optics_group=t.optics_group,
+            stem=t.stem,
+            input=input_signature(t.path),
+            out=str(out),  # the rows name their .ctf files by this path
+            local=local,  # --patches/--tilt/--thickness change the outputs
+        )
+
+    def write_star(current: ResolvedInputs) -> tuple[Path | None, str | None]:
+        rows = [
+            r for t in current.tasks if isinstance(r := outcome.get(_path_key(t.path)), RowResult)
+        ]
+        if not rows:
+            return None, None
+        used = {r.row.optics_group for r in rows}
+        try:
+            write_micrographs_ctf_star(
+                out / STAR_NAME,
+                [r.row for r in rows],
+                {g: o for g, o in current.optics.items() if g in used},
+                current.optics_names,
+            )
+        except (OSError, ValueError) as exc:
+            message = _one_line(f"cannot write {out / STAR_NAME}: {exc}")
+            return None, message
+        try:  # the same results for cryoSPARC
+            write_ctf_cs(out / CS_NAME, [r.row for r in rows], current.optics, uids=current.uids)
+        except (OSError, ValueError) as exc:
+            return out / STAR_NAME, _one_line(f"cannot write {out / CS_NAME}: {exc}")
+        return out / STAR_NAME, None
+
+    def one_pass(current: ResolvedInputs, bar, ready: Callable[[MicrographTask], bool]) -> int:
+        """Process the tasks of ``current`` not handled yet in this run; return how many."""
+        nonlocal n_skipped
+        todo: list[tuple[MicrographTask, str]] = []
+        for t in current.tasks:
+            key = _path_key(t.path)
+            if key in outcome or not ready(t):
+                continue
+            if t.error is not None:
+                outcome[key] = t.error
+                with contextlib.suppress(OSError):
+                    write_record(
+                        record_path(out, t.stem),
+                        MicrographRecord(fingerprint="", ok=False, message=t.error),
+                    )
+                progress.console.print(f"FAILED {t.error}", markup=False, highlight=False)
+                progress.advance(bar)
+                continue
+            fp = fingerprint(t, current.optics)
+            rec_file = record_path(out, t.stem)
+            if not overwrite:
+                rec = read_record(rec_file)
+                if rec is not None and rec.ok and rec.fingerprint == fp and rec.outputs_exist():
+                    outcome[key] = _from_record(t.name, rec)
+                    n_skipped += 1
+                    progress.advance(bar)
+                    continue
+            todo.append((t, fp))
+        if not todo:
+            return 0
+        by_key = {_path_key(t.path): t for t, _ in todo}
+
+        def items():
+            for t, fp in todo:
+                args = (t.path, t.name, current.optics[t.optics_group], settings, str(out))
+                kwargs = {"stem": t.stem, "fft_workers": 1, "debug": debug}
+                if t.stack:
+                    kwargs["stack"] = True
+                if local is not None:
+                    kwargs["local"] = local
+                yield (
+                    _path_key(t.path),
+                    process_and_record,
+                    (fn, str(record_path(out, t.stem)), fp, (*args, t.optics_group), kwargs),
+                    {},
+                )
+
+        def handle(key: str, result: object) -> None:
+            t = by_key[key]
+            if isinstance(result, BaseException):
+                result = _failure(t.name, f"internal error: {type(result).__name__}: {result}")
+                with contextlib.suppress(OSError):
+                    write_record(
+                        record_path(out, t.stem),
+                        MicrographRecord(fingerprint="", ok=False, message=result),
+                    )
+            outcome[key] = result
             if isinstance(result, str):
                 progress.console.print(f"FAILED {result}", markup=False, highlight=False)
             elif not quiet:
                 for w in result.warnings:
-                    progress.console.print(f"warning: {task.name}: {w}", markup=False)
+                    progress.console.print(f"warning: {t.name}: {w}", markup=False)
             progress.advance(bar)
 
-        _run_tasks(tasks, resolved.optics, settings, out, jobs, debug, on_done, local=local)
+        results = backend.run(items())
+        try:
+            for key, result in results:
+                handle(key, result)
+        finally:
+            results.close()  # on an interrupt the backend stops its workers here
+        return len(todo)
 
-    results = [r for i in sorted(outcome) if isinstance(r := outcome[i], RowResult)]
-    failures = [(t.name, r) for t in tasks if isinstance(r := outcome[t.index], str)]
     star_path: Path | None = None
     star_error: str | None = None
-    if results:
-        used = {r.row.optics_group for r in results}
-        try:
-            write_micrographs_ctf_star(
-                out / STAR_NAME,
-                [r.row for r in results],
-                {g: o for g, o in resolved.optics.items() if g in used},
-                resolved.optics_names,
-            )
-            star_path = out / STAR_NAME
-        except (OSError, ValueError) as exc:
-            star_error = _one_line(f"cannot write {out / STAR_NAME}: {exc}")
-            err.print(f"error: {star_error}", markup=False)
+    try:
+        with _sigterm_as_interrupt(), progress:
+            bar = progress.add_task("CTF estimation", total=len(resolved.tasks))
+            try:
+                one_pass(resolved, bar, lambda t: True)
+                star_path, star_error = write_star(resolved)
+                if watch is not None:
+                    poll = poll_seconds if poll_seconds is not None else min(2.0, watch / 4)
+                    poll = max(poll, 0.01)
+                    last_new = time.monotonic()
+                    seen: dict[str, object] = {}
+
+                    def settled(t: MicrographTask) -> bool:
+                        # a file is taken once its size and mtime did not change between polls
+                        sig = input_signature(t.path)
+                        key = _path_key(t.path)
+                        old = seen.get(key)
+                        seen[key] = sig
+                        return sig is not None and old == sig
+
+                    while time.monotonic() - last_new < watch:
+                        time.sleep(poll)
+                        current = _resolve_for_watch(inputs, **resolve_kw)
+                        progress.update(bar, total=len(current.tasks))
+                        news = [t for t in current.tasks if _path_key(t.path) not in outcome]
+                        if news:
+                            last_new = time.monotonic()
+                        if one_pass(current, bar, settled):
+                            resolved = current
+                            star_path, star_error = write_star(resolved)
+            except KeyboardInterrupt:
+                # micrographs whose record was written just before the interrupt count too
+                for t in resolved.tasks:
+                    key = _path_key(t.path)
+                    if key in outcome or t.error is not None:
+                        continue
+                    rec = read_record(record_path(out, t.stem))
+                    if rec is not None and rec.ok and rec.outputs_exist():
+                        if rec.fingerprint == fingerprint(t, resolved.optics):
+                            outcome[key] = _from_record(t.name, rec)
+                write_star(resolved)
+                raise
+    finally:
+        if own_backend:
+            backend.close()
+        remove_stray_temporaries(out)  # left by workers stopped mid-write; we still hold the lock
+        lock.release()
+
+    results = [
+        r for t in resolved.tasks if isinstance(r := outcome.get(_path_key(t.path)), RowResult)
+    ]
+    failures = [
+        (t.name, r) for t in resolved.tasks if isinstance(r := outcome.get(_path_key(t.path)), str)
+    ]
+    if star_error:
+        err.print(f"error: {star_error}", markup=False)
     report = EstimateReport(
         results=results,
         failures=failures,
         star_path=star_path,
         seconds=time.perf_counter() - t_start,
         star_error=star_error,
+        n_skipped=n_skipped,
     )
     if not quiet:
         _print_summary(console, report)
@@ -912,6 +1113,8 @@ def _print_summary(console: Console, report: EstimateReport) -> None:
     line = (
         f"{report.n_ok} of {n} micrographs ok, {report.n_failed} failed in {report.seconds:.1f} s"
     )
+    if report.n_skipped:
+        line += f" ({report.n_skipped} done by an earlier run, not redone)"
     if report.results:
         df = _median([r.mean_defocus for r in report.results])
         res = _median([r.fit_resolution for r in report.results])

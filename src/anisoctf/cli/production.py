@@ -1,0 +1,82 @@
+"""Production commands: ``anisoctf relion-external`` (a RELION External job) and
+``anisoctf report`` (one self-contained HTML page about a CTF output folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+__all__ = ["relion_external_command", "report_command"]
+
+RELION_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def relion_external_command(
+    ctx: typer.Context,
+    in_mics: Annotated[
+        str,
+        typer.Option(
+            "--in_mics", help="Micrographs STAR file (RELION's input node).", show_default=False
+        ),
+    ],
+    o: Annotated[
+        str, typer.Option("--o", help="The job directory (External/jobNNN/).", show_default=False)
+    ],
+    j: Annotated[int, typer.Option("--j", help="Micrographs processed at once.")] = 1,
+) -> None:
+    """Run as a RELION 4/5 External job: --in_mics X.star --o External/jobNNN/ [--label value].
+
+    Writes micrographs_ctf.star into the job directory, RELION_OUTPUT_NODES.star and
+    RELION_JOB_EXIT_SUCCESS (or _FAILURE / _ABORTED). Extra '--label value' pairs are
+    anisoctf estimate options: apix kv cs ac box min_res max_res df_min df_max max_astig
+    astig_restraint fit_apix phase_plate overwrite.
+    """
+    from anisoctf.jobs.relion_external import run_relion_external
+
+    code = run_relion_external(
+        in_mics,
+        o,
+        jobs=j,
+        params=list(ctx.args),
+        console=Console(highlight=False, soft_wrap=True),
+        err_console=_err(),
+    )
+    raise typer.Exit(code)
+
+
+def report_command(
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            help="Output folder of anisoctf estimate (micrographs_ctf.star, records, PNGs).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="HTML file [default: DIR/report.html].", show_default=False
+        ),
+    ] = None,
+    max_thumbnails: Annotated[
+        int, typer.Option(help="Diagnostic thumbnails embedded at most (worst fits first).")
+    ] = 400,
+) -> None:
+    """Write one self-contained HTML report: distributions, astigmatism vs defocus with the
+    anisomag fit, a sortable table with thumbnails, and the failures."""
+    from anisoctf.errors import AnisoctfError
+    from anisoctf.report.html import write_report
+
+    try:
+        path = write_report(directory, out, max_thumbnails=max_thumbnails)
+    except AnisoctfError as exc:
+        _err().print(f"error: {' '.join(str(exc).split())}", markup=False)
+        raise typer.Exit(2) from None
+    print(f"report: {path}")

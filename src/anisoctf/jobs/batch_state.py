@@ -1,0 +1,379 @@
+"""State of a resumable batch: parameter fingerprints, per-micrograph records and the lock.
+
+A batch job (``anisoctf estimate``) keeps, for every micrograph it has finished, one small JSON
+*record* in the output directory, ``<stem>.record.json``, written atomically **after** the
+micrograph's other outputs. A record holds
+
+* the *fingerprint* of everything that determines the result: the fit settings, the optics of
+  the micrograph, its name, optics group and output stem, and the size and modification time of
+  the input file (:func:`task_fingerprint`);
+* the outcome: the STAR row and scores of a success, or the one-line message of a failure.
+
+With ``--continue`` (the default) a micrograph whose record has the same fingerprint, status
+"ok" and whose output files still exist is not processed again; failures are retried.
+``--overwrite`` ignores the records. ``micrographs_ctf.star`` is rebuilt from the records at the
+end of every run, in input order, so however often a run is killed and restarted the table has
+exactly one row per micrograph.
+
+:class:`BatchLock` is an exclusive ``fcntl.flock`` on ``.anisoctf.lock`` in the output
+directory: the kernel drops it when the process ends, however it ends (SIGKILL included), so a
+killed run never leaves a stale lock. A second run on the same directory fails with one line.
+
+:func:`remove_stray_temporaries` deletes the hidden temporary files of :mod:`anisoctf.io.atomic`
+(``.<name>.<random>.tmp``) that a killed run may leave; it is called while the lock is held, when
+no other writer can be active in the directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anisoctf.errors import AnisoctfError
+from anisoctf.io.atomic import write_text_atomic
+from anisoctf.io.star import MicrographCTFRow
+
+__all__ = [
+    "LOCK_NAME",
+    "RECORD_SUFFIX",
+    "BatchLock",
+    "BatchLockedError",
+    "MicrographRecord",
+    "canonical_json",
+    "input_signature",
+    "read_record",
+    "record_path",
+    "process_and_record",
+    "remove_stray_temporaries",
+    "task_fingerprint",
+    "write_record",
+]
+
+#: file name of the lock in the output directory
+LOCK_NAME = ".anisoctf.lock"
+#: suffix of the per-micrograph record files
+RECORD_SUFFIX = ".record.json"
+#: version of the record layout; a record of another version is ignored (the micrograph is redone)
+RECORD_VERSION = 1
+# temporary names made by anisoctf.io.atomic: ".<name>.<8 random chars>.tmp"
+_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")
+
+
+class BatchLockedError(AnisoctfError):
+    """Another run holds the lock of the output directory."""
+
+
+# --------------------------------------------------------------------------------------------
+# fingerprints
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-able form of settings/optics objects (dataclasses, numpy values, paths)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            "__type__": type(obj).__name__,
+            **{f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)},
+        }
+    if isinstance(obj, np.ndarray):
+        return [_plain(x) for x in obj.tolist()]
+    if isinstance(obj, np.generic):
+        return _plain(obj.item())
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, list | tuple):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else repr(obj)
+    if isinstance(obj, str | int | bool) or obj is None:
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return repr(obj)
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON text of ``obj`` (sorted keys, dataclasses and arrays expanded)."""
+    return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
+
+
+def input_signature(path: str | os.PathLike[str]) -> dict[str, int] | None:
+    """Size and modification time (ns) of an input file; None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def task_fingerprint(**parts: Any) -> str:
+    """SHA-256 of the canonical JSON of the keyword arguments.
+
+    Pass everything the outputs depend on (settings, optics, name, stem, input signature, ...);
+    two runs give the same fingerprint exactly when those agree.
+    """
+    return hashlib.sha256(canonical_json(parts).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# records
+
+
+@dataclasses.dataclass(frozen=True)
+class MicrographRecord:
+    """What a finished micrograph left behind.
+
+    Attributes
+    ----------
+    fingerprint
+        :func:`task_fingerprint` of its task.
+    ok
+        True for a success.
+    row
+        Its ``micrographs_ctf.star`` row (successes only).
+    figure_of_merit, fit_resolution
+        Scores of the fit (successes only).
+    warnings
+        The estimate's remarks.
+    outputs
+        Files written besides the record.
+    message
+        One-line reason of a failure.
+    seconds
+        Wall time spent on it.
+    """
+
+    fingerprint: str
+    ok: bool
+    row: MicrographCTFRow | None = None
+    figure_of_merit: float = math.nan
+    fit_resolution: float = math.nan
+    warnings: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    message: str = ""
+    seconds: float = 0.0
+
+    def outputs_exist(self) -> bool:
+        """Whether every output file listed is still there."""
+        return all(Path(p).is_file() for p in self.outputs)
+
+
+def record_path(out_dir: str | os.PathLike[str], stem: str) -> Path:
+    """``<out_dir>/<stem>.record.json``."""
+    return Path(out_dir) / f"{stem}{RECORD_SUFFIX}"
+
+
+def _float_out(x: float) -> float | str:
+    return x if math.isfinite(x) else repr(float(x))
+
+
+def _float_in(x: Any) -> float:
+    return float(x)  # float("nan"), float("inf") read back the repr written by _float_out
+
+
+def write_record(path: str | os.PathLike[str], record: MicrographRecord) -> None:
+    """Write ``record`` atomically as JSON (floats round-trip exactly)."""
+    row = None
+    if record.row is not None:
+        row = {
+            k: (_float_out(v) if isinstance(v, float) else v)
+            for k, v in dataclasses.asdict(record.row).items()
+        }
+    data = {
+        "version": RECORD_VERSION,
+        "fingerprint": record.fingerprint,
+        "ok": record.ok,
+        "row": row,
+        "figure_of_merit": _float_out(record.figure_of_merit),
+        "fit_resolution": _float_out(record.fit_resolution),
+        "warnings": list(record.warnings),
+        "outputs": list(record.outputs),
+        "message": record.message,
+        "seconds": record.seconds,
+    }
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def read_record(path: str | os.PathLike[str]) -> MicrographRecord | None:
+    """Read a record; None when it is absent, unreadable or of another layout version."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("version") != RECORD_VERSION:
+            return None
+        row = None
+        if data.get("row") is not None:
+            fields = {f.name: f for f in dataclasses.fields(MicrographCTFRow)}
+            raw = data["row"]
+            kwargs = {}
+            for k, v in raw.items():
+                if k not in fields:
+                    return None  # written by another version of the row: redo
+                kwargs[k] = _float_in(v) if isinstance(v, str) and k not in _STRING_ROW else v
+            row = MicrographCTFRow(**kwargs)
+        return MicrographRecord(
+            fingerprint=str(data["fingerprint"]),
+            ok=bool(data["ok"]),
+            row=row,
+            figure_of_merit=_float_in(data["figure_of_merit"]),
+            fit_resolution=_float_in(data["fit_resolution"]),
+            warnings=tuple(str(w) for w in data.get("warnings", ())),
+            outputs=tuple(str(p) for p in data.get("outputs", ())),
+            message=str(data.get("message", "")),
+            seconds=float(data.get("seconds", 0.0)),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+_STRING_ROW = {"name", "ctf_image", "surface"}
+
+
+# --------------------------------------------------------------------------------------------
+# temporaries and the lock
+
+
+def remove_stray_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the atomic writers' leftover temporary files in ``directory`` (not recursive).
+
+    Call only while holding the directory's :class:`BatchLock`.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for e in entries:
+        if e.is_file(follow_symlinks=False) and _TMP_NAME.match(e.name):
+            try:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+            except OSError:
+                pass
+    return removed
+
+
+class BatchLock:
+    """Exclusive lock of an output directory (``fcntl.flock`` on ``.anisoctf.lock``).
+
+    Use as a context manager. The kernel releases the lock when the holder's file descriptor is
+    closed, including when the process is killed, so no stale lock survives a crash. Child
+    processes must not keep the descriptor (see :meth:`close_in_child`).
+
+    Parameters
+    ----------
+    directory
+        The output directory (must exist).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`BatchLockedError` at once (never waits)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no locking
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = ""
+            try:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            except OSError:
+                pass
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise BatchLockedError(
+                f"another anisoctf run{who} is writing into this directory; wait for it to "
+                "finish or choose another --out",
+                path=self.directory,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (the lock file stays; it is harmless)."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
+            os.close(fd)
+
+    def close_in_child(self) -> None:
+        """In a forked child: close the inherited descriptor so that only the parent holds the
+        lock (an orphaned child would otherwise keep it after the parent was killed)."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+    def __enter__(self) -> BatchLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def process_and_record(
+    fn: Any, record_file: str, fingerprint: str, args: tuple, kwargs: dict
+) -> Any:
+    """Run ``fn(*args, **kwargs)`` (a ``process_one``) and store its outcome as a record.
+
+    The record is written after the micrograph's own outputs, so its presence means they are
+    complete. A result is either a one-line failure message (``str``) or an object with the
+    attributes ``row``, ``figure_of_merit``, ``fit_resolution``, ``warnings``, ``outputs`` and
+    ``seconds`` (a :class:`~anisoctf.jobs.estimate_micrographs.RowResult`).
+
+    Returns
+    -------
+    The result of ``fn``, unchanged.
+    """
+    result = fn(*args, **kwargs)
+    if isinstance(result, str):
+        record = MicrographRecord(fingerprint=fingerprint, ok=False, message=result)
+    else:
+        record = MicrographRecord(
+            fingerprint=fingerprint,
+            ok=True,
+            row=result.row,
+            figure_of_merit=float(result.figure_of_merit),
+            fit_resolution=float(result.fit_resolution),
+            warnings=tuple(result.warnings),
+            outputs=tuple(result.outputs),
+            seconds=float(result.seconds),
+        )
+    try:
+        write_record(record_file, record)
+    except OSError as exc:
+        if isinstance(result, str):
+            return result
+        return f"{result.row.name}: cannot write {record_file}: {exc.strerror or exc}"
+    return result
+
+
+def existing_records(out_dir: str | os.PathLike[str], stems: Iterable[str]) -> int:
+    """How many of ``stems`` have a record file in ``out_dir`` (for messages)."""
+    return sum(record_path(out_dir, s).is_file() for s in stems)
