@@ -45,8 +45,11 @@ def refine_command(
     ] = None,
     half_maps: Annotated[
         tuple[Path, Path] | None,
-        typer.Option(metavar="H1 H2", help="Two half maps; each particle is compared with the "
-                     "one of its _rlnRandomSubset.", show_default=False),
+        typer.Option(
+            metavar="H1 H2",
+            help="Two half maps; each particle is compared with the one of its _rlnRandomSubset.",
+            show_default=False,
+        ),
     ] = None,
     mask: Annotated[
         Path | None, typer.Option(help="Real-space mask for the reference.", show_default=False)
@@ -124,22 +127,16 @@ def simulate_particles_command(
     kv: Annotated[float, typer.Option(help="Voltage (kV).")] = _SIM.kv,
     cs: Annotated[float, typer.Option(help="Cs (mm).")] = _SIM.cs,
     ac: Annotated[float, typer.Option(help="Amplitude contrast.")] = _SIM.ac,
-    anisotropy: Annotated[
-        float, typer.Option(help="Anisotropy (%).")
-    ] = _SIM.anisotropy_percent,
+    anisotropy: Annotated[float, typer.Option(help="Anisotropy (%).")] = _SIM.anisotropy_percent,
     axis: Annotated[float, typer.Option(help="Axis (deg from +x).")] = _SIM.axis_deg,
-    micrographs: Annotated[
-        int, typer.Option(help="Number of micrographs.")
-    ] = _SIM.n_micrographs,
+    micrographs: Annotated[int, typer.Option(help="Number of micrographs.")] = _SIM.n_micrographs,
     df_range: Annotated[
         tuple[float, float], typer.Option(metavar="MIN MAX", help="Mean defocus range (Å).")
     ] = (_SIM.df_min, _SIM.df_max),
     astig: Annotated[float, typer.Option(help="Largest |U−V| per micrograph (Å).")] = (
         _SIM.astig_max
     ),
-    height: Annotated[
-        float, typer.Option(help="Per-particle defocus SD (Å).")
-    ] = _SIM.height_sigma,
+    height: Annotated[float, typer.Option(help="Per-particle defocus SD (Å).")] = _SIM.height_sigma,
     bfactor: Annotated[float, typer.Option(help="B-factor (Å²).")] = _SIM.bfactor,
     snr: Annotated[float, typer.Option(help="Per-pixel signal/noise variance.")] = _SIM.snr,
     shift: Annotated[float, typer.Option(help="Origin SD (pixels).")] = _SIM.shift_sigma,
@@ -157,19 +154,37 @@ def simulate_particles_command(
 
     try:
         spec = ParticleSimSpec(
-            n=n, box=box, apix=apix, kv=kv, cs=cs, ac=ac, anisotropy_percent=anisotropy,
-            axis_deg=axis, n_micrographs=micrographs, df_min=df_range[0], df_max=df_range[1],
-            astig_max=astig, height_sigma=height, bfactor=bfactor, snr=snr, shift_sigma=shift,
+            n=n,
+            box=box,
+            apix=apix,
+            kv=kv,
+            cs=cs,
+            ac=ac,
+            anisotropy_percent=anisotropy,
+            axis_deg=axis,
+            n_micrographs=micrographs,
+            df_min=df_range[0],
+            df_max=df_range[1],
+            astig_max=astig,
+            height_sigma=height,
+            bfactor=bfactor,
+            snr=snr,
+            shift_sigma=shift,
             seed=seed,
         )
         files = run_simulate_particles(spec, out, map_path, map_apix)
     except (AnisoctfError, ValueError) as exc:
         _fail(str(exc))
     con = _out()
-    con.print(f"{n} particles in {len(files.stacks)} stacks; {files.sim.spec.mag.describe()}",
-              markup=False)
-    con.print(f"input: {files.star}  truth: {files.truth_star}, {files.truth_json}  "
-              f"reference: {files.reference}", markup=False)
+    con.print(
+        f"{n} particles in {len(files.stacks)} stacks; {files.sim.spec.mag.describe()}",
+        markup=False,
+    )
+    con.print(
+        f"input: {files.star}  truth: {files.truth_star}, {files.truth_json}  "
+        f"reference: {files.reference}",
+        markup=False,
+    )
 
 
 def compare_command(
@@ -191,16 +206,26 @@ def compare_command(
     con = _out()
     mi, pa, d = cmp["micrograph"], cmp["particle"], cmp["difference"]
     con.print(f"{'':14s}{'micrographs':>24s}{'particles':>24s}{'difference':>14s}", markup=False)
-    con.print(f"{'anisotropy %':14s}{mi['anisotropy_percent']:24.4f}"
-              f"{pa['anisotropy_percent']:24.4f}{d['anisotropy_percent']:+14.4f}", markup=False)
-    con.print(f"{'axis deg':14s}{mi['axis_deg']:24.2f}{pa['axis_deg']:24.2f}"
-              f"{d['axis_deg']:+14.2f}", markup=False)
+    con.print(
+        f"{'anisotropy %':14s}{mi['anisotropy_percent']:24.4f}"
+        f"{pa['anisotropy_percent']:24.4f}{d['anisotropy_percent']:+14.4f}",
+        markup=False,
+    )
+    con.print(
+        f"{'axis deg':14s}{mi['axis_deg']:24.2f}{pa['axis_deg']:24.2f}{d['axis_deg']:+14.2f}",
+        markup=False,
+    )
     for i in range(2):
         a = mi["symmetric_unit"][i]
         b = pa["symmetric_unit"][i]
-        con.print(f"{'S/sqrt(det) ' + str(i):14s}{a[0]:12.6f}{a[1]:12.6f}{b[0]:12.6f}{b[1]:12.6f}",
-                  markup=False)
-    con.print(f"max |element difference| {d['max_abs_element']:.2e}; particle value within the "
-              f"micrograph 95 % interval: {cmp['within_micrograph_ci']}", markup=False)
+        con.print(
+            f"{'S/sqrt(det) ' + str(i):14s}{a[0]:12.6f}{a[1]:12.6f}{b[0]:12.6f}{b[1]:12.6f}",
+            markup=False,
+        )
+    con.print(
+        f"max |element difference| {d['max_abs_element']:.2e}; particle value within the "
+        f"micrograph 95 % interval: {cmp['within_micrograph_ci']}",
+        markup=False,
+    )
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(cmp, indent=2) + "\n")

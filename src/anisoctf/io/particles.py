@@ -161,8 +161,10 @@ class ParticleSet:
                 )
             out[i] = st[j]
         if not np.all(np.isfinite(out)):
-            raise InputError("NaN or Inf pixels in the particle images; re-extract them",
-                             path=self.stack[int(rows[0])])
+            raise InputError(
+                "NaN or Inf pixels in the particle images; re-extract them",
+                path=self.stack[int(rows[0])],
+            )
         return out
 
     def _map(self, p: Path) -> np.memmap:
@@ -217,8 +219,14 @@ def read_particles(path: str | os.PathLike[str], *, check_stacks: bool = True) -
     """
     p = Path(path)
     blocks = read_star_blocks(p)
-    key = next((k for k in ("particles", "", *blocks) if k in blocks
-                and "rlnImageName" in blocks[k].columns), None)
+    key = next(
+        (
+            k
+            for k in ("particles", "", *blocks)
+            if k in blocks and "rlnImageName" in blocks[k].columns
+        ),
+        None,
+    )
     if key is None:
         raise InputError(
             "no _rlnImageName column: not a particle STAR file; give the particles STAR of an "

@@ -61,8 +61,9 @@ class RefineReport:
     notes: list[str] = field(default_factory=list)
 
 
-def load_map(path: str | os.PathLike[str], pixel_size: float | None = None) -> tuple[np.ndarray,
-                                                                                        float]:
+def load_map(
+    path: str | os.PathLike[str], pixel_size: float | None = None
+) -> tuple[np.ndarray, float]:
     """A cubic map and its pixel size (Å); one-line InputError when it cannot serve.
 
     The header pixel size is used unless ``pixel_size`` is given; a header without one (0, or
@@ -111,8 +112,10 @@ def write_refined_star(
     blocks_layout = _layout(src)
     table = ps.table
     n = len(table)
-    new = {c: pd.to_numeric(table[c]).to_numpy(dtype=np.float64).copy()
-           for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")}
+    new = {
+        c: pd.to_numeric(table[c]).to_numpy(dtype=np.float64).copy()
+        for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+    }
     mask = np.zeros(n, dtype=bool)
     for r in results:
         rows = np.flatnonzero(ps.group == r.group)
@@ -121,12 +124,10 @@ def write_refined_star(
         new["rlnDefocusAngle"][rows] = r.defocus_angle
         mask[rows] = True
     replace = {
-        c: (mask, v, _fmt_angle if c == "rlnDefocusAngle" else _fmt_defocus)
-        for c, v in new.items()
+        c: (mask, v, _fmt_angle if c == "rlnDefocusAngle" else _fmt_defocus) for c, v in new.items()
     }
     if "rlnCtfAstigmatism" in table.columns:
-        replace["rlnCtfAstigmatism"] = (mask, new["rlnDefocusU"] - new["rlnDefocusV"],
-                                        _fmt_defocus)
+        replace["rlnCtfAstigmatism"] = (mask, new["rlnDefocusU"] - new["rlnDefocusV"], _fmt_defocus)
     t_index = _block_index(src, blocks_layout, ps.block, table)
     edits = {t_index: _BlockEdit(blocks_layout[t_index], table, replace, [])}
     if write_mag:
@@ -137,14 +138,19 @@ def write_refined_star(
         o_mask = np.isin(o_groups, list(by_group))
         o_replace = {}
         o_append = []
-        for label, (i, j) in zip(RELION_MAGMAT_LABELS, ((0, 0), (0, 1), (1, 0), (1, 1)),
-                                 strict=True):
+        for label, (i, j) in zip(
+            RELION_MAGMAT_LABELS, ((0, 0), (0, 1), (1, 0), (1, 1)), strict=True
+        ):
             if label in optics.columns:
                 old = pd.to_numeric(optics[label]).to_numpy(dtype=np.float64)
             else:
                 old = np.full(len(optics), 1.0 if i == j else 0.0)
-            vals = np.array([by_group[g][i, j] if g in by_group else old[k]
-                             for k, g in enumerate(o_groups.tolist())])
+            vals = np.array(
+                [
+                    by_group[g][i, j] if g in by_group else old[k]
+                    for k, g in enumerate(o_groups.tolist())
+                ]
+            )
             if label in optics.columns:
                 o_replace[label] = (o_mask, vals, _fmt_exact)
             else:
@@ -186,7 +192,8 @@ def _plot(result: GroupResult, path: Path) -> None:
         axes[2].set_ylabel("anisotropy (%)")
     fig.suptitle(
         f"optics group {result.group}: {result.n_particles} particles, "
-        f"{m.anisotropy_percent:.3f} % along {m.axis_deg:.1f}°", fontsize=10
+        f"{m.anisotropy_percent:.3f} % along {m.axis_deg:.1f}°",
+        fontsize=10,
     )
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -251,7 +258,7 @@ def run_refine(
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RefineReport(out_star=out_dir / OUT_STAR)
     projectors: dict[int, FourierProjector] = {}
-    for key, (v, a, p) in maps.items():
+    for key, (v, a, _p) in maps.items():
         if mask_vol is not None and mask_vol.shape != v.shape:
             raise InputError(f"the mask is {mask_vol.shape} but the map {v.shape}", path=mask)
         projectors[key] = FourierProjector(v, a, pad=pad, mask=mask_vol)

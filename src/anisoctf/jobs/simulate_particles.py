@@ -81,8 +81,12 @@ def write_particles_star(
     if truth:
         m = spec.mag.array
         o_cols += ["rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11"]
-        o_row += [_fmt_float(m[0, 0]), _fmt_float(m[0, 1]), _fmt_float(m[1, 0]),
-                  _fmt_float(m[1, 1])]
+        o_row += [
+            _fmt_float(m[0, 0]),
+            _fmt_float(m[0, 1]),
+            _fmt_float(m[1, 0]),
+            _fmt_float(m[1, 1]),
+        ]
     u, v, a = (
         (sim.true_u, sim.true_v, sim.true_angle) if truth else (sim.obs_u, sim.obs_v, sim.obs_angle)
     )

@@ -99,9 +99,7 @@ def compare_matrices(
         "difference": {
             "anisotropy_percent": a_p - a_m,
             "axis_deg": d_axis,
-            "max_abs_element": float(
-                np.abs(_sym_unit(particle) - _sym_unit(micrograph)).max()
-            ),
+            "max_abs_element": float(np.abs(_sym_unit(particle) - _sym_unit(micrograph)).max()),
         },
         "within_micrograph_ci": within,
     }

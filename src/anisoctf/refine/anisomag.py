@@ -205,8 +205,12 @@ def shell_evidence(
         try:
             g, cov = solve_matrix(eqs, m0, mask)
         except (ValueError, np.linalg.LinAlgError):
-            row.update(anisotropy_percent=float("nan"), anisotropy_sd=float("nan"),
-                       axis_deg=float("nan"), axis_sd=float("nan"))
+            row.update(
+                anisotropy_percent=float("nan"),
+                anisotropy_sd=float("nan"),
+                axis_deg=float("nan"),
+                axis_sd=float("nan"),
+            )
             out.append(row)
             continue
         mm = MagMat(update_matrix(m0, g))

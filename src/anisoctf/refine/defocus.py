@@ -59,7 +59,8 @@ def defocus_offsets(
     wavelength
         Electron wavelength (Å).
     search, step
-        Offsets searched: ``-search .. +search`` in steps of ``step`` Å, then refined.
+        Offsets searched: ``-search .. +search`` in steps of ``step`` Å, then refined; the
+        result stays inside ``±search``.
     """
     p = x0.shape[0]
     xs = x0.reshape(p, -1)
@@ -69,7 +70,8 @@ def defocus_offsets(
     w = np.broadcast_to(weight, phi0.shape[1:]).reshape(-1)
     k2 = np.broadcast_to(k2_true, phi0.shape[1:]).reshape(-1)
     keep = w > 0
-    xs, qs_, ph, env, w, k2 = xs[:, keep], qs_[:, keep], ph[:, keep], env[:, keep], w[keep], k2[keep]
+    xs, qs_, ph, env = xs[:, keep], qs_[:, keep], ph[:, keep], env[:, keep]
+    w, k2 = w[keep], k2[keep]
     qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
     en = w * (qs_.real**2 + qs_.imag**2) * env * env
     s0, c0 = np.sin(ph), np.cos(ph)
@@ -103,5 +105,5 @@ def defocus_offsets(
     den = y0 - 2 * y1 + y2
     frac = np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1.0), 0.0)
     frac = np.clip(frac, -1.0, 1.0)
-    off = grid[rows, j] + frac * fine_step
+    off = np.clip(grid[rows, j] + frac * fine_step, -search, search)
     return off, sf[rows, j]

@@ -195,7 +195,8 @@ def refine_group(
     # split chunks so that each uses one projector
     chunks = [c[which[c] == key] for c in chunks for key in np.unique(which[c])]
 
-    first = np.asarray(images(chunks[0]), dtype=np.float32)
+    first_rows = np.arange(min(n, st.chunk))
+    first = np.asarray(images(first_rows), dtype=np.float32)
     x_first = sfft.rfft2(first, workers=-1)
     if st.whiten:
         weight = np.where(band, 1.0 / _radial_noise(x_first, box), 0.0)
@@ -218,13 +219,19 @@ def refine_group(
 
     # contrast sign from the first batch (RELION images have the particle white)
     g0 = grid_features(box, apix, m)
-    x0, q = batch(chunks[0], m)
-    c = batch_ctf(g0, z[chunks[0]], a1[chunks[0]], a2[chunks[0]], optics,
-                  phase[chunks[0]], bfac[chunks[0]])
-    sign = 1.0 if np.median(scales(x0, q, c)) >= 0 else -1.0
+    signs = []
+    for rows in chunks:
+        sub = rows[np.isin(rows, first_rows)]
+        if sub.size:
+            x0, q = batch(sub, m)
+            c = batch_ctf(g0, z[sub], a1[sub], a2[sub], optics, phase[sub], bfac[sub])
+            signs.append(scales(x0, q, c))
+    sign = 1.0 if np.median(np.concatenate(signs)) >= 0 else -1.0
     if sign < 0:
-        say(f"optics group {group}: image contrast is inverted relative to the reference; "
-            "fitting with the sign flipped")
+        say(
+            f"optics group {group}: image contrast is inverted relative to the reference; "
+            "fitting with the sign flipped"
+        )
 
     history: list[dict[str, float]] = []
     cov = None
@@ -239,8 +246,9 @@ def refine_group(
                 g = grid_features(box, apix, m)
                 for rows in chunks:
                     x0, q = batch(rows, m)
-                    c = sign * batch_ctf(g, z[rows], a1[rows], a2[rows], optics, phase[rows],
-                                         bfac[rows])
+                    c = sign * batch_ctf(
+                        g, z[rows], a1[rows], a2[rows], optics, phase[rows], bfac[rows]
+                    )
                     s = scales(x0, q, c)
                     accumulate(eqs, x0, q, c, s, weight, m)
                 gstep, cov = solve_matrix(eqs, m, band)
@@ -254,9 +262,15 @@ def refine_group(
                 evidence = shell_evidence(eqs, m, apix, (k_lo, k_hi), st.n_shells)
                 m = m_new
                 mm = MagMat(m)
-                history.append({"round": rnd + 1, "iteration": it + 1,
-                                "anisotropy_percent": mm.anisotropy_percent,
-                                "axis_deg": mm.axis_deg, "step_norm": float(np.abs(gstep).max())})
+                history.append(
+                    {
+                        "round": rnd + 1,
+                        "iteration": it + 1,
+                        "anisotropy_percent": mm.anisotropy_percent,
+                        "axis_deg": mm.axis_deg,
+                        "step_norm": float(np.abs(gstep).max()),
+                    }
+                )
                 say(f"optics group {group}: round {rnd + 1} step {it + 1}: {mm.describe()}")
         if st.fit_defocus:
             t0 = time.perf_counter()
@@ -266,15 +280,26 @@ def refine_group(
                 x0, q = batch(rows, m)
                 phi0 = batch_chi(g, z[rows], a1[rows], a2[rows], optics, phase[rows]) + asin_w
                 env = sign * np.exp(-0.25 * bfac[rows, None, None] * g.feats.k2[None])
-                off, sc = defocus_offsets(x0, q, phi0, env, weight, g.feats.k2,
-                                          optics.wavelength, st.defocus_search, st.defocus_step)
+                off, sc = defocus_offsets(
+                    x0,
+                    q,
+                    phi0,
+                    env,
+                    weight,
+                    g.feats.k2,
+                    optics.wavelength,
+                    st.defocus_search,
+                    st.defocus_step,
+                )
                 z[rows] += off
                 change[rows] += off
                 score[rows] = sc
             t_def += time.perf_counter() - t0
             n_def += 1
-            say(f"optics group {group}: round {rnd + 1} defocus: median change "
-                f"{np.median(change):+.0f} Å, RMS {np.sqrt(np.mean(change**2)):.0f} Å")
+            say(
+                f"optics group {group}: round {rnd + 1} defocus: median change "
+                f"{np.median(change):+.0f} Å, RMS {np.sqrt(np.mean(change**2)):.0f} Å"
+            )
     u, v, ang = zaa_to_uva(z, a1, a2)
     timing = {}
     if n_mag:

@@ -71,8 +71,9 @@ def batch_chi(
     """``chi`` (radians) of every particle on the grid: ``(P, box, box//2+1)``."""
     lam = optics.wavelength
     f = g.feats
-    z, a1, a2, ph = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (z, a1, a2,
-                                                                        phase_shift_deg))
+    z, a1, a2, ph = (
+        np.atleast_1d(np.asarray(x, dtype=float)) for x in (z, a1, a2, phase_shift_deg)
+    )
     z, a1, a2, ph = np.broadcast_arrays(z, a1, a2, ph)
     quad = (
         z[:, None, None] * f.k2[None]
