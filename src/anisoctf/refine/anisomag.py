@@ -105,7 +105,7 @@ def accumulate(
         The current matrix ``M₀``.
     """
     box = eqs.box
-    mi = np.linalg.inv(np.asarray(m0, dtype=float))
+    mi = np.linalg.inv(np.asarray(m0, dtype=float)).astype(np.float32)  # keep complex64
     gkx, gky = slice_gradient(q, box)
     # ∇P(t) = M0^-T ∇k Q
     gx = mi[0, 0] * gkx + mi[1, 0] * gky
@@ -115,11 +115,18 @@ def accumulate(
     ux = sc * gx
     uy = sc * gy
     w = weight
-    eqs.axx += w * np.sum(ux.real**2 + ux.imag**2, axis=0)
-    eqs.ayy += w * np.sum(uy.real**2 + uy.imag**2, axis=0)
-    eqs.axy += w * np.sum(ux.real * uy.real + ux.imag * uy.imag, axis=0)
-    eqs.bx += w * np.sum(ux.real * r.real + ux.imag * r.imag, axis=0)
-    eqs.by += w * np.sum(uy.real * r.real + uy.imag * r.imag, axis=0)
+
+    def dot(a: NDArray, b: NDArray) -> NDArray[np.float64]:
+        # Σ_p Re(a b̄) per pixel, accumulated in double precision
+        return np.einsum("pij,pij->ij", a.real, b.real, dtype=np.float64) + np.einsum(
+            "pij,pij->ij", a.imag, b.imag, dtype=np.float64
+        )
+
+    eqs.axx += w * dot(ux, ux)
+    eqs.ayy += w * dot(uy, uy)
+    eqs.axy += w * dot(ux, uy)
+    eqs.bx += w * dot(ux, r)
+    eqs.by += w * dot(uy, r)
     eqs.n_particles += x0.shape[0]
 
 

@@ -68,7 +68,7 @@ def batch_chi(
     optics: Optics,
     phase_shift_deg: ArrayLike = 0.0,
 ) -> NDArray[np.float64]:
-    """``chi`` (radians) of every particle on the grid: ``(P, box, box//2+1)``."""
+    """``chi`` (radians) of every particle on the grid: ``(P, box, box//2+1)`` float32."""
     lam = optics.wavelength
     f = g.feats
     z, a1, a2, ph = (
@@ -95,8 +95,8 @@ def batch_ctf(
 ) -> NDArray[np.float32]:
     """The CTF (with the B-factor envelope) of every particle: ``(P, box, box//2+1)`` float32."""
     x = batch_chi(g, z, a1, a2, optics, phase_shift_deg)
-    x += np.arcsin(optics.amplitude_contrast)
-    out = -np.sin(x).astype(np.float32)
+    x += np.float32(np.arcsin(optics.amplitude_contrast))
+    out = -np.sin(x)
     b = np.atleast_1d(np.asarray(bfactor, dtype=float))
     if np.any(b != 0):
         b = np.broadcast_to(b, (out.shape[0],))
