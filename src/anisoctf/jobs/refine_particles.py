@@ -170,15 +170,15 @@ def _plot(result: GroupResult, path: Path) -> None:
     m = result.mag
     if ev:
         res = np.array([e["resolution"] for e in ev])
-        an = np.array([e["anisotropy_percent"] for e in ev])
-        asd = np.array([e["anisotropy_sd"] for e in ev])
+        an = np.array([e["anisotropy_along_axis_percent"] for e in ev])
+        asd = np.array([e["anisotropy_along_axis_sd"] for e in ev])
         ax_ = np.array([e["axis_deg"] for e in ev])
         axsd = np.array([e["axis_sd"] for e in ev])
         x = 1.0 / res
         axes[0].errorbar(x, an, yerr=asd, fmt="o", capsize=3, label="per shell")
         axes[0].axhline(m.anisotropy_percent, color="C1", label="all shells")
         axes[0].set_xlabel("spatial frequency (1/Å)")
-        axes[0].set_ylabel("anisotropy (%)")
+        axes[0].set_ylabel("anisotropy along the axis (%)")
         axes[0].legend(fontsize=8)
         axd = (ax_ - m.axis_deg + 90.0) % 180.0 - 90.0 + m.axis_deg
         axes[1].errorbar(x, axd, yerr=axsd, fmt="o", capsize=3)
