@@ -55,7 +55,11 @@ def refine_command(
         Path | None, typer.Option(help="Real-space mask for the reference.", show_default=False)
     ] = None,
     fit: Annotated[
-        str, typer.Option(help="Comma-separated: defocus, anisomag.")
+        str,
+        typer.Option(
+            help="Comma-separated: defocus (per particle), astigmatism (per micrograph), "
+            "anisomag (per optics group)."
+        ),
     ] = "defocus,anisomag",
     min_res: Annotated[float, typer.Option(help="Lowest resolution used (Å).")] = _SET.min_res,
     max_res: Annotated[
@@ -85,13 +89,12 @@ def refine_command(
     items = {f.strip() for f in fit.split(",") if f.strip()}
     unknown = items - _FITS
     if unknown or not items:
-        _fail(f"--fit takes defocus and/or anisomag, got {fit!r}")
-    if "astigmatism" in items:
-        _fail("--fit astigmatism is not implemented yet; use defocus,anisomag")
+        _fail(f"--fit takes defocus, astigmatism and/or anisomag, got {fit!r}")
     try:
         settings = RefineSettings(
             fit_anisomag="anisomag" in items,
             fit_defocus="defocus" in items,
+            fit_astigmatism="astigmatism" in items,
             min_res=min_res,
             max_res=max_res,
             rounds=rounds,

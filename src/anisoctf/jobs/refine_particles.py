@@ -293,6 +293,7 @@ def run_refine(
             settings=st,
             group=g,
             log=say,
+            micrograph=np.asarray(ps.micrograph, dtype=object)[rows].astype(str),
         )
         report.groups.append(res)
         summary = res.summary()

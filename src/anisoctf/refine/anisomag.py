@@ -190,8 +190,8 @@ def shell_evidence(
     only; the error bars are standard deviations over draws from ``N(g, N⁻¹/2)``. Besides the
     shell's own anisotropy and axis (biased upwards where noisy: an anisotropy is never
     negative) each row has the signed anisotropy along the axis fitted from all shells,
-    ``200 (e₁ᵀ S e₁ − e₂ᵀ S e₂) / tr S`` for the shell's symmetric part ``S``, which is linear in
-    the data and scatters around the overall value when the anisotropy is real.
+    ``200 (e₁ᵀ S e₁ − e₂ᵀ S e₂) / tr S`` with ``S = (M + Mᵀ)/2`` of the shell's matrix, which
+    is linear in the data and scatters around the overall value when the anisotropy is real.
 
     Returns
     -------
@@ -212,7 +212,7 @@ def shell_evidence(
 
     def along(mat: NDArray[np.float64]) -> float:
         # signed anisotropy along the overall axis: linear in the matrix, so unbiased in noise
-        sym = MagMat(mat).symmetric_part
+        sym = 0.5 * (mat + mat.T)  # the symmetric part, to first order in the rotation
         return float(200.0 * (e1 @ sym @ e1 - e2 @ sym @ e2) / np.trace(sym))
     out: list[dict[str, float]] = []
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):

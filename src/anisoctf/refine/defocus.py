@@ -107,3 +107,46 @@ def defocus_offsets(
     frac = np.clip(frac, -1.0, 1.0)
     off = np.clip(grid[rows, j] + frac * fine_step, -search, search)
     return off, sf[rows, j]
+
+
+def astigmatism_scores(
+    x0: NDArray[np.complexfloating],
+    q: NDArray[np.complexfloating],
+    phi0: NDArray[np.floating],
+    envelope: NDArray[np.floating],
+    weight: NDArray[np.floating],
+    c2_true: NDArray[np.floating],
+    s2_true: NDArray[np.floating],
+    wavelength: float,
+    candidates: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """Correlation of each particle for astigmatism changes ``(Δa1, Δa2)`` (Å, Cartesian).
+
+    The phase change of a candidate is ``δ = πλ (Δa1 (kx² − ky²) + Δa2 · 2 kx ky)`` at the true
+    frequency, shared by all particles, so the same five matrix products as for the defocus
+    give every candidate (``candidates``: ``(J, 2)``). Sum the rows of a micrograph's particles
+    to score a per-micrograph astigmatism. Arguments as :func:`defocus_offsets`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(P, J)`` correlations.
+    """
+    p = x0.shape[0]
+    w = np.broadcast_to(weight, phi0.shape[1:]).reshape(-1)
+    keep = w > 0
+    xs = x0.reshape(p, -1)[:, keep]
+    qs_ = q.reshape(p, -1)[:, keep]
+    ph = phi0.reshape(p, -1)[:, keep]
+    env = np.broadcast_to(envelope, phi0.shape).reshape(p, -1)[:, keep]
+    w = w[keep]
+    c2 = np.broadcast_to(c2_true, phi0.shape[1:]).reshape(-1)[keep]
+    s2 = np.broadcast_to(s2_true, phi0.shape[1:]).reshape(-1)[keep]
+    qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
+    en = w * (qs_.real**2 + qs_.imag**2) * env * env
+    s0, c0 = np.sin(ph), np.cos(ph)
+    mats = (qn * s0, qn * c0, en * s0 * s0, en * s0 * c0, en * c0 * c0)
+    mats = tuple(np.ascontiguousarray(m, dtype=np.float64) for m in mats)
+    cand = np.asarray(candidates, dtype=np.float64).reshape(-1, 2)
+    delta = np.pi * wavelength * (c2[:, None] * cand[None, :, 0] + s2[:, None] * cand[None, :, 1])
+    return _scores(*mats, delta)

@@ -33,7 +33,7 @@ from anisoctf.refine.anisomag import (
     solve_matrix,
     update_matrix,
 )
-from anisoctf.refine.defocus import defocus_offsets
+from anisoctf.refine.defocus import astigmatism_scores, defocus_offsets
 from anisoctf.refine.model import batch_chi, batch_ctf, grid_features, uva_to_zaa, zaa_to_uva
 from anisoctf.refine.projection import (
     FourierProjector,
@@ -51,6 +51,7 @@ class RefineSettings:
 
     fit_anisomag: bool = True
     fit_defocus: bool = True
+    fit_astigmatism: bool = False  # per micrograph, after each defocus pass
     min_res: float = 30.0
     max_res: float | None = None  # default: 2.2 pixels (just inside Nyquist)
     rounds: int = 2
@@ -58,6 +59,8 @@ class RefineSettings:
     defocus_search: float = 1500.0
     defocus_step: float = 25.0
     chunk: int = 128
+    astig_search: float = 300.0  # ± Å on each Cartesian component (a1, a2)
+    astig_step: float = 50.0
     n_shells: int = 8
     whiten: bool = True  # weights 1/σ²(|k|) from the radial power; False: flat (noiseless data)
 
@@ -146,6 +149,7 @@ def refine_group(
     settings: RefineSettings | None = None,
     group: int = 1,
     log: Callable[[str], None] | None = None,
+    micrograph: NDArray[np.int64] | None = None,
 ) -> GroupResult:
     """Refine the magnification matrix and per-particle defocus of one optics group.
 
@@ -164,6 +168,9 @@ def refine_group(
     projectors, which
         Reference projectors and, per particle, the key of the one to use (half maps: the
         random subset); ``which`` None uses the only projector.
+    micrograph
+        Micrograph number of each particle (0-based codes), for the per-micrograph astigmatism
+        (``settings.fit_astigmatism``); None puts all particles on one micrograph.
     """
     st = settings or RefineSettings()
     say = log or (lambda _m: None)
@@ -235,7 +242,12 @@ def refine_group(
 
     history: list[dict[str, float]] = []
     cov = None
-    t_mag = t_def = 0.0
+    t_mag = t_def = t_ast = 0.0
+    mic = (
+        np.zeros(n, dtype=np.int64)
+        if micrograph is None
+        else np.unique(np.asarray(micrograph), return_inverse=True)[1].reshape(-1)
+    )
     n_mag = n_def = 0
     evidence: list[dict[str, float]] = []
     for rnd in range(st.rounds):
@@ -300,11 +312,41 @@ def refine_group(
                 f"optics group {group}: round {rnd + 1} defocus: median change "
                 f"{np.median(change):+.0f} Å, RMS {np.sqrt(np.mean(change**2)):.0f} Å"
             )
+        if st.fit_astigmatism:
+            t0 = time.perf_counter()
+            g = grid_features(box, apix, m)
+            asin_w = np.arcsin(optics.amplitude_contrast)
+            nm = int(mic.max()) + 1
+            total = np.zeros((nm, 2))
+            for half, stp in ((st.astig_search, st.astig_step), (st.astig_step, st.astig_step / 5)):
+                d = np.arange(-half, half + 0.5 * stp, stp)
+                cand = np.stack(np.meshgrid(d, d, indexing="ij"), -1).reshape(-1, 2)
+                sums = np.zeros((nm, len(cand)))
+                for rows in chunks:
+                    x0, q = batch(rows, m)
+                    phi0 = batch_chi(g, z[rows], a1[rows], a2[rows], optics, phase[rows])
+                    phi0 += asin_w
+                    env = sign * np.exp(-0.25 * bfac[rows, None, None] * g.feats.k2[None])
+                    sc = astigmatism_scores(
+                        x0, q, phi0, env, weight, g.feats.c2, g.feats.s2, optics.wavelength, cand
+                    )
+                    np.add.at(sums, mic[rows], sc)
+                best = cand[np.argmax(sums, axis=1)]
+                a1 += best[mic, 0]
+                a2 += best[mic, 1]
+                total += best
+            t_ast += time.perf_counter() - t0
+            say(
+                f"optics group {group}: round {rnd + 1} astigmatism: median |change| "
+                f"{np.median(np.hypot(total[:, 0], total[:, 1])) * 2:.0f} Å in U − V"
+            )
     u, v, ang = zaa_to_uva(z, a1, a2)
     timing = {}
     if n_mag:
         timing["anisomag_s_per_pass"] = t_mag / n_mag
         timing["anisomag_particles_per_s"] = n * n_mag / t_mag
+    if st.fit_astigmatism:
+        timing["astigmatism_s"] = t_ast
     if n_def:
         timing["defocus_s_per_pass"] = t_def / n_def
         timing["defocus_particles_per_s"] = n * n_def / t_def
