@@ -8,8 +8,10 @@ per-micrograph observed-frame defocus a CTFFIND fit would give (no matrix), refi
 prints every target line of issue 5:
 
 * anisotropy error (target ±0.05 %), axis error (±2°);
-* per-micrograph mean defocus error (the mean over its particles, against the true micrograph
-  defocus; target 20 Å) and per-particle defocus RMS error (aim ≤ 100 Å);
+* per-micrograph mean defocus error (the mean of its particles' refined defocus against the
+  mean of their true defocus; target 20 Å; also against the micrograph's nominal defocus,
+  which differs from the particles' mean by the mean of their random heights) and
+  per-particle defocus RMS error (aim ≤ 100 Å);
 * throughput on the cores this process may use (``--threads``, default 2) in particles per
   second for one anisomag accumulation pass and one defocus pass (aim ≥ 1,000/s for anisomag
   at box 128), with the time of one plain ``rfft2`` pass over the same images, taken in the same
@@ -90,6 +92,12 @@ def main() -> None:
     per_particle = mean_est - mean_true
     mic_err = np.array(
         [
+            np.mean(mean_est[sim.micrograph == k]) - np.mean(mean_true[sim.micrograph == k])
+            for k in range(spec.n_micrographs)
+        ]
+    )
+    mic_nominal = np.array(
+        [
             np.mean(mean_est[sim.micrograph == k]) - sim.mic_true_mean[k]
             for k in range(spec.n_micrographs)
         ]
@@ -106,8 +114,13 @@ def main() -> None:
     ok = "PASS" if abs(d_ax) <= 2.0 else "FAIL"
     print(f"axis error       {d_ax:+.3f} deg (target ±2 deg)  {ok}")
     ok = "PASS" if np.max(np.abs(mic_err)) <= 20.0 else "FAIL"
-    print(f"per-micrograph mean defocus error: max |err| {np.max(np.abs(mic_err)):.1f} Å, RMS "
-          f"{np.sqrt(np.mean(mic_err**2)):.1f} Å (target 20 Å)  {ok}")
+    print(f"per-micrograph mean defocus error (vs the mean true defocus of its particles): "
+          f"max |err| {np.max(np.abs(mic_err)):.1f} Å, RMS {np.sqrt(np.mean(mic_err**2)):.1f} Å "
+          f"(target 20 Å)  {ok}")
+    hs = spec.height_sigma / np.sqrt(spec.n / spec.n_micrographs)
+    print(f"  vs the micrograph's nominal defocus (adds the mean of its particles' heights, SD "
+          f"{hs:.0f} Å): max |err| {np.max(np.abs(mic_nominal)):.1f} Å, RMS "
+          f"{np.sqrt(np.mean(mic_nominal**2)):.1f} Å")
     ok = "PASS" if np.sqrt(np.mean(per_particle**2)) <= 100.0 else "FAIL"
     print(f"per-particle defocus RMS error {np.sqrt(np.mean(per_particle**2)):.1f} Å (start "
           f"{np.sqrt(np.mean(start**2)):.1f} Å; aim ≤ 100 Å)  {ok}")
