@@ -221,7 +221,8 @@ def run_refine(
     """
     say = log or (lambda _m: None)
     st = settings or RefineSettings()
-    ps = read_particles(star)
+    # what the user most needs to hear first: poses, then the reference, then the stacks
+    ps = read_particles(star, check_stacks=False)
     ps.require_poses()
     if reference is None and half_maps is None:
         raise InputError(
@@ -229,6 +230,7 @@ def run_refine(
             "the refinement that produced the poses",
             path=ps.path,
         )
+    ps = read_particles(star)
     if st.fit_anisomag and not any(k == "optics" for k in read_star_blocks_names(ps.path)):
         raise InputError(
             "RELION 3.0 layout (no data_optics): a magnification matrix cannot be stored; "

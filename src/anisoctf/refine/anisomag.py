@@ -206,7 +206,10 @@ def shell_evidence(
     edges = np.linspace(band[0], band[1], n_shells + 1)
     rng = np.random.default_rng(seed)
     g_all, _ = solve_matrix(eqs, m0, (k >= band[0]) & (k <= band[1]))
-    theta = np.deg2rad(MagMat(update_matrix(m0, g_all)).axis_deg)
+    try:
+        theta = np.deg2rad(MagMat(update_matrix(m0, g_all)).axis_deg)
+    except ValueError:
+        theta = 0.0
     e1 = np.array([np.cos(theta), np.sin(theta)])
     e2 = np.array([-np.sin(theta), np.cos(theta)])
 
@@ -214,6 +217,7 @@ def shell_evidence(
         # signed anisotropy along the overall axis: linear in the matrix, so unbiased in noise
         sym = 0.5 * (mat + mat.T)  # the symmetric part, to first order in the rotation
         return float(200.0 * (e1 @ sym @ e1 - e2 @ sym @ e2) / np.trace(sym))
+
     out: list[dict[str, float]] = []
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         mask = (k >= lo) & (k < hi)
@@ -225,16 +229,19 @@ def shell_evidence(
         }
         try:
             g, cov = solve_matrix(eqs, m0, mask)
-        except (ValueError, np.linalg.LinAlgError):
+            mm = MagMat(update_matrix(m0, g))
+        except (ValueError, np.linalg.LinAlgError):  # no signal, or a wild (invalid) matrix
+            nan = float("nan")
             row.update(
-                anisotropy_percent=float("nan"),
-                anisotropy_sd=float("nan"),
-                axis_deg=float("nan"),
-                axis_sd=float("nan"),
+                anisotropy_along_axis_percent=nan,
+                anisotropy_along_axis_sd=nan,
+                anisotropy_percent=nan,
+                anisotropy_sd=nan,
+                axis_deg=nan,
+                axis_sd=nan,
             )
             out.append(row)
             continue
-        mm = MagMat(update_matrix(m0, g))
         draws = rng.multivariate_normal(g.reshape(-1), cov, size=n_draws)
         an, ax = [], []
         for d in draws:

@@ -23,6 +23,7 @@ import numpy as np
 import scipy.fft as sfft
 from numpy.typing import NDArray
 
+from anisoctf.errors import FitError
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.magnification.transform import defocus_table_to_true
 from anisoctf.optics.ctf import Optics
@@ -42,7 +43,11 @@ from anisoctf.refine.projection import (
     image_frequencies,
 )
 
-__all__ = ["GroupResult", "RefineSettings", "refine_group"]
+__all__ = ["MAX_STEP", "GroupResult", "RefineSettings", "refine_group"]
+
+#: Largest accepted change of any matrix element in one Gauss–Newton step (5 %: RELION's
+#: refined matrices differ from the identity by ~2 % at most).
+MAX_STEP = 0.05
 
 
 @dataclass(frozen=True)
@@ -263,7 +268,17 @@ def refine_group(
                     )
                     s = scales(x0, q, c)
                     accumulate(eqs, x0, q, c, s, weight, m)
-                gstep, cov = solve_matrix(eqs, m, band)
+                try:
+                    gstep, cov = solve_matrix(eqs, m, band)
+                except ValueError as exc:
+                    raise FitError(f"optics group {group}: {exc}") from None
+                if not np.all(np.abs(gstep) <= MAX_STEP):
+                    raise FitError(
+                        f"optics group {group}: the magnification step "
+                        f"{np.abs(gstep).max():.3f} exceeds {MAX_STEP}: the reference does not "
+                        "match these particles (wrong map, pixel size or poses), or there are "
+                        "too few particles"
+                    )
                 t_mag += time.perf_counter() - t0
                 n_mag += 1
                 m_new = update_matrix(m, gstep)
