@@ -74,38 +74,28 @@ def defocus_offsets(
     w, k2 = w[keep], k2[keep]
     qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
     en = w * (qs_.real**2 + qs_.imag**2) * env * env
-    s0, c0 = np.sin(ph), np.cos(ph)
-    mats = (qn * s0, qn * c0, en * s0 * s0, en * s0 * c0, en * c0 * c0)
-    mats = tuple(np.ascontiguousarray(m, dtype=np.float64) for m in mats)
     a = np.pi * wavelength * k2
 
-    def evaluate(offsets: NDArray[np.float64]) -> NDArray[np.float64]:
-        # offsets: (P, J) per particle, or (J,) shared
-        if offsets.ndim == 1:
-            return _scores(*mats, a[:, None] * offsets[None, :])
-        out = np.empty(offsets.shape)
-        for j in range(offsets.shape[1]):
-            d = a[None, :] * offsets[:, j, None]
-            cd, sd = np.cos(d), np.sin(d)
-            num = -np.sum(mats[0] * cd + mats[1] * sd, axis=1)
-            den = np.sum(mats[2] * cd * cd + 2 * mats[3] * cd * sd + mats[4] * sd * sd, axis=1)
-            out[:, j] = num / np.sqrt(np.maximum(den, 1e-300))
-        return out
+    def mats_at(phase: NDArray[np.floating]) -> tuple[NDArray[np.float64], ...]:
+        s0, c0 = np.sin(phase), np.cos(phase)
+        m = (qn * s0, qn * c0, en * s0 * s0, en * s0 * c0, en * c0 * c0)
+        return tuple(np.ascontiguousarray(x, dtype=np.float64) for x in m)
 
     coarse = np.arange(-search, search + 0.5 * step, step)
-    sc = evaluate(coarse)
+    sc = _scores(*mats_at(ph), a[:, None] * coarse[None, :])
     best = coarse[np.argmax(sc, axis=1)]
+    # fine grid around each particle's best: fold the best into the phase, so that the
+    # relative candidates are shared again and the same matrix products serve
     fine_step = step / 5.0
     rel = np.arange(-step, step + 0.5 * fine_step, fine_step)
-    grid = best[:, None] + rel[None, :]
-    sf = evaluate(grid)
+    sf = _scores(*mats_at(ph + a[None, :] * best[:, None]), a[:, None] * rel[None, :])
     j = np.clip(np.argmax(sf, axis=1), 1, len(rel) - 2)
     rows = np.arange(p)
     y0, y1, y2 = sf[rows, j - 1], sf[rows, j], sf[rows, j + 1]
     den = y0 - 2 * y1 + y2
     frac = np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1.0), 0.0)
     frac = np.clip(frac, -1.0, 1.0)
-    off = np.clip(grid[rows, j] + frac * fine_step, -search, search)
+    off = np.clip(best + rel[j] + frac * fine_step, -search, search)
     return off, sf[rows, j]
 
 
