@@ -233,6 +233,14 @@ def test_refine_errors_are_one_line(sim_files, tmp_path) -> None:
         run_refine(star, tmp_path / "e", half_maps=(str(small), str(small)))
 
 
+def test_wrong_reference_pixel_size_is_refused(sim_files, tmp_path) -> None:
+    """A reference with a 30 % wrong pixel size asks for a huge step: one-line FitError."""
+    from anisoctf.errors import FitError
+
+    with pytest.raises(FitError, match="does not match these particles"):
+        run_refine(sim_files.star, tmp_path, reference=sim_files.reference, ref_apix=2.6)
+
+
 def test_simulate_particles_cli(tmp_path) -> None:
     r = CliRunner().invoke(
         app,
