@@ -131,6 +131,10 @@ def main() -> None:
           f"one rfft2 pass ({per_fft:.0f} particles/s)")
     print(f"throughput defocus : {tm['defocus_particles_per_s']:.0f} particles/s per pass; = "
           f"{per_fft / tm['defocus_particles_per_s']:.1f} × one rfft2 pass")
+    print(f"  per CPU-second (all threads of this process; ×{args.threads} for {args.threads} "
+          f"idle cores): anisomag {tm['anisomag_particles_per_cpu_s']:.0f}, defocus "
+          f"{tm['defocus_particles_per_cpu_s']:.0f} particles; load average now "
+          f"{os.getloadavg()[0]:.1f}")
     rng = np.random.default_rng(args.seed + 7)
     nm = spec.n_micrographs
     first = np.array([np.flatnonzero(sim.micrograph == k)[0] for k in range(nm)])
