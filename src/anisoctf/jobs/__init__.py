@@ -1,7 +1,10 @@
 """File-level jobs behind the command line: they read and write files and call the science.
 
 * :mod:`anisoctf.jobs.estimate_micrographs`: ``anisoctf estimate`` (micrographs → CTF results);
-* :mod:`anisoctf.jobs.simulate_micrographs`: ``anisoctf simulate`` (micrographs with known CTF).
+* :mod:`anisoctf.jobs.simulate_micrographs`: ``anisoctf simulate`` (micrographs with known CTF);
+* :mod:`anisoctf.jobs.simulate_particles`: ``anisoctf simulate-particles`` (particles with known
+  poses, defocus and magnification matrix);
+* :mod:`anisoctf.jobs.refine_particles`: ``anisoctf refine`` (particles against a reference).
 """
 
 from anisoctf.jobs.estimate_micrographs import (
