@@ -97,6 +97,15 @@ def test_noiseless_anisomag_is_recovered_exactly(projector) -> None:
     assert abs(res.mag.anisotropy_percent - 1.5) / 1.5 < 1e-3
     assert abs(res.mag.axis_deg - truth.axis_deg) < 0.05
     np.testing.assert_allclose(res.mag.array, truth.array, atol=1e-5)
+    # the first step's displacement per bin follows the fitted matrix (noiseless data)
+    d = res.displacement
+    obs = np.array(d["observed_x"], dtype=float), np.array(d["observed_y"], dtype=float)
+    mod = np.array(d["model_x"], dtype=float), np.array(d["model_y"], dtype=float)
+    ok = np.isfinite(obs[0]) & (np.hypot(*mod) > 0)
+    r = np.corrcoef(
+        np.concatenate([obs[0][ok], obs[1][ok]]), np.concatenate([mod[0][ok], mod[1][ok]])
+    )[0, 1]
+    assert r > 0.9
     # the defocus came back into the true frame with the matrix
     np.testing.assert_allclose(res.defocus_u, sim.true_u, atol=0.5)
     np.testing.assert_allclose(res.defocus_v, sim.true_v, atol=0.5)
@@ -126,8 +135,18 @@ def test_per_micrograph_astigmatism_is_recovered(projector) -> None:
     spec, sim = _noiseless(projector, n=36, height=0.0, seed=9)
     z, a1, a2 = uva_to_zaa(sim.true_u, sim.true_v, sim.true_angle)
     u, v, a = zaa_to_uva(z, a1 + 120.0, a2 - 80.0)
-    res = _refine(sim, projector, m0=spec.mag.array, u=u, v=v, a=a, fit_anisomag=False,
-                  fit_defocus=False, fit_astigmatism=True, rounds=1)
+    res = _refine(
+        sim,
+        projector,
+        m0=spec.mag.array,
+        u=u,
+        v=v,
+        a=a,
+        fit_anisomag=False,
+        fit_defocus=False,
+        fit_astigmatism=True,
+        rounds=1,
+    )
     _, r1, r2 = uva_to_zaa(res.defocus_u, res.defocus_v, res.defocus_angle)
     assert np.max(np.abs(r1 - a1)) < 12.0 and np.max(np.abs(r2 - a2)) < 12.0
     # one astigmatism per micrograph
@@ -188,6 +207,7 @@ def test_refine_writes_star_with_other_columns_unchanged(sim_files, tmp_path) ->
     np.testing.assert_allclose(p1["rlnDefocusU"].astype(float), rep.groups[0].defocus_u, atol=1e-5)
     js = json.loads((tmp_path / "anisomag_group1.json").read_text())
     assert js["n_particles"] == 48 and len(js["per_frequency"]) == st.n_shells
+    assert len(js["displacement_field"]["observed_x"]) == 32 // 8
     assert (tmp_path / "anisomag_group1.png").stat().st_size > 1000
     # half maps: with both halves equal to the map, the answer is the same
     rep2 = run_refine(

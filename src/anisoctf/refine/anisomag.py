@@ -38,6 +38,7 @@ from anisoctf.refine.projection import image_frequencies, real_positions
 __all__ = [
     "MagEquations",
     "accumulate",
+    "displacement_field",
     "slice_gradient",
     "shell_evidence",
     "solve_matrix",
@@ -263,3 +264,60 @@ def shell_evidence(
         )
         out.append(row)
     return out
+
+
+def displacement_field(
+    eqs: MagEquations, m0: ArrayLike, g: ArrayLike, pixel_size: float, bin_px: int = 8
+) -> dict[str, list]:
+    """The per-frequency displacement RELION shows: solved in pixel bins, beside the model.
+
+    The half plane is cut into ``bin_px × bin_px`` bins; in each the summed equations give
+    the displacement ``d = A⁻¹ b`` of the true frequency (observed, 1/Å) and ``G t`` at the
+    bin's mean frequency (model). Rows run over ky in FFT order shifted to increasing ky,
+    columns over kx ≥ 0. Bins without signal are NaN.
+
+    Returns
+    -------
+    dict
+        ``kx``, ``ky`` (bin centres, 1/Å), ``observed_x``, ``observed_y``, ``model_x``,
+        ``model_y`` (1/Å), nested lists ``[row][column]``.
+    """
+    m0 = np.asarray(m0, dtype=float)
+    g = np.asarray(g, dtype=float)
+    n = eqs.box
+    kx, ky = image_frequencies(n)
+    order = np.fft.fftshift(np.arange(n))  # rows in increasing ky
+    arrs = [x[order] for x in (eqs.axx, eqs.axy, eqs.ayy, eqs.bx, eqs.by, kx, ky)]
+    nb_y, nb_x = n // bin_px, (n // 2 + 1 + bin_px - 1) // bin_px
+
+    def binned(a: NDArray) -> NDArray:
+        pad = np.zeros((nb_y * bin_px, nb_x * bin_px))
+        pad[: a.shape[0], : a.shape[1]] = a[: nb_y * bin_px]
+        return pad.reshape(nb_y, bin_px, nb_x, bin_px).sum(axis=(1, 3))
+
+    ones = np.ones_like(arrs[0])
+    cnt = binned(ones)
+    axx, axy, ayy, bx, by = (binned(a) for a in arrs[:5])
+    mkx = binned(arrs[5]) / np.maximum(cnt, 1) / pixel_size
+    mky = binned(arrs[6]) / np.maximum(cnt, 1) / pixel_size
+    det = axx * ayy - axy * axy
+    ok = det > 1e-12 * np.maximum(axx * ayy, 1e-300)
+    safe = np.where(ok, det, 1.0)
+    dx = np.where(ok, (ayy * bx - axy * by) / safe, np.nan) / pixel_size
+    dy = np.where(ok, (axx * by - axy * bx) / safe, np.nan) / pixel_size
+    tx = m0[0, 0] * mkx + m0[0, 1] * mky
+    ty = m0[1, 0] * mkx + m0[1, 1] * mky
+    mx = g[0, 0] * tx + g[0, 1] * ty
+    my = g[1, 0] * tx + g[1, 1] * ty
+
+    def lst(a: NDArray) -> list:
+        return [[None if not np.isfinite(v) else float(v) for v in row] for row in a]
+
+    return {
+        "kx": lst(mkx),
+        "ky": lst(mky),
+        "observed_x": lst(dx),
+        "observed_y": lst(dy),
+        "model_x": lst(mx),
+        "model_y": lst(my),
+    }

@@ -30,6 +30,7 @@ from anisoctf.optics.ctf import Optics
 from anisoctf.refine.anisomag import (
     MagEquations,
     accumulate,
+    displacement_field,
     shell_evidence,
     solve_matrix,
     update_matrix,
@@ -97,6 +98,7 @@ class GroupResult:
     cov: NDArray[np.float64] | None = None  # of the last step's (g00, g01, g10, g11)
     timing: dict[str, float] = field(default_factory=dict)
     flipped_contrast: bool = False
+    displacement: dict | None = None  # binned displacement of the first step, and the model
 
     def summary(self) -> dict:
         """JSON-ready summary (matrix, anisotropy, axis, evidence, history, timings)."""
@@ -122,6 +124,7 @@ class GroupResult:
             },
             "timing_s": self.timing,
             "contrast_inverted": self.flipped_contrast,
+            "displacement_field": self.displacement,
         }
 
 
@@ -248,6 +251,8 @@ def refine_group(
     history: list[dict[str, float]] = []
     cov = None
     t_mag = t_def = t_ast = c_mag = c_def = 0.0
+    first_eqs: MagEquations | None = None
+    first_m = m
     mic = (
         np.zeros(n, dtype=np.int64)
         if micrograph is None
@@ -288,6 +293,8 @@ def refine_group(
                 u, v, ang = defocus_table_to_true(u, v, ang, np.eye(2) + gstep)
                 z, a1, a2 = uva_to_zaa(u, v, ang)
                 evidence = shell_evidence(eqs, m, apix, (k_lo, k_hi), st.n_shells)
+                if first_eqs is None:
+                    first_eqs, first_m = eqs, m.copy()
                 m = m_new
                 mm = MagMat(m)
                 history.append(
@@ -358,6 +365,10 @@ def refine_group(
                 f"{np.median(np.hypot(total[:, 0], total[:, 1])) * 2:.0f} Å in U − V"
             )
     u, v, ang = zaa_to_uva(z, a1, a2)
+    displacement = None
+    if first_eqs is not None:
+        g_total = m @ np.linalg.inv(first_m) - np.eye(2)
+        displacement = displacement_field(first_eqs, first_m, g_total, apix)
     timing = {}
     if n_mag:
         timing["anisomag_s_per_pass"] = t_mag / n_mag
@@ -385,4 +396,5 @@ def refine_group(
         cov=cov,
         timing=timing,
         flipped_contrast=sign < 0,
+        displacement=displacement,
     )
