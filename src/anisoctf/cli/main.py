@@ -1,7 +1,8 @@
 """The ``anisoctf`` command line: a thin typer layer over :mod:`anisoctf.jobs`.
 
-Commands: ``estimate`` (CTF of micrographs), ``simulate`` (micrographs with a known CTF) and
-``demo`` (simulate three micrographs, estimate them and compare with the truth). Every default
+Commands: ``estimate`` (CTF of micrographs), ``simulate`` (micrographs with a known CTF),
+``simulate-particles`` and ``refine`` (particles against a reference, :mod:`anisoctf.cli.refine`)
+and ``demo`` (simulate three micrographs, estimate them and compare with the truth). Every default
 of ``estimate`` comes from :class:`~anisoctf.fit.result.FitSettings` and every default of
 ``simulate`` from :class:`~anisoctf.simulate.micrograph.MicrographSpec`, so the numbers live in
 one place. Option values the jobs reject (e.g. min-res below max-res, no inputs) end with one
@@ -25,6 +26,7 @@ from anisoctf import __version__
 from anisoctf.cli.aniso import aniso_app
 from anisoctf.cli.assign import assign_command
 from anisoctf.cli.production import RELION_CONTEXT, relion_external_command, report_command
+from anisoctf.cli.refine import refine_command, simulate_particles_command
 from anisoctf.errors import AnisoctfError
 from anisoctf.fit.result import FitSettings
 from anisoctf.jobs.estimate_micrographs import (
@@ -526,6 +528,8 @@ app.add_typer(aniso_app, name="aniso")
 app.command("assign")(assign_command)
 app.command("relion-external", context_settings=RELION_CONTEXT)(relion_external_command)
 app.command("report")(report_command)
+app.command("refine")(refine_command)
+app.command("simulate-particles")(simulate_particles_command)
 
 
 def main() -> None:  # pragma: no cover - entry point for ``python -m anisoctf.cli.main``

@@ -6,6 +6,9 @@
   output-directory lock, leftover temporaries);
 * :mod:`anisoctf.jobs.backends`: where micrographs are processed (serial, local processes, Dask);
 * :mod:`anisoctf.jobs.relion_external`: ``anisoctf relion-external`` (a RELION External job).
+* :mod:`anisoctf.jobs.simulate_particles`: ``anisoctf simulate-particles`` (particles with known
+  poses, defocus and magnification matrix);
+* :mod:`anisoctf.jobs.refine_particles`: ``anisoctf refine`` (particles against a reference).
 """
 
 from anisoctf.jobs.estimate_micrographs import (

@@ -1,0 +1,1 @@
+"""Particle CTF refinement against a reference map (projection, defocus, anisomag)."""

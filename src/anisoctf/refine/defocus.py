@@ -1,0 +1,142 @@
+"""Per-particle defocus against a reference: maximise the weighted correlation over ΔU.
+
+For particle ``p`` with observed spectrum ``X`` (origin at pixel 0), reference slice ``Q``,
+weights ``w(k)``, envelope ``E`` and CTF phase ``φ₀(k) = chi(k) + asin(w_ac)`` at its current
+defocus, a mean-defocus offset ``Δz`` adds ``δ(k) = π λ Δz |M k|²`` to the phase and
+
+    CC(Δz) = Σ w Re(X̄ Q) C(Δz) / sqrt(Σ w |Q|² C(Δz)²),   C = −E sin(φ₀ + δ)
+
+is the correlation of the data with the scaled prediction (the likelihood with a free scale).
+Because ``sin(φ₀ + δ) = sin φ₀ cos δ + cos φ₀ sin δ`` and ``δ`` depends on the pixel and
+``Δz`` only, every candidate of every particle comes from five matrix products
+``(P × pixels) @ (pixels × candidates)``: a coarse grid over the search range, a fine grid
+around the best, then a parabola through the best three.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["defocus_offsets"]
+
+
+def _scores(
+    qs: NDArray, qc: NDArray, es: NDArray, esc: NDArray, ec: NDArray, delta: NDArray
+) -> NDArray[np.float64]:
+    cd, sd = np.cos(delta), np.sin(delta)
+    num = -(qs @ cd + qc @ sd)
+    den = es @ (cd * cd) + 2.0 * (esc @ (cd * sd)) + ec @ (sd * sd)
+    return num / np.sqrt(np.maximum(den, 1e-300))
+
+
+def defocus_offsets(
+    x0: NDArray[np.complexfloating],
+    q: NDArray[np.complexfloating],
+    phi0: NDArray[np.floating],
+    envelope: NDArray[np.floating],
+    weight: NDArray[np.floating],
+    k2_true: NDArray[np.floating],
+    wavelength: float,
+    search: float = 1500.0,
+    step: float = 25.0,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Best mean-defocus offset (Å) and its correlation for each particle of a batch.
+
+    Parameters
+    ----------
+    x0, q
+        Observed spectra (origin at pixel 0) and reference slices, ``(P, ...)`` over the same
+        pixels (any layout; typically the band pixels, flattened).
+    phi0
+        ``chi + asin(amplitude contrast)`` at the current defocus, ``(P, ...)``.
+    envelope
+        CTF envelope ``E`` (broadcastable to ``phi0``).
+    weight
+        Per-pixel weight (broadcastable), zero outside the band.
+    k2_true
+        ``|M k|²`` in Å⁻² per pixel (broadcastable to one particle's pixels).
+    wavelength
+        Electron wavelength (Å).
+    search, step
+        Offsets searched: ``-search .. +search`` in steps of ``step`` Å, then refined; the
+        result stays inside ``±search``.
+    """
+    p = x0.shape[0]
+    xs = x0.reshape(p, -1)
+    qs_ = q.reshape(p, -1)
+    ph = phi0.reshape(p, -1)
+    env = np.broadcast_to(envelope, phi0.shape).reshape(p, -1)
+    w = np.broadcast_to(weight, phi0.shape[1:]).reshape(-1)
+    k2 = np.broadcast_to(k2_true, phi0.shape[1:]).reshape(-1)
+    keep = w > 0
+    xs, qs_, ph, env = xs[:, keep], qs_[:, keep], ph[:, keep], env[:, keep]
+    w, k2 = w[keep], k2[keep]
+    qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
+    en = w * (qs_.real**2 + qs_.imag**2) * env * env
+    a = np.pi * wavelength * k2
+
+    def mats_at(phase: NDArray[np.floating]) -> tuple[NDArray[np.float64], ...]:
+        s0, c0 = np.sin(phase), np.cos(phase)
+        m = (qn * s0, qn * c0, en * s0 * s0, en * s0 * c0, en * c0 * c0)
+        return tuple(np.ascontiguousarray(x, dtype=np.float64) for x in m)
+
+    coarse = np.arange(-search, search + 0.5 * step, step)
+    sc = _scores(*mats_at(ph), a[:, None] * coarse[None, :])
+    best = coarse[np.argmax(sc, axis=1)]
+    # fine grid around each particle's best: fold the best into the phase, so that the
+    # relative candidates are shared again and the same matrix products serve
+    fine_step = step / 5.0
+    rel = np.arange(-step, step + 0.5 * fine_step, fine_step)
+    sf = _scores(*mats_at(ph + a[None, :] * best[:, None]), a[:, None] * rel[None, :])
+    j = np.clip(np.argmax(sf, axis=1), 1, len(rel) - 2)
+    rows = np.arange(p)
+    y0, y1, y2 = sf[rows, j - 1], sf[rows, j], sf[rows, j + 1]
+    den = y0 - 2 * y1 + y2
+    frac = np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1.0), 0.0)
+    frac = np.clip(frac, -1.0, 1.0)
+    off = np.clip(best + rel[j] + frac * fine_step, -search, search)
+    return off, sf[rows, j]
+
+
+def astigmatism_scores(
+    x0: NDArray[np.complexfloating],
+    q: NDArray[np.complexfloating],
+    phi0: NDArray[np.floating],
+    envelope: NDArray[np.floating],
+    weight: NDArray[np.floating],
+    c2_true: NDArray[np.floating],
+    s2_true: NDArray[np.floating],
+    wavelength: float,
+    candidates: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """Correlation of each particle for astigmatism changes ``(Δa1, Δa2)`` (Å, Cartesian).
+
+    The phase change of a candidate is ``δ = πλ (Δa1 (kx² − ky²) + Δa2 · 2 kx ky)`` at the true
+    frequency, shared by all particles, so the same five matrix products as for the defocus
+    give every candidate (``candidates``: ``(J, 2)``). Sum the rows of a micrograph's particles
+    to score a per-micrograph astigmatism. Arguments as :func:`defocus_offsets`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(P, J)`` correlations.
+    """
+    p = x0.shape[0]
+    w = np.broadcast_to(weight, phi0.shape[1:]).reshape(-1)
+    keep = w > 0
+    xs = x0.reshape(p, -1)[:, keep]
+    qs_ = q.reshape(p, -1)[:, keep]
+    ph = phi0.reshape(p, -1)[:, keep]
+    env = np.broadcast_to(envelope, phi0.shape).reshape(p, -1)[:, keep]
+    w = w[keep]
+    c2 = np.broadcast_to(c2_true, phi0.shape[1:]).reshape(-1)[keep]
+    s2 = np.broadcast_to(s2_true, phi0.shape[1:]).reshape(-1)[keep]
+    qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
+    en = w * (qs_.real**2 + qs_.imag**2) * env * env
+    s0, c0 = np.sin(ph), np.cos(ph)
+    mats = (qn * s0, qn * c0, en * s0 * s0, en * s0 * c0, en * c0 * c0)
+    mats = tuple(np.ascontiguousarray(m, dtype=np.float64) for m in mats)
+    cand = np.asarray(candidates, dtype=np.float64).reshape(-1, 2)
+    delta = np.pi * wavelength * (c2[:, None] * cand[None, :, 0] + s2[:, None] * cand[None, :, 1])
+    return _scores(*mats, delta)
