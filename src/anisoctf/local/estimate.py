@@ -168,13 +168,16 @@ def _local_band(
     settings: FitSettings, glob: CTFEstimate, tiles: TileSpectra, optics: Optics
 ) -> tuple[float, float]:
     """Band of the tile profiles: the fit band, cut where one tile's spectrum can no longer
-    sample the rings (≥ 3 pixels per ring period) and where the global fit lost them."""
+    sample the rings (≥ 3 pixels per ring period) and where the global fit lost them (but not
+    before 5 Å)."""
     k_min = 1.0 / settings.min_res
     z = max(glob.params.defocus_u, 1000.0)
     step = 1.0 / (tiles.box * tiles.pixel_size)
     k_sample = 1.0 / (2.0 * optics.wavelength * z * 3.0 * step)
     k_fit = 1.0 / max(glob.fit_resolution, 1e-3) if np.isfinite(glob.fit_resolution) else 1e9
-    k_max = min(1.0 / settings.max_res, k_sample, 1.1 * k_fit, 0.5 / tiles.pixel_size)
+    # the global fit's resolution understates a tilted micrograph's rings (the tilt blurs them
+    # in the whole-image spectrum), so the band always reaches 5 Å where a tile can sample it
+    k_max = min(1.0 / settings.max_res, k_sample, max(1.1 * k_fit, 0.2), 0.5 / tiles.pixel_size)
     if k_max < 2.0 * k_min:
         k_max = min(2.0 * k_min, 0.5 / tiles.pixel_size)
     return k_min, k_max
