@@ -439,3 +439,18 @@ def test_carbon_corner_does_not_tilt_the_plane(tilted) -> None:
     m = (x > 800) | (y > 800)
     err = loc.surface(x[m], y[m]) - _truth(spec, x[m], y[m])
     assert np.sqrt(np.mean(err**2)) < 40.0
+
+
+def test_rerun_continues_only_with_the_same_local_settings(estimated: Path) -> None:
+    root = estimated
+    inputs = [str(root / "flat.mrc")]
+    out = root / "rerun"
+    local = LocalSettings(patches=(3, 3))
+    first = run_estimate(inputs, out, FitSettings(), apix=1.0, quiet=True, local=local)
+    assert (first.exit_code, first.n_skipped) == (0, 0)
+    again = run_estimate(inputs, out, FitSettings(), apix=1.0, quiet=True, local=local)
+    assert again.n_skipped == 1  # same parameters: continued, not redone
+    plain = run_estimate(inputs, out, FitSettings(), apix=1.0, quiet=True)
+    assert plain.n_skipped == 0  # other outputs asked for: redone
+    rows, _ = read_micrographs_ctf_star(out / "micrographs_ctf.star")
+    assert rows[0].tilt_angle is None and rows[0].surface == ""
