@@ -335,7 +335,8 @@ def _consensus_outliers(
     if idx.size < 6:
         return None
     rng = np.random.default_rng(0)
-    tri = np.array([rng.choice(idx, 3, replace=False) for _ in range(trials)])
+    tri = idx[rng.integers(0, idx.size, (trials, 3))]
+    tri = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 0] != tri[:, 2]) & (tri[:, 1] != tri[:, 2])]
     a = np.stack([np.ones(tri.shape), xs[tri], ys[tri]], axis=2)  # (T, 3, 3)
     det = np.linalg.det(a)
     ok = np.abs(det) > 1e-6 * (np.ptp(xs) * np.ptp(ys) + 1.0)
