@@ -454,3 +454,20 @@ def test_rerun_continues_only_with_the_same_local_settings(estimated: Path) -> N
     assert plain.n_skipped == 0  # other outputs asked for: redone
     rows, _ = read_micrographs_ctf_star(out / "micrographs_ctf.star")
     assert rows[0].tilt_angle is None and rows[0].surface == ""
+
+
+def test_batch_profile_scores_equal_the_single_profile_scores() -> None:
+    from anisoctf.fit.search import profile_scores
+    from anisoctf.local.profiles import batch_profile_scores
+
+    rng = np.random.default_rng(0)
+    p, nb, j = 4, 120, 25
+    k = np.sort(rng.uniform(0.03, 0.2, (p, nb)), axis=1)
+    n = rng.integers(0, 50, (p, nb)).astype(float)
+    n[:, :5] = 0.0  # empty bins carry no weight
+    y = rng.exponential(1.0, (p, nb)) + 1.0
+    c2 = rng.uniform(0.0, 1.0, (p, j, nb))
+    batch = batch_profile_scores(k, y, n, c2, 1 / 30, 0.2)
+    for i in range(p):
+        single = profile_scores(k[i], y[i], n[i], c2[i], 1 / 30, 0.2)
+        np.testing.assert_allclose(batch[i], single, rtol=1e-4, atol=1e-6 * np.abs(single).max())

@@ -34,12 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from anisoctf.fit.search import profile_scores
+from anisoctf.fit.band import radial_basis
 from anisoctf.optics.ctf import CTFParams, Optics, frequency_features
 from anisoctf.spectrum.tiles import TileSpectra
 
 __all__ = [
     "TileProfiles",
+    "batch_profile_scores",
     "modulation",
     "score_curves",
     "tile_profiles",
@@ -258,14 +259,69 @@ def score_curves(
     """
     nt = prof.y.shape[0]
     out = np.zeros((nt, offsets.size))
-    for t in range(nt):
-        ok = prof.n[t] > 0
-        if ok.sum() < 16:
-            continue
+    live = np.flatnonzero((prof.n > 0).sum(axis=1) >= 16)
+    if live.size == 0:
+        return out
+    c2 = np.empty((live.size, offsets.size, prof.y.shape[1]))
+    for i, t in enumerate(live):
         sp = (0.0, 0.0) if spreads is None else (float(spreads[t, 0]), float(spreads[t, 1]))
         mod = modulation(prof.k2[t], optics, thickness, sp)
-        c2 = _ctf2(prof, t, offsets, optics, phase_deg, mod)
-        out[t] = profile_scores(
-            np.sqrt(prof.k2[t]), prof.y[t], prof.n[t], c2, prof.k_min, prof.k_max
-        )
+        c2[i] = _ctf2(prof, t, offsets, optics, phase_deg, mod)
+    out[live] = batch_profile_scores(
+        np.sqrt(prof.k2[live]), prof.y[live], prof.n[live], c2, prof.k_min, prof.k_max
+    )
     return out
+
+
+def batch_profile_scores(
+    k: NDArray,
+    y: NDArray,
+    n: NDArray,
+    ctf2: NDArray,
+    k_min: float,
+    k_max: float,
+    n_bg: int = 5,
+    n_env: int = 2,
+) -> NDArray:
+    """:func:`anisoctf.fit.search.profile_scores` for many profiles at once.
+
+    ``k, y, n`` are ``(P, bins)`` (empty bins have ``n = 0`` and simply carry no weight) and
+    ``ctf2`` is ``(P, candidates, bins)``; returns ``(P, candidates)``. The same variable
+    projection: a smooth background (``n_bg`` B-splines) is projected out with noise weights
+    from the profile's own smooth fit, then a smooth envelope (``n_env`` powers of k) times each
+    candidate CTF² is fitted; the score is the drop of the weighted residual (0 where the
+    fitted envelope is negative).
+    """
+    p_, nb = y.shape
+    kk = np.where(n > 0, k, k_min)
+    phi = radial_basis(kk.ravel(), k_min, k_max, n_bg).reshape(p_, nb, -1)
+    sn = np.sqrt(n)
+    a = phi * sn[..., None]
+    gram = np.einsum("pib,pic->pbc", a, a)
+    gram += 1e-9 * np.trace(gram, axis1=1, axis2=2)[:, None, None] * np.eye(gram.shape[-1])
+    coef = np.linalg.solve(gram, np.einsum("pib,pi->pb", a, y * sn)[..., None])[..., 0]
+    ys = np.einsum("pib,pb->pi", phi, coef)
+    ys = np.maximum(ys, 1e-3 * np.max(np.abs(ys), axis=1, keepdims=True) + 1e-30)
+    sw = sn / ys
+    q, _ = np.linalg.qr(phi * sw[..., None])  # (P, bins, n_bg)
+    yw = y * sw
+    yp = yw - np.einsum("pib,pb->pi", q, np.einsum("pib,pi->pb", q, yw))
+    if n_env <= 1:
+        psi = np.ones((p_, nb, 1))
+    else:
+        psi = np.stack([(kk / k_max) ** i for i in range(n_env)], axis=2)
+    u = sw[..., None] * psi  # (P, bins, A)
+    qu = np.einsum("pib,pia->piab", q, u).reshape(p_, nb, -1)  # (P, bins, A*B)
+    proj = np.einsum("pji,pic->pjc", ctf2, qu).reshape(p_, ctf2.shape[1], u.shape[2], -1)
+    uu = np.einsum("pia,pic->piac", u, u).reshape(p_, nb, -1)
+    g = np.einsum("pji,pic->pjc", ctf2 * ctf2, uu).reshape(p_, ctf2.shape[1], u.shape[2], -1)
+    g = g - np.einsum("pjab,pjcb->pjac", proj, proj)
+    h = np.einsum("pji,pia->pja", ctf2, u * yp[..., None])
+    eye = np.eye(g.shape[-1])
+    g = g + 1e-9 * np.trace(g, axis1=2, axis2=3)[..., None, None] * eye
+    c = np.linalg.solve(g, h[..., None])[..., 0]
+    drop = np.einsum("pja,pja->pj", h, c)
+    w = np.where(n > 0, 1.0, 0.0)
+    psi_mean = np.einsum("pia,pi->pa", psi, w) / np.maximum(w.sum(axis=1), 1.0)[:, None]
+    amp = np.einsum("pja,pa->pj", c, psi_mean)
+    return np.where(amp > 0, drop, 0.0)

@@ -128,16 +128,20 @@ def tile_spectra(
     power = np.empty((nt, box, h + 1), dtype=np.float32)
     feats = np.zeros((nt, 2))
     buf = np.empty((min(chunk, nt), tile, tile), dtype=np.float32)
+    # the tile's mean is removed in Fourier space: F(w·(t − m)) = F(w·t) − m F(w), with the
+    # weighted mean m = Σ w t / Σ w read off the zero frequency (one pass over the pixels less)
+    fwin = sfft.rfft2(win.astype(np.float64), workers=workers).astype(np.complex64)
+    wsum = float(np.sum(win, dtype=np.float64))
     for start in range(0, nt, chunk):
         sel = range(start, min(start + chunk, nt))
         b = buf[: len(sel)]
         for i, j in enumerate(sel):
             r, c = origins[j]
-            t = np.asarray(img[r : r + tile, c : c + tile], dtype=np.float32)
-            m = float(t.mean(dtype=np.float64))
-            feats[j, 0] = m
-            np.multiply(t - np.float32(m), win, out=b[i])
+            np.multiply(img[r : r + tile, c : c + tile], win, out=b[i])
         f = sfft.rfft2(b, workers=workers, overwrite_x=True)
+        m = f[:, 0, 0].real / wsum
+        feats[start : start + len(sel), 0] = m
+        f -= m.astype(np.float32)[:, None, None] * fwin
         if crop:
             f = np.concatenate([f[:, :h, : h + 1], f[:, -h:, : h + 1]], axis=1)
         p = power[start : start + len(sel)]
