@@ -458,13 +458,20 @@ def compressed_zone(
     ex2, ey2, exy = mean[1], mean[2], mean[3]
     feats = FrequencyFeatures(k2=ex2 + ey2, c2=ex2 - ey2, s2=2.0 * exy, k4=mean[4])
     rho2 = feats.k2 if m is None else mean[5]
-    theta = _half_turn(0.5 * np.arctan2(feats.s2, feats.c2))
-    # the cells' observed-frame frequency (kx, ky): their mean |k_obs| along the mean direction
+    # mean direction: float32 is plenty (cells are far wider in angle than its rounding)
+    theta = _half_turn(
+        0.5 * np.arctan2(feats.s2.astype(np.float32), feats.c2.astype(np.float32)).astype(float)
+    )
+    # the cells' observed-frame frequency (kx, ky): their mean |k_obs| along the mean
+    # direction, from cos 2θ without trigonometry (θ in [0, π): sin θ ≥ 0)
     rho = np.sqrt(rho2)
+    cos2 = np.clip(feats.c2 / np.maximum(np.hypot(feats.c2, feats.s2), 1e-300), -1.0, 1.0)
+    cos_t = np.copysign(np.sqrt(0.5 * (1.0 + cos2)), feats.s2)
+    sin_t = np.sqrt(0.5 * (1.0 - cos2))
     if m is None:
-        kx_c, ky_c = rho * np.cos(theta), rho * np.sin(theta)
+        kx_c, ky_c = rho * cos_t, rho * sin_t
     else:
-        kt = np.linalg.solve(m, np.stack([np.cos(theta), np.sin(theta)]))
+        kt = np.linalg.solve(m, np.stack([cos_t, sin_t]))
         kt *= rho / np.maximum(np.hypot(kt[0], kt[1]), 1e-300)
         kx_c, ky_c = kt[0], kt[1]
     return Band(

@@ -187,7 +187,10 @@ def search_spectrum(
             path=name,
         )
     stage1: list[RefineResult] = []
+    step = float(search.defocus_grid[1] - search.defocus_grid[0])
     for cand in search.candidates:
+        if any(_same_basin(cand, r, step) for r in stage1):
+            continue  # it would only converge to an optimum already found
         try:
             stage1.append(
                 refine_ml(
@@ -217,8 +220,20 @@ def search_spectrum(
         if distinct and (r.nll - keep[0].nll) * scale < 20.0:
             keep.append(r)
             break
-    step = float(search.defocus_grid[1] - search.defocus_grid[0])
     return _Search(keep, step, k_min, 1.0 / max_res, warnings)
+
+
+#: a search candidate this close to a refined optimum (|Δz| + |Δa|, in search grid steps, i.e.
+#: quarter radians of phase at the coarse band edge) lies in that optimum's basin: the runners-up
+#: of the search are mostly the next grid points of the same peak (4–6.5 steps away), and they
+#: were found to converge to the same optimum every time
+SAME_BASIN_STEPS = 8.0
+
+
+def _same_basin(cand: tuple[float, float, float, float], r: RefineResult, step: float) -> bool:
+    dz = abs(cand[0] - r.z)
+    da = float(np.hypot(cand[1] - r.a1, cand[2] - r.a2))
+    return (dz + da) < SAME_BASIN_STEPS * step and abs(cand[3] - r.phase_deg) < 30.0
 
 
 def refine_spectrum(

@@ -155,8 +155,13 @@ def optics_ctf2(band: Band, params: CTFParams, optics: Optics) -> NDArray:
     """CTF² (no envelope) at the band's pixels."""
     x = chi(band.feats, params, optics)
     w = optics.amplitude_contrast
-    c = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
-    return c * c
+    # (sqrt(1 - w^2) sin x + w cos x)^2 = sin^2(x + alpha) = (1 - cos 2(x + alpha)) / 2
+    x += np.arctan2(w, np.sqrt(1 - w * w))
+    x *= 2.0
+    c2 = np.cos(x)
+    c2 *= -0.5
+    c2 += 0.5
+    return c2
 
 
 def equiphase_radius(band: Band, params: CTFParams, optics: Optics) -> NDArray:

@@ -43,8 +43,15 @@ def _ctf2_1d(k: NDArray, df: NDArray, phase_rad: NDArray, optics: Optics) -> NDA
     k2 = k * k
     x = np.pi * lam * df[:, None] * k2[None, :] - 0.5 * np.pi * cs * lam**3 * (k2 * k2)[None, :]
     x = x + phase_rad[:, None]
-    c = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
-    return c * c
+    # CTF^2 = sin^2(x + alpha) = (1 - cos 2(x + alpha)) / 2; a coarse score table needs no
+    # more than float32 after an exact reduction of the angle to [-pi, pi]
+    x += np.arctan2(w, np.sqrt(1 - w * w))
+    x *= 2.0
+    x -= (2 * np.pi) * np.round(x * (0.5 / np.pi))
+    c2 = np.cos(x.astype(np.float32))
+    c2 *= np.float32(-0.5)
+    c2 += np.float32(0.5)
+    return c2.astype(np.float64)
 
 
 def profile_scores(
