@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from anisoctf.errors import FitError, InputError
 from anisoctf.fit.band import Band, compressed_zone, concat_bands, make_band
 from anisoctf.fit.quality import (
+    RingStats,
     equiphase_radius,
     optics_ctf2,
     ring_statistics,
@@ -321,7 +322,7 @@ def refine_spectrum(
     diag = None
     if diagnostics:
         shown = make_band(spectrum, opt, k_min, nyq, bin_)
-        diag = _diagnostics(spectrum, opt, params, shown, (k_min, k_max), rings.fit_resolution)
+        diag = _diagnostics(spectrum, opt, params, shown, (k_min, k_max), rings)
     return CTFEstimate(
         params=params,
         optics=optics,
@@ -379,12 +380,10 @@ def _square_display(
     ry = np.round(ky / dstep).astype(np.int64)
     rx = np.round(kx / dstep).astype(np.int64)
     ok = (np.abs(ry) < n // 2) & (rx <= n // 2)
+    flat = (ry[ok] % n) * (n // 2 + 1) + rx[ok]
+    cnt = np.bincount(flat, minlength=out_s.size)
     for dst, v in ((out_s, obs), (out_m, model)):
-        acc = np.zeros(dst.size)
-        cnt = np.zeros(dst.size)
-        flat = (ry[ok] % n) * (n // 2 + 1) + rx[ok]
-        np.add.at(acc, flat, v[ok])
-        np.add.at(cnt, flat, 1.0)
+        acc = np.bincount(flat, weights=v[ok], minlength=dst.size)
         dst.ravel()[:] = np.where(cnt > 0, acc / np.maximum(cnt, 1), 0.0)
         # the kx = 0 column holds each point once: mirror it for display
         col = dst[:, 0].copy()
@@ -398,12 +397,13 @@ def _diagnostics(
     params: CTFParams,
     band: Band,
     fit_band: tuple[float, float],
-    fit_resolution: float,
+    rings: RingStats,
 ) -> FitDiagnostics:
-    """Display arrays on the (binned) half-plane grid of ``band``."""
-    rings = ring_statistics(band, params, optics)
+    """Display arrays on the (binned) half-plane grid of ``band``, with the local background
+    and ring amplitude of the ring windows measured for the fit resolution (``rings``)."""
+    fit_resolution = rings.fit_resolution
     # 2D: spectrum with its local background removed and local amplitude divided out, per ring
-    w = rings.window
+    w = rings.windows_of(band, params, optics)
     amp = np.maximum(rings.amplitude, 0.0)
     good = amp > 0
     order = np.argsort(rings.k)
@@ -422,7 +422,7 @@ def _diagnostics(
     keq = equiphase_radius(band, params, optics)
     nb = int(np.ceil((band.k_max - band.k_min) / (0.5 * band.pixel_step)))
     edges = np.linspace(band.k_min, band.k_max, nb + 1)
-    i = np.clip(np.searchsorted(edges, keq) - 1, 0, nb - 1)
+    i = np.clip(((keq - band.k_min) * (nb / (band.k_max - band.k_min))).astype(np.int64), 0, nb - 1)
     cnt = np.bincount(i, minlength=nb)
     prof = np.bincount(i, weights=obs, minlength=nb) / np.maximum(cnt, 1)
     kc = 0.5 * (edges[1:] + edges[:-1])

@@ -137,15 +137,24 @@ def refine_ml(
     total_w = float(nu.sum())
     fisher_scale = max(n_eff, 1.0) * total_w
 
+    # the Jacobian is built transposed (one contiguous row per parameter) from float32 copies
+    dchi_t = np.array(dchi, dtype=np.float32)
+    phi_t = np.ascontiguousarray(phi.T, dtype=np.float32)
+    psi_t = np.ascontiguousarray(psi.T, dtype=np.float32)
+    n_par = nt + phi_t.shape[0] + psi_t.shape[0]
+
     def jacobian(m_: NDArray, env_: NDArray, c2_: NDArray, dc2_: NDArray) -> NDArray:
-        # float32 is ample: rounding stays far below the statistical noise of the sums
+        """Transposed weighted Jacobian ``(n_par, N)``; float32 is ample: rounding stays far
+        below the statistical noise of the sums."""
         inv_ = (snu / m_).astype(np.float32)
-        j_ = np.empty((m_.size, nt + phi.shape[1] + psi.shape[1]), dtype=np.float32)
-        a_ = (env_ * dc2_).astype(np.float32) * inv_
-        for i_, d_ in enumerate(dchi):
-            j_[:, i_] = a_ * d_
-        j_[:, nt : nt + nb] = phi * inv_[:, None]
-        j_[:, nt + nb :] = psi * (c2_.astype(np.float32) * inv_)[:, None]
+        j_ = np.empty((n_par, m_.size), dtype=np.float32)
+        a_ = (env_ * dc2_).astype(np.float32)
+        a_ *= inv_
+        np.multiply(dchi_t, a_, out=j_[:nt])
+        np.multiply(phi_t, inv_, out=j_[nt : nt + nb])
+        b_ = c2_.astype(np.float32)
+        b_ *= inv_
+        np.multiply(psi_t, b_, out=j_[nt + nb :])
         return j_
 
     def evaluate(t: NDArray, lin_: NDArray):
@@ -173,8 +182,8 @@ def refine_ml(
     for iterations in range(1, max_iter + 1):  # noqa: B007 - reported in the result
         j = jacobian(m, env, c2, dc2)
         r = ((s - m) * snu / m).astype(np.float32)
-        jtj = (j.T @ j).astype(np.float64) / total_w
-        g = (j.T @ r).astype(np.float64) / total_w
+        jtj = (j @ j.T).astype(np.float64) / total_w
+        g = (j @ r).astype(np.float64) / total_w
         if restr:
             g[1] -= restr_scaled * theta[1]
             g[2] -= restr_scaled * theta[2]
@@ -213,7 +222,7 @@ def refine_ml(
 
     # covariance from the Fisher information at the optimum
     j = jacobian(m, env, c2, dc2)
-    fisher = max(n_eff, 1.0) * (j.T @ j).astype(np.float64)
+    fisher = max(n_eff, 1.0) * (j @ j.T).astype(np.float64)
     if restr:
         fisher[1, 1] += restr * max(n_eff, 1.0)
         fisher[2, 2] += restr * max(n_eff, 1.0)
@@ -244,11 +253,20 @@ def background_only_nll(band: Band, n_bg: int = 10, iterations: int = 8) -> floa
     s = band.values
     nu = band.weights
     phi = radial_basis(band.rho, float(band.rho.min()), float(band.rho.max()), n_bg)
+    # the IRLS normal equations in float32 (one contiguous row per basis function): the
+    # iteration corrects its own rounding, and the likelihood itself is float64
+    phi_t = np.ascontiguousarray(phi.T, dtype=np.float32)
+    s32 = s.astype(np.float32)
+    snu = np.sqrt(nu).astype(np.float32)
     coef = _solve_normal(phi, s)
+    floor = 1e-12 * np.abs(s).mean()
+    x = np.empty_like(phi_t)
     for _ in range(iterations):  # IRLS with Gamma weights 1/m^2
-        m = np.maximum(phi @ coef, 1e-12 * np.abs(s).mean())
-        w = np.sqrt(nu) / m
-        coef = _solve_normal(phi * w[:, None], s * w)
+        w = (snu / np.maximum(phi @ coef, floor)).astype(np.float32)
+        np.multiply(phi_t, w, out=x)
+        g = (x @ x.T).astype(np.float64)
+        g += 1e-12 * np.trace(g) * np.eye(g.shape[0])
+        coef = np.linalg.solve(g, (x @ (s32 * w)).astype(np.float64))
     m = phi @ coef
     if np.any(m <= 0):
         return np.inf

@@ -306,7 +306,7 @@ def read_micrograph(path: str | os.PathLike[str]) -> MRCImage:
             path=p,
         )
     if header.nz == 1 and header.dtype == np.dtype(np.float32):
-        data = _read_float32(p, header)  # plain read into the result: no mapping, no copy
+        data = _read_float32(p, header)
     else:
         data = _read_converted(p, header)
     if header.dtype.kind == "f" or header.nz > 1:
@@ -330,17 +330,20 @@ def _is_constant(data: NDArray) -> bool:
 
 
 def _read_float32(path: Path, header: MRCHeader) -> NDArray[np.float32]:
-    """One native-order float32 image read straight into a new array."""
-    data = np.empty((header.ny, header.nx), dtype=np.float32)
+    """One native-order float32 image as a private (copy-on-write) map of the file: the pixels
+    are the page cache's own, so there is no copy and no fresh 4-byte-per-pixel allocation to
+    fault in; writing to the array changes only this process's copy, never the file."""
     try:
-        with open(path, "rb") as f:
-            f.seek(header.data_offset)
-            got = f.readinto(memoryview(data).cast("B"))
-    except OSError as exc:  # e.g. an I/O error on a network file
-        raise InputError(f"cannot read the pixel data ({exc}); re-copy the file", path=path) from exc
-    if got != data.nbytes:
-        raise InputError("truncated while reading the pixels; re-copy the file", path=path)
-    return data
+        mm = np.memmap(
+            path,
+            dtype=np.float32,
+            mode="c",
+            offset=header.data_offset,
+            shape=(header.ny, header.nx),
+        )
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot map the pixel data ({exc}); re-copy the file", path=path) from exc
+    return np.asarray(mm)  # a plain ndarray view (the map lives as long as the array)
 
 
 def _read_converted(path: Path, header: MRCHeader) -> NDArray[np.float32]:
