@@ -203,13 +203,29 @@ def coarse_search(
     # sector defocus offset in grid steps, for each astigmatism candidate: (n_ast, n_sectors)
     off = a1[:, None] * np.cos(2 * centres)[None, :] + a2[:, None] * np.sin(2 * centres)[None, :]
     off = off / step
-    zi = np.arange(grid.size)
     live = [sc for sc in range(n_sectors) if curves[sc].any()]
 
+    # linear interpolation of each sector's curve at column + offset: the columns are whole
+    # grid points, so the integer part and the fraction of the offset are all that varies
+    # (a gather from a zero-padded curve instead of a search per value, like np.interp with
+    # zero outside the grid)
+    pad = int(np.ceil(np.abs(off).max())) + 2 if off.size else 2
+    whole = np.floor(off).astype(np.int64)
+    frac = off - whole
+    curves_p = np.zeros((n_sectors, grid.size + 2 * pad + 1))
+    curves_p[:, pad : pad + grid.size] = curves
+
     def totals(cols: NDArray) -> NDArray:
+        c = cols.astype(np.int64)
         out = np.zeros((a1.size, cols.size))
         for sc in live:
-            out += np.interp(cols[None, :] + off[:, sc : sc + 1], zi, curves[sc], 0.0, 0.0)
+            j = whole[:, sc : sc + 1] + (c + pad)[None, :]
+            fp = curves_p[sc]
+            v = fp[j]
+            v += frac[:, sc : sc + 1] * (fp[j + 1] - v)
+            x = c[None, :] + off[:, sc : sc + 1]
+            v[(x < 0) | (x > grid.size - 1)] = 0.0
+            out += v
         return out
 
     # branch and bound over defocus: no astigmatism can score more at z than the sum of each
@@ -225,7 +241,7 @@ def coarse_search(
     done = 0
     while done < order.size:
         cols = order[done : done + 32]
-        total[:, cols] = totals(cols.astype(float))
+        total[:, cols] = totals(cols)
         done += cols.size
         kth = np.sort(total.max(axis=0))[::-1][min(4 * n_best, grid.size) - 1]
         if done < order.size and bound[order[done]] < kth:
