@@ -379,9 +379,7 @@ def compressed_zone(
     m = optics.M if optics.has_anisomag else None
     gram = np.eye(2) if m is None else m.T @ m
     rows_used = np.arange(0, ky1.size, max(1, int(row_stride)))
-    seg_row, seg_start, seg_len = _annulus_segments(
-        kx1[:-1], ky1[rows_used], gram, k_min, k_max
-    )
+    seg_row, seg_start, seg_len = _annulus_segments(kx1[:-1], ky1[rows_used], gram, k_min, k_max)
     if seg_len.size == 0:
         return make_band(spectrum, optics, k_min, k_max, bin_factor, row_stride)
     seg_row = rows_used[seg_row]

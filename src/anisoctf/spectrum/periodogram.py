@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.fft as sfft
 from numpy.typing import NDArray
 
+from anisoctf._lazy import lazy
 from anisoctf.errors import InputError
+from anisoctf.spectrum._rfft import rfft2
+
+sfft = lazy("scipy.fft")  # imported on first use (see anisoctf.spectrum._rfft)
 
 __all__ = [
     "Spectrum",
@@ -460,7 +463,7 @@ def full_periodogram(
         np.subtract(sub, np.float32(mean_w), out=a, casting="unsafe")
         a *= wm
         norm = float(np.sum(np.square(wm, dtype=np.float64)))
-    f = sfft.rfft2(a, workers=workers, overwrite_x=True)
+    f = rfft2(a, workers=workers)
     del a
     apix = pixel_size
     if fit_pixel_size is not None and fit_pixel_size > pixel_size * (1 + 1e-6):
