@@ -505,10 +505,14 @@ def radial_basis(
     f = t - i
     f2 = f * f
     f3 = f2 * f
-    out = np.zeros((rho.size, n))
-    rows = np.arange(rho.size)
-    out[rows, i] = (1.0 - f) ** 3 / 6.0
-    out[rows, i + 1] = (3.0 * f3 - 6.0 * f2 + 4.0) / 6.0
-    out[rows, i + 2] = (-3.0 * f3 + 3.0 * f2 + 3.0 * f + 1.0) / 6.0
-    out[rows, i + 3] = f3 / 6.0
-    return out
+    out = np.zeros(rho.size * n)
+    at = np.arange(0, rho.size * n, n)  # flat index of each row's first entry
+    at += i
+    out[at] = (1.0 - f) ** 3 / 6.0
+    at += 1
+    out[at] = (3.0 * f3 - 6.0 * f2 + 4.0) / 6.0
+    at += 1
+    out[at] = (-3.0 * f3 + 3.0 * f2 + 3.0 * f + 1.0) / 6.0
+    at += 1
+    out[at] = f3 / 6.0
+    return out.reshape(rho.size, n)

@@ -66,10 +66,12 @@ def _ctf_terms(band: Band, optics: Optics, z: float, a1: float, a2: float, ph: f
 
 
 def _solve_normal(x: NDArray, y: NDArray) -> NDArray:
-    """Least squares by the normal equations (the bases here are well conditioned)."""
-    g = x.T @ x
-    g = g + 1e-12 * np.trace(g) * np.eye(g.shape[0])
-    return np.linalg.solve(g, x.T @ y)
+    """Least squares by the normal equations (the bases here are well conditioned; they only
+    give starting values, so the products are formed in float32, the solve in float64)."""
+    xt = np.ascontiguousarray(x.T, dtype=np.float32)
+    g = (xt @ xt.T).astype(np.float64)
+    g += 1e-12 * np.trace(g) * np.eye(g.shape[0])
+    return np.linalg.solve(g, (xt @ np.asarray(y, dtype=np.float32)).astype(np.float64))
 
 
 def refine_ml(
