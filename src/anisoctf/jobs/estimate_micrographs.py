@@ -657,6 +657,8 @@ def _blas_single_thread() -> contextlib.AbstractContextManager:
     The fit does many small linear-algebra calls, for which BLAS threads only add overhead
     (and spin-wait badly on a busy machine).
     """
+    if _STARTED_SINGLE_THREADED:  # nothing to do (and importing threadpoolctl is not free)
+        return contextlib.nullcontext()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -671,11 +673,19 @@ def _init_worker() -> None:
     initializer runs); they are set for the workers when they start instead, see
     :func:`_single_threaded_children`.
     """
+    if _STARTED_SINGLE_THREADED:
+        return
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         return
     threadpool_limits(limits=1, user_api="blas")
+
+
+#: OpenBLAS and OpenMP read these once, when numpy loads them (before any code here runs):
+#: when the process started with both at 1, BLAS is single-threaded already (forked workers
+#: inherit that; spawned ones start with them set, see :func:`_single_threaded_children`)
+_STARTED_SINGLE_THREADED = all(os.environ.get(k) == "1" for k in _BLAS_THREAD_VARS[:2])
 
 
 @contextlib.contextmanager
