@@ -131,6 +131,81 @@ def _bin_profile(
     return k, np.where(n > 0, s / np.maximum(n, 1), 0.0), n
 
 
+def _bin_sector_profiles(
+    rho: NDArray,
+    values: NDArray,
+    weights: NDArray,
+    sector: NDArray,
+    n_sectors: int,
+    k_min: float,
+    k_max: float,
+    width: float,
+) -> tuple[NDArray, NDArray, NDArray]:
+    """:func:`_bin_profile` (``centred=True``) of every sector at once: bin centres, and
+    ``(n_sectors, n_bins)`` mean power and weight."""
+    nb = max(8, int(np.ceil((k_max - k_min) / width)))
+    edges = np.linspace(k_min, k_max, nb + 1)
+    i = np.clip(np.searchsorted(edges, rho) - 1, 0, nb - 1)
+    flat = sector * nb + i
+    n = np.bincount(flat, weights=weights, minlength=n_sectors * nb).reshape(n_sectors, nb)
+    s = np.bincount(flat, weights=values * weights, minlength=n_sectors * nb)
+    s = s.reshape(n_sectors, nb)
+    return 0.5 * (edges[1:] + edges[:-1]), np.where(n > 0, s / np.maximum(n, 1), 0.0), n
+
+
+def _sector_scores(
+    k: NDArray,
+    ys: NDArray,
+    ns: NDArray,
+    ctf2: NDArray,
+    k_min: float,
+    k_max: float,
+    n_bg: int = 5,
+    n_env: int = 2,
+) -> NDArray:
+    """:func:`profile_scores` of several profiles on the same bins (rows of ``ys``, ``ns``)
+    against one candidate table: the per-profile projections are small; the products with
+    the (candidates × bins) table are done for all profiles in one matrix product each.
+    Empty bins carry zero weight, exactly as if they were left out."""
+    n_p, nb = ys.shape
+    phi = radial_basis(k, k_min, k_max, n_bg)
+    if n_env <= 1:
+        psi = np.ones((nb, 1))
+    else:
+        psi = np.stack([(k / k_max) ** i for i in range(n_env)], axis=1)
+    pa = psi.shape[1]
+    qtz = np.empty((n_p, pa, n_bg, nb))
+    uu = np.empty((n_p, pa * pa, nb))
+    uy = np.empty((n_p, pa, nb))
+    for p in range(n_p):
+        y, n = ys[p], ns[p]
+        sq = np.sqrt(n)
+        ok = n > 0
+        fit = np.linalg.lstsq((phi * sq[:, None])[ok], (y * sq)[ok], rcond=None)[0]
+        ysm = phi @ fit
+        ysm = np.maximum(ysm, 1e-3 * np.max(np.abs(ysm[ok])) + 1e-30)
+        sw = np.where(ok, sq / ysm, 0.0)
+        q, _ = np.linalg.qr((phi * sw[:, None])[ok])
+        qf = np.zeros((nb, q.shape[1]))
+        qf[ok] = q
+        yw = y * sw
+        yp = yw - qf @ (qf.T @ yw)
+        u = sw[:, None] * psi
+        qtz[p] = np.einsum("ib,ia->abi", qf, u)
+        uu[p] = np.einsum("ia,ib->abi", u, u).reshape(-1, nb)
+        uy[p] = (u * yp[:, None]).T
+    nj = ctf2.shape[0]
+    proj = (ctf2 @ qtz.reshape(-1, nb).T).reshape(nj, n_p, pa, n_bg)
+    g = ((ctf2 * ctf2) @ uu.reshape(-1, nb).T).reshape(nj, n_p, pa, pa)
+    g -= np.einsum("jpab,jpcb->jpac", proj, proj)
+    h = (ctf2 @ uy.reshape(-1, nb).T).reshape(nj, n_p, pa)
+    g += 1e-9 * np.trace(g, axis1=2, axis2=3)[..., None, None] * np.eye(pa)
+    coef = np.linalg.solve(g, h[..., None])[..., 0]
+    drop = np.einsum("jpa,jpa->jp", h, coef)
+    amp = coef @ psi.mean(axis=0)
+    return np.where(amp > 0, drop, 0.0).T
+
+
 def coarse_search(
     band: Band,
     optics: Optics,
@@ -181,17 +256,15 @@ def coarse_search(
     sec = np.minimum((band.theta_true / np.pi * n_sectors).astype(int), n_sectors - 1)
     curves = np.zeros((n_sectors, grid.size))
     centres = (np.arange(n_sectors) + 0.5) * np.pi / n_sectors
-    c2: NDArray | None = None
-    for s in range(n_sectors):
-        m = sec == s
-        if m.sum() < 50:
-            continue
-        ks, ys, ns = _bin_profile(
-            band.rho_true[m], values[m], band.weights[m], band.k_min, band.k_max, width, True
+    # every sector's profile shares the bin centres, so one CTF² table serves all, and the
+    # sectors are scored together (see _sector_scores)
+    live_s = np.flatnonzero(np.bincount(sec, minlength=n_sectors) >= 50)
+    if live_s.size:
+        ks, ys, ns = _bin_sector_profiles(
+            band.rho_true, values, band.weights, sec, n_sectors, band.k_min, band.k_max, width
         )
-        if c2 is None:  # every sector shares the bin centres, so one CTF² table serves all
-            c2 = _ctf2_1d(ks, grid, np.full(grid.size, best_phase), optics)
-        curves[s] = profile_scores(ks, ys, ns, c2, band.k_min, band.k_max)
+        c2 = _ctf2_1d(ks, grid, np.full(grid.size, best_phase), optics)
+        curves[live_s] = _sector_scores(ks, ys[live_s], ns[live_s], c2, band.k_min, band.k_max)
 
     # 3. grid over (z, a1, a2): sum of sector scores at the sector defocus
     h_max = 0.5 * max_astig
