@@ -7,8 +7,9 @@ Model of the expected spectrum at each pixel of the band::
 with ``B`` (background) and ``A`` (envelope × signal) smooth cubic B-splines whose coefficients
 are fitted together with the CTF parameters. An averaged periodogram ordinate is Gamma
 distributed with mean ``m``; its negative log-likelihood (per tile) is
-``sum(log m + S / m)``. We minimise it by Fisher scoring with Levenberg–Marquardt damping,
-which is iteratively reweighted least squares with weights ``1 / m^2``. Astigmatism is
+``sum(log m + S / m)``. We minimise it by Newton steps with the observed information (its
+exact Hessian; where that is not positive definite, Fisher scoring, i.e. iteratively reweighted
+least squares with weights ``1 / m^2``) and Levenberg–Marquardt damping. Astigmatism is
 parameterised by Cartesian components, so nothing is clamped. The inverse Fisher information
 gives the statistical uncertainty of each parameter.
 """
@@ -52,7 +53,7 @@ def _ctf_terms(band: Band, optics: Optics, z: float, a1: float, a2: float, ph: f
     )
     # CTF = -(sqrt(1 - w^2) sin x + w cos x) = -sin(x + alpha): CTF^2 = (1 - cos y) / 2 and
     # d(CTF^2)/d(chi) = sin y with y = 2 (x + alpha). One float64 cosine for the likelihood;
-    # the derivative only feeds the Fisher matrix (float32 anyway), so its sine is float32
+    # the derivative only feeds the information matrix (float32 anyway), so its sine is float32
     # (an order of magnitude faster) after an exact reduction of y to [-pi, pi].
     w = optics.amplitude_contrast
     y = x
@@ -105,7 +106,7 @@ def refine_ml(
     n_bg, n_env
         Number of spline coefficients of background and envelope.
     max_iter
-        Most Fisher-scoring iterations.
+        Most iterations.
     tol
         Stop when every CTF parameter's step is below ``tol`` times its standard error.
     """
