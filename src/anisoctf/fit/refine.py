@@ -316,7 +316,11 @@ def background_only_nll(band: Band, n_bg: int = 10, iterations: int = 8) -> floa
         np.multiply(phi_t, w, out=x)
         g = (x @ x.T).astype(np.float64)
         g += 1e-12 * np.trace(g) * np.eye(g.shape[0])
-        coef = np.linalg.solve(g, (x @ (s32 * w)).astype(np.float64))
+        new = np.linalg.solve(g, (x @ (s32 * w)).astype(np.float64))
+        done = np.max(np.abs(new - coef)) <= 1e-7 * np.max(np.abs(new))
+        coef = new
+        if done:  # converged (to the float32 products' precision)
+            break
     m = phi @ coef
     if np.any(m <= 0):
         return np.inf
