@@ -10,9 +10,9 @@ run (median of repeats, before and after the job runs). Measured:
 * peak resident memory of the process that estimates (target ≤ 1 GiB per worker).
 
 The machine is shared and noisy: each job is run ``--repeats`` times and the median is used.
-The package's modules are byte-compiled first (``compileall``, into a temporary
-``PYTHONPYCACHEPREFIX``), as ``pip install`` does: with ``PYTHONDONTWRITEBYTECODE`` set, a source
-checkout would otherwise recompile every module in every process, which no installed copy does.
+The package's modules are byte-compiled first (``compileall``, into their ``__pycache__``), as
+``pip install`` does: with ``PYTHONDONTWRITEBYTECODE`` set, a source checkout would otherwise
+recompile every module in every process, which no installed copy does.
 
 Usage::
 
@@ -105,16 +105,14 @@ def run_job(paths: list[Path], out: Path, jobs: int) -> tuple[float, float]:
     return dt, peak
 
 
-def precompile(cache: Path) -> None:
-    """Byte-compile the anisoctf package being measured (as an install would have it), into
-    ``cache`` (``PYTHONPYCACHEPREFIX`` for the measured processes): nothing is written into
-    the source tree."""
+def precompile() -> None:
+    """Byte-compile the anisoctf package being measured, as an install would have it (into its
+    ``__pycache__`` folders, which git ignores; a pycache prefix would not do: it hides the
+    byte code of numpy and every other installed package as well)."""
     import compileall
 
     import anisoctf
 
-    os.environ["PYTHONPYCACHEPREFIX"] = str(cache)
-    sys.pycache_prefix = str(cache)
     compileall.compile_dir(Path(anisoctf.__file__).parent, quiet=1)
 
 
@@ -127,7 +125,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        precompile(folder / "pycache")
+        precompile()
         paths = make_batch(folder, a.n, a.size, a.seed)
         ref_before = fft_reference(a.size)
         t1, t2, peaks = [], [], []
