@@ -359,3 +359,14 @@ def test_real_particle_stacks(shared_real: Path) -> None:
     assert old.shape == (5, 256, 256)
     images = read_stack_images(shared_real / "cryodrgn" / "relion31.mrcs", [4])
     assert images.shape == (1, 256, 256) and np.isfinite(images).all()
+
+
+def test_float32_image_is_a_private_writable_copy(tmp_path: Path) -> None:
+    data = _ramp(np.float32)
+    path = _new_mrc(tmp_path / "f.mrc", data)
+    before = path.read_bytes()
+    img = read_micrograph(path).data
+    np.testing.assert_array_equal(img, data)
+    img[0, 0] += 1000.0  # the caller may change its array; the file never changes
+    assert path.read_bytes() == before
+    np.testing.assert_array_equal(read_micrograph(path).data, data)

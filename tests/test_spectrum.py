@@ -366,3 +366,79 @@ def test_radial_basis_partition_of_unity() -> None:
     b = radial_basis(np.array([0.0, 0.03, 0.4, 2.0]), 0.03, 0.4, 8)
     np.testing.assert_allclose(b[0], b[1])
     np.testing.assert_allclose(b[2], b[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# fast paths pinned against their plain equivalents
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(96, 128), (75, 64)])
+def test_rfft2_matches_scipy(dtype: type, shape: tuple[int, int]) -> None:
+    import scipy.fft as sfft
+
+    from anisoctf.spectrum import _rfft
+
+    x = np.random.default_rng(9).standard_normal(shape).astype(dtype)
+    for workers in (1, 2):
+        got = _rfft.rfft2(x, workers=workers)
+        want = sfft.rfft2(x, workers=workers)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert _rfft._R2C[0] is not None  # scipy's compiled transform was loaded on its own
+
+
+def test_power_in_place_is_the_squared_modulus() -> None:
+    from anisoctf.spectrum.periodogram import _power_in_place
+
+    rng = np.random.default_rng(10)
+    for rows in (1, 2, 3, 130):
+        f = (rng.standard_normal((rows, 33)) + 1j * rng.standard_normal((rows, 33))).astype(
+            np.complex64
+        )
+        want = (np.abs(f.astype(np.complex128)) ** 2 * 0.25).astype(np.float32)
+        got = _power_in_place(f.copy(), np.float32(0.25))
+        assert got.shape == f.shape and got.flags.c_contiguous
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_grid_tile_features_match_each_tile(noise: np.ndarray) -> None:
+    from anisoctf.spectrum.periodogram import _grid_tile_features
+
+    img = noise.copy()
+    img[100:400, 600:1000] += 7.0  # something to tell tiles apart
+    tile, b, step = 256, 8, 4
+    got = _grid_tile_features(img, 4, 4, tile, b, step)
+    nb = tile // b
+    corners = [(r, c) for r in range(0, 1024, tile) for c in range(0, 1024, tile)]
+    for i, (r, c) in enumerate(corners):
+        t = img[r : r + tile : step, c : c + tile].astype(np.float64)
+        small = t.reshape(nb, b // step, nb, b).mean(axis=(1, 3))
+        want = (small.mean(), np.mean(t * t) - small.mean() ** 2, small.var())
+        np.testing.assert_allclose(got[i], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mag", [None, MAG])
+@pytest.mark.parametrize(("factor", "stride"), [(1, 1), (2, 1), (1, 3)])
+def test_compressed_zone_keeps_every_pixel_once(mag, factor: int, stride: int) -> None:
+    """Cells average the band's pixels: the weighted sums of values and phase features over
+    all cells equal those over the band's pixels, and no cell spans more than its phase width."""
+    from anisoctf.fit.band import compressed_zone
+
+    rng = np.random.default_rng(11)
+    apix = 1.1
+    sp = _spectrum(rng.exponential(size=(512, 257)) * 3.0, apix)
+    optics = Optics(pixel_size=apix) if mag is None else Optics(pixel_size=apix, mag_matrix=mag)
+    k_min, k_max = 0.12, 0.4
+    band = make_band(sp, optics, k_min, k_max, bin_factor=factor, row_stride=stride)
+    cz = compressed_zone(sp, optics, k_min, k_max, factor, 15000.0, 500.0, row_stride=stride)
+    assert cz.size < band.size
+    assert cz.weights.sum() == pytest.approx(band.weights.sum(), rel=1e-12)
+    for a, b in ((cz.values, band.values), (cz.feats.k2, band.feats.k2)):
+        assert np.dot(a, cz.weights) == pytest.approx(np.dot(b, band.weights), rel=1e-9)
+    for name in ("c2", "s2", "k4"):
+        got = np.dot(getattr(cz.feats, name), cz.weights)
+        want = np.dot(getattr(band.feats, name), band.weights)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12 * band.weights.sum())
+    assert np.all((cz.rho_true >= k_min) & (cz.rho_true <= k_max))
+    assert np.all((cz.theta_true >= 0) & (cz.theta_true < np.pi))

@@ -97,7 +97,10 @@ def binned_power(spectrum: Spectrum, factor: int) -> tuple[NDArray, NDArray, NDA
     else:
         if ny % (2 * factor) or nx % (2 * factor):
             raise ValueError(f"spectrum of shape {spectrum.shape} cannot be binned by {factor}")
-        p = _bin_half_plane(spectrum.power, factor)
+        if factor % 4 == 0:  # bin the half-binned spectrum (cached too): far less to read
+            p = _bin_half_plane(binned_power(spectrum, factor // 2)[0], 2)
+        else:
+            p = _bin_half_plane(spectrum.power, factor)
     # mean frequency of the fine pixels in each bin (FFT order is contiguous within a bin)
     fy = np.fft.fftfreq(ny, d=spectrum.pixel_size)
     ky = fy.reshape(ny // factor, factor).mean(axis=1)
@@ -128,12 +131,18 @@ def _bin_half_plane(a: NDArray, f: int) -> NDArray:
     return out
 
 
-def _annulus_indices(
+def _annulus_segments(
     kx: NDArray, ky: NDArray, gram: NDArray, k_min: float, k_max: float
-) -> NDArray[np.int64]:
-    """Flat indices of the half-plane grid (rows ``ky``, uniform columns ``kx`` without the
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """Runs of columns of the half-plane grid (rows ``ky``, uniform columns ``kx`` without the
     Nyquist column) with ``k_min <= sqrt(k^T G k) <= k_max``, found row by row analytically
-    (an elliptical annulus cuts each row in at most two segments), plus a one-pixel margin."""
+    (an elliptical annulus cuts each row in at most two segments), plus a one-pixel margin.
+
+    Returns
+    -------
+    rows, starts, lengths
+        Row (index into ``ky``), first column and length of each non-empty run.
+    """
     nc = kx.size
     x0, dx = float(kx[0]), float(kx[1] - kx[0])
     g00, g01, g11 = float(gram[0, 0]), float(gram[0, 1]), float(gram[1, 1])
@@ -167,9 +176,19 @@ def _annulus_indices(
     half = ky.size
     starts[half:] = np.maximum(starts[half:], ends[:half])
     lengths = np.where(valid, np.maximum(ends - starts, 0), 0)
+    used = np.flatnonzero(lengths)
+    return rr[used], starts[used], lengths[used]
+
+
+def _annulus_indices(
+    kx: NDArray, ky: NDArray, gram: NDArray, k_min: float, k_max: float
+) -> NDArray[np.int64]:
+    """Flat indices of the half-plane grid in the annulus (see :func:`_annulus_segments`)."""
+    rr, starts, lengths = _annulus_segments(kx, ky, gram, k_min, k_max)
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
+    nc = kx.size
     first = np.repeat(rr * nc + starts - np.cumsum(lengths) + lengths, lengths)
     return first + np.arange(total, dtype=np.int64)
 
@@ -345,27 +364,29 @@ def compressed_zone(
     half_astig: float,
     dchi: float = 0.4,
     row_stride: int = 1,
+    chunk: int = 1 << 16,
 ) -> Band:
     """:func:`make_band` followed by :func:`polar_compress`, in one pass without per-pixel
     feature arrays (the cells only need sums of a few products of ``kx``, ``ky``).
 
     The angular cells use a pseudo-angle (monotonic in the direction, no arctangent); its
     spacing varies by at most √2 from uniform, well inside the margin of the cell-width rule.
+    The pixels are visited in runs of whole rows of about ``chunk`` pixels, so every
+    intermediate array stays in the processor's cache; the cell sums accumulate across runs.
     """
-    power, ncol, row, col, kx, ky, kxt, kyt, m = _gather(
-        spectrum, optics, k_min, k_max, bin_factor, row_stride
-    )
-    if row.size == 0:
+    power, kx1, ky1 = binned_power(spectrum, bin_factor)
+    ncol = power.shape[1]
+    m = optics.M if optics.has_anisomag else None
+    gram = np.eye(2) if m is None else m.T @ m
+    rows_used = np.arange(0, ky1.size, max(1, int(row_stride)))
+    seg_row, seg_start, seg_len = _annulus_segments(kx1[:-1], ky1[rows_used], gram, k_min, k_max)
+    if seg_len.size == 0:
         return make_band(spectrum, optics, k_min, k_max, bin_factor, row_stride)
-    k2 = kxt * kxt + kyt * kyt
-    keep = (k2 >= k_min * k_min) & (k2 <= k_max * k_max)
-    if bin_factor == 1:
-        keep &= (col > 0) | (ky >= 0)
+    seg_row = rows_used[seg_row]
     lam = optics.wavelength
     scale = np.pi * lam * max(defocus, 1.0) / dchi
-    r_idx = np.floor(k2 * scale).astype(np.int64)
-    r_idx -= int(np.floor(k_min * k_min * scale))
-    np.maximum(r_idx, 0, out=r_idx)
+    r0 = int(np.floor(k_min * k_min * scale))
+    n_r = int(np.floor(k_max * k_max * scale * (1 + 1e-12))) - r0 + 2  # with a margin
     n_ang = int(
         np.clip(
             np.ceil(np.pi * 2 * np.pi * lam * (abs(half_astig) + 100.0) * k_max**2 / dchi),
@@ -373,40 +394,93 @@ def compressed_zone(
             1440,
         )
     )
-    # direction folded to the upper half plane, then the pseudo-angle 1 - x / (|x| + y) in [0, 2]
-    flip = kyt < 0
-    ux = np.where(flip, -kxt, kxt)
-    uy = np.abs(kyt)
-    pa = 1.0 - ux / np.maximum(np.abs(ux) + uy, 1e-300)
-    a_idx = np.minimum((pa * (0.5 * n_ang)).astype(np.int64), n_ang - 1)
-    cell = r_idx * n_ang + a_idx
-    n_cells = int(cell.max()) + 2
-    cell[~keep] = n_cells - 1  # a dump cell, dropped below
-    w = float(bin_factor * bin_factor)
-
-    def total(v: NDArray | None) -> NDArray:
-        return np.bincount(cell, weights=v, minlength=n_cells)
-
-    cnt = total(None)[:-1]
-    used = np.flatnonzero(cnt)
-    cnt = cnt[used]
-
-    def mean(v: NDArray) -> NDArray:
-        return total(v)[:-1][used] / cnt
-
-    values = power.ravel()[row * ncol + col].astype(np.float64)
-    ex2, ey2, exy = mean(kxt * kxt), mean(kyt * kyt), mean(kxt * kyt)
-    feats = FrequencyFeatures(k2=ex2 + ey2, c2=ex2 - ey2, s2=2.0 * exy, k4=mean(k2 * k2))
-    rho2 = feats.k2 if m is None else mean(kx * kx + ky * ky)
+    n_cells = n_r * n_ang + 1
+    dump = n_cells - 1  # pixels outside the band go here and are dropped
+    lo2, hi2 = k_min * k_min, k_max * k_max
+    flat_power = power.ravel()
+    ends = np.cumsum(seg_len)
+    n_sums = 5 if m is None else 6
+    acc = np.zeros((n_sums, n_cells))
+    cnt = np.zeros(n_cells)
+    i0 = 0
+    while i0 < seg_len.size:
+        i1 = max(int(np.searchsorted(ends, ends[i0] - seg_len[i0] + chunk, "right")), i0 + 1)
+        lens = seg_len[i0:i1]
+        n = int(lens.sum())
+        rr = np.repeat(seg_row[i0:i1], lens)
+        cc = np.arange(n, dtype=np.int64)
+        cc -= np.repeat(np.cumsum(lens) - lens - seg_start[i0:i1], lens)
+        kx, ky = kx1[cc], ky1[rr]
+        if m is None:
+            kxt, kyt = kx, ky
+        else:
+            kxt = m[0, 0] * kx + m[0, 1] * ky
+            kyt = m[1, 0] * kx + m[1, 1] * ky
+        x2, y2, xy = kxt * kxt, kyt * kyt, kxt * kyt
+        k2 = x2 + y2
+        out = (k2 < lo2) | (k2 > hi2)
+        if bin_factor == 1:  # kx = 0 holds +ky and -ky, the same point: keep one
+            out |= (cc == 0) & (ky < 0)
+        r_idx = (k2 * scale).astype(np.int64)  # k2 >= 0: truncation is the floor
+        r_idx -= r0
+        np.maximum(r_idx, 0, out=r_idx)
+        # direction folded to the upper half plane, then the pseudo-angle 1 - x / (|x| + y)
+        flip = kyt < 0
+        ux = np.where(flip, -kxt, kxt)
+        den = np.abs(ux)
+        den += np.abs(kyt)
+        np.maximum(den, 1e-300, out=den)
+        pa = np.divide(ux, den, out=ux)
+        pa *= -0.5 * n_ang
+        pa += 0.5 * n_ang
+        a_idx = pa.astype(np.int64)
+        np.minimum(a_idx, n_ang - 1, out=a_idx)
+        r_idx *= n_ang
+        r_idx += a_idx
+        cell = r_idx
+        cell[out] = dump
+        cnt += np.bincount(cell, minlength=n_cells)
+        acc[0] += np.bincount(cell, weights=flat_power[rr * ncol + cc], minlength=n_cells)
+        acc[1] += np.bincount(cell, weights=x2, minlength=n_cells)
+        acc[2] += np.bincount(cell, weights=y2, minlength=n_cells)
+        acc[3] += np.bincount(cell, weights=xy, minlength=n_cells)
+        acc[4] += np.bincount(cell, weights=k2 * k2, minlength=n_cells)
+        if m is not None:
+            acc[5] += np.bincount(cell, weights=kx * kx + ky * ky, minlength=n_cells)
+        i0 = i1
+    used = np.flatnonzero(cnt[:-1])
+    if used.size == 0:
+        return make_band(spectrum, optics, k_min, k_max, bin_factor, row_stride)
+    c = cnt[used]
+    mean = acc[:, used] / c
+    ex2, ey2, exy = mean[1], mean[2], mean[3]
+    feats = FrequencyFeatures(k2=ex2 + ey2, c2=ex2 - ey2, s2=2.0 * exy, k4=mean[4])
+    rho2 = feats.k2 if m is None else mean[5]
+    # mean direction: float32 is plenty (cells are far wider in angle than its rounding)
+    theta = _half_turn(
+        0.5 * np.arctan2(feats.s2.astype(np.float32), feats.c2.astype(np.float32)).astype(float)
+    )
+    # the cells' observed-frame frequency (kx, ky): their mean |k_obs| along the mean
+    # direction, from cos 2θ without trigonometry (θ in [0, π): sin θ ≥ 0)
+    rho = np.sqrt(rho2)
+    cos2 = np.clip(feats.c2 / np.maximum(np.hypot(feats.c2, feats.s2), 1e-300), -1.0, 1.0)
+    cos_t = np.copysign(np.sqrt(0.5 * (1.0 + cos2)), feats.s2)
+    sin_t = np.sqrt(0.5 * (1.0 - cos2))
+    if m is None:
+        kx_c, ky_c = rho * cos_t, rho * sin_t
+    else:
+        kt = np.linalg.solve(m, np.stack([cos_t, sin_t]))
+        kt *= rho / np.maximum(np.hypot(kt[0], kt[1]), 1e-300)
+        kx_c, ky_c = kt[0], kt[1]
     return Band(
-        values=mean(values),
-        weights=cnt * w,
+        values=mean[0],
+        weights=c * float(bin_factor * bin_factor),
         index=np.zeros(used.size, dtype=np.int64),
-        kx=mean(kx),
-        ky=mean(ky),
-        rho=np.sqrt(rho2),
+        kx=kx_c,
+        ky=ky_c,
+        rho=rho,
         rho_true=np.sqrt(feats.k2),
-        theta_true=_half_turn(0.5 * np.arctan2(feats.s2, feats.c2)),
+        theta_true=theta,
         feats=feats,
         k_min=float(k_min),
         k_max=float(k_max),
@@ -431,10 +505,14 @@ def radial_basis(
     f = t - i
     f2 = f * f
     f3 = f2 * f
-    out = np.zeros((rho.size, n))
-    rows = np.arange(rho.size)
-    out[rows, i] = (1.0 - f) ** 3 / 6.0
-    out[rows, i + 1] = (3.0 * f3 - 6.0 * f2 + 4.0) / 6.0
-    out[rows, i + 2] = (-3.0 * f3 + 3.0 * f2 + 3.0 * f + 1.0) / 6.0
-    out[rows, i + 3] = f3 / 6.0
-    return out
+    out = np.zeros(rho.size * n)
+    at = np.arange(0, rho.size * n, n)  # flat index of each row's first entry
+    at += i
+    out[at] = (1.0 - f) ** 3 / 6.0
+    at += 1
+    out[at] = (3.0 * f3 - 6.0 * f2 + 4.0) / 6.0
+    at += 1
+    out[at] = (-3.0 * f3 + 3.0 * f2 + 3.0 * f + 1.0) / 6.0
+    at += 1
+    out[at] = f3 / 6.0
+    return out.reshape(rho.size, n)

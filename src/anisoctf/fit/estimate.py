@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from anisoctf.errors import FitError, InputError
 from anisoctf.fit.band import Band, compressed_zone, concat_bands, make_band
 from anisoctf.fit.quality import (
+    RingStats,
     equiphase_radius,
     optics_ctf2,
     ring_statistics,
@@ -59,13 +60,15 @@ def check_image(image: NDArray, name: str | None = None) -> None:
         raise InputError(f"expected one 2D image, got shape {a.shape}", path=name)
     if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
         raise InputError(f"image has non-real pixel type {a.dtype}", path=name)
-    bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+    # NaN or Inf make the sum non-finite (one cheap pass); count them only then
+    bad = 0 if np.isfinite(np.sum(a)) else int(a.size - np.count_nonzero(np.isfinite(a)))
     if bad:
         raise InputError(
             f"{bad} pixels are NaN or Inf; re-run motion correction or re-export the micrograph",
             path=name,
         )
-    if float(np.ptp(a)) == 0.0:
+    first = a.flat[0]  # a differing pixel in the first row settles it without a full pass
+    if not np.any(a[0] != first) and float(np.ptp(a)) == 0.0:
         raise InputError("all pixels have the same value (blank image)", path=name)
 
 
@@ -185,7 +188,10 @@ def search_spectrum(
             path=name,
         )
     stage1: list[RefineResult] = []
+    step = float(search.defocus_grid[1] - search.defocus_grid[0])
     for cand in search.candidates:
+        if any(_same_basin(cand, r, step) for r in stage1):
+            continue  # it would only converge to an optimum already found
         try:
             stage1.append(
                 refine_ml(
@@ -215,8 +221,20 @@ def search_spectrum(
         if distinct and (r.nll - keep[0].nll) * scale < 20.0:
             keep.append(r)
             break
-    step = float(search.defocus_grid[1] - search.defocus_grid[0])
     return _Search(keep, step, k_min, 1.0 / max_res, warnings)
+
+
+#: a search candidate this close to a refined optimum (|Δz| + |Δa|, in search grid steps, i.e.
+#: quarter radians of phase at the coarse band edge) lies in that optimum's basin: the runners-up
+#: of the search are mostly the next grid points of the same peak (4–6.5 steps away), and they
+#: were found to converge to the same optimum every time
+SAME_BASIN_STEPS = 8.0
+
+
+def _same_basin(cand: tuple[float, float, float, float], r: RefineResult, step: float) -> bool:
+    dz = abs(cand[0] - r.z)
+    da = float(np.hypot(cand[1] - r.a1, cand[2] - r.a2))
+    return (dz + da) < SAME_BASIN_STEPS * step and abs(cand[3] - r.phase_deg) < 30.0
 
 
 def refine_spectrum(
@@ -304,7 +322,7 @@ def refine_spectrum(
     diag = None
     if diagnostics:
         shown = make_band(spectrum, opt, k_min, nyq, bin_)
-        diag = _diagnostics(spectrum, opt, params, shown, (k_min, k_max), rings.fit_resolution)
+        diag = _diagnostics(spectrum, opt, params, shown, (k_min, k_max), rings)
     return CTFEstimate(
         params=params,
         optics=optics,
@@ -362,12 +380,10 @@ def _square_display(
     ry = np.round(ky / dstep).astype(np.int64)
     rx = np.round(kx / dstep).astype(np.int64)
     ok = (np.abs(ry) < n // 2) & (rx <= n // 2)
+    flat = (ry[ok] % n) * (n // 2 + 1) + rx[ok]
+    cnt = np.bincount(flat, minlength=out_s.size)
     for dst, v in ((out_s, obs), (out_m, model)):
-        acc = np.zeros(dst.size)
-        cnt = np.zeros(dst.size)
-        flat = (ry[ok] % n) * (n // 2 + 1) + rx[ok]
-        np.add.at(acc, flat, v[ok])
-        np.add.at(cnt, flat, 1.0)
+        acc = np.bincount(flat, weights=v[ok], minlength=dst.size)
         dst.ravel()[:] = np.where(cnt > 0, acc / np.maximum(cnt, 1), 0.0)
         # the kx = 0 column holds each point once: mirror it for display
         col = dst[:, 0].copy()
@@ -381,12 +397,13 @@ def _diagnostics(
     params: CTFParams,
     band: Band,
     fit_band: tuple[float, float],
-    fit_resolution: float,
+    rings: RingStats,
 ) -> FitDiagnostics:
-    """Display arrays on the (binned) half-plane grid of ``band``."""
-    rings = ring_statistics(band, params, optics)
+    """Display arrays on the (binned) half-plane grid of ``band``, with the local background
+    and ring amplitude of the ring windows measured for the fit resolution (``rings``)."""
+    fit_resolution = rings.fit_resolution
     # 2D: spectrum with its local background removed and local amplitude divided out, per ring
-    w = rings.window
+    w = rings.windows_of(band, params, optics)
     amp = np.maximum(rings.amplitude, 0.0)
     good = amp > 0
     order = np.argsort(rings.k)
@@ -405,7 +422,7 @@ def _diagnostics(
     keq = equiphase_radius(band, params, optics)
     nb = int(np.ceil((band.k_max - band.k_min) / (0.5 * band.pixel_step)))
     edges = np.linspace(band.k_min, band.k_max, nb + 1)
-    i = np.clip(np.searchsorted(edges, keq) - 1, 0, nb - 1)
+    i = np.clip(((keq - band.k_min) * (nb / (band.k_max - band.k_min))).astype(np.int64), 0, nb - 1)
     cnt = np.bincount(i, minlength=nb)
     prof = np.bincount(i, weights=obs, minlength=nb) / np.maximum(cnt, 1)
     kc = 0.5 * (edges[1:] + edges[:-1])

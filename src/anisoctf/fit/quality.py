@@ -39,6 +39,14 @@ class RingStats:
     fit_resolution: float  # Å
     count: NDArray[np.float64]  # band pixels (or phase cells) in each window
     usable: NDArray[np.bool_]  # enough pixels and rings resolvable by the sampling
+    first_window: int = 0  # floor(phase / pi) of window 0 (to place other pixels in windows)
+
+    def windows_of(self, band: Band, params: CTFParams, optics: Optics) -> NDArray[np.int64]:
+        """Window index of each pixel of another band (e.g. the display grid), clipped to the
+        windows measured here."""
+        x = _chi_eff(band, params, optics) - np.deg2rad(params.phase_shift_deg)
+        win = np.floor(x / np.pi).astype(np.int64) - self.first_window
+        return np.clip(win, 0, self.k.size - 1)
 
     def in_band(self, k_min: float, k_max: float) -> NDArray[np.bool_]:
         """Usable windows whose mean frequency lies in [k_min, k_max]."""
@@ -69,7 +77,8 @@ def ring_statistics(band: Band, params: CTFParams, optics: Optics, t_min: float 
     x = x - np.deg2rad(params.phase_shift_deg)
     # phase is monotonic in |k| only up to the Cs turnaround; windows are counted in phase
     win = np.floor(x / np.pi).astype(np.int64)
-    win -= win.min()
+    first = int(win.min())
+    win -= first
     nw = int(win.max()) + 1
     c2 = optics_ctf2(band, params, optics)
     rho = band.rho_true
@@ -148,6 +157,7 @@ def ring_statistics(band: Band, params: CTFParams, optics: Optics, t_min: float 
         fit_resolution=float(fit_res),
         count=n,
         usable=ok & resolvable,
+        first_window=first,
     )
 
 
@@ -155,8 +165,13 @@ def optics_ctf2(band: Band, params: CTFParams, optics: Optics) -> NDArray:
     """CTF² (no envelope) at the band's pixels."""
     x = chi(band.feats, params, optics)
     w = optics.amplitude_contrast
-    c = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
-    return c * c
+    # (sqrt(1 - w^2) sin x + w cos x)^2 = sin^2(x + alpha) = (1 - cos 2(x + alpha)) / 2
+    x += np.arctan2(w, np.sqrt(1 - w * w))
+    x *= 2.0
+    c2 = np.cos(x)
+    c2 *= -0.5
+    c2 += 0.5
+    return c2
 
 
 def equiphase_radius(band: Band, params: CTFParams, optics: Optics) -> NDArray:

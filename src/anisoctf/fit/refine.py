@@ -7,8 +7,9 @@ Model of the expected spectrum at each pixel of the band::
 with ``B`` (background) and ``A`` (envelope × signal) smooth cubic B-splines whose coefficients
 are fitted together with the CTF parameters. An averaged periodogram ordinate is Gamma
 distributed with mean ``m``; its negative log-likelihood (per tile) is
-``sum(log m + S / m)``. We minimise it by Fisher scoring with Levenberg–Marquardt damping,
-which is iteratively reweighted least squares with weights ``1 / m^2``. Astigmatism is
+``sum(log m + S / m)``. We minimise it by Newton steps with the observed information (its
+exact Hessian; where that is not positive definite, Fisher scoring, i.e. iteratively reweighted
+least squares with weights ``1 / m^2``) and Levenberg–Marquardt damping. Astigmatism is
 parameterised by Cartesian components, so nothing is clamped. The inverse Fisher information
 gives the statistical uncertainty of each parameter.
 """
@@ -50,19 +51,28 @@ def _ctf_terms(band: Band, optics: Optics, z: float, a1: float, a2: float, ph: f
         - 0.5 * np.pi * optics.cs_angstrom * lam**3 * f.k4
         + ph
     )
+    # CTF = -(sqrt(1 - w^2) sin x + w cos x) = -sin(x + alpha): CTF^2 = (1 - cos y) / 2 and
+    # d(CTF^2)/d(chi) = sin y with y = 2 (x + alpha). One float64 cosine for the likelihood;
+    # the derivative only feeds the information matrix (float32 anyway), so its sine is float32
+    # (an order of magnitude faster) after an exact reduction of y to [-pi, pi].
     w = optics.amplitude_contrast
-    sw = np.sqrt(1 - w * w)
-    sx, cx = np.sin(x), np.cos(x)
-    c = -sw * sx - w * cx
-    dc = -sw * cx + w * sx
-    return c * c, 2.0 * c * dc  # CTF^2 and d(CTF^2)/d(chi)
+    y = x
+    y += np.arctan2(w, np.sqrt(1 - w * w))
+    y *= 2.0
+    c2 = np.cos(y)
+    c2 *= -0.5
+    c2 += 0.5
+    y -= (2 * np.pi) * np.round(y * (0.5 / np.pi))
+    return c2, np.sin(y.astype(np.float32))  # CTF^2 and d(CTF^2)/d(chi)
 
 
 def _solve_normal(x: NDArray, y: NDArray) -> NDArray:
-    """Least squares by the normal equations (the bases here are well conditioned)."""
-    g = x.T @ x
-    g = g + 1e-12 * np.trace(g) * np.eye(g.shape[0])
-    return np.linalg.solve(g, x.T @ y)
+    """Least squares by the normal equations (the bases here are well conditioned; they only
+    give starting values, so the products are formed in float32, the solve in float64)."""
+    xt = np.ascontiguousarray(x.T, dtype=np.float32)
+    g = (xt @ xt.T).astype(np.float64)
+    g += 1e-12 * np.trace(g) * np.eye(g.shape[0])
+    return np.linalg.solve(g, (xt @ np.asarray(y, dtype=np.float32)).astype(np.float64))
 
 
 def refine_ml(
@@ -96,7 +106,7 @@ def refine_ml(
     n_bg, n_env
         Number of spline coefficients of background and envelope.
     max_iter
-        Most Fisher-scoring iterations.
+        Most iterations.
     tol
         Stop when every CTF parameter's step is below ``tol`` times its standard error.
     """
@@ -130,15 +140,24 @@ def refine_ml(
     total_w = float(nu.sum())
     fisher_scale = max(n_eff, 1.0) * total_w
 
+    # the Jacobian is built transposed (one contiguous row per parameter) from float32 copies
+    dchi_t = np.array(dchi, dtype=np.float32)
+    phi_t = np.ascontiguousarray(phi.T, dtype=np.float32)
+    psi_t = np.ascontiguousarray(psi.T, dtype=np.float32)
+    n_par = nt + phi_t.shape[0] + psi_t.shape[0]
+
     def jacobian(m_: NDArray, env_: NDArray, c2_: NDArray, dc2_: NDArray) -> NDArray:
-        # float32 is ample: rounding stays far below the statistical noise of the sums
+        """Transposed weighted Jacobian ``(n_par, N)``; float32 is ample: rounding stays far
+        below the statistical noise of the sums."""
         inv_ = (snu / m_).astype(np.float32)
-        j_ = np.empty((m_.size, nt + phi.shape[1] + psi.shape[1]), dtype=np.float32)
-        a_ = (env_ * dc2_).astype(np.float32) * inv_
-        for i_, d_ in enumerate(dchi):
-            j_[:, i_] = a_ * d_
-        j_[:, nt : nt + nb] = phi * inv_[:, None]
-        j_[:, nt + nb :] = psi * (c2_.astype(np.float32) * inv_)[:, None]
+        j_ = np.empty((n_par, m_.size), dtype=np.float32)
+        a_ = (env_ * dc2_).astype(np.float32)
+        a_ *= inv_
+        np.multiply(dchi_t, a_, out=j_[:nt])
+        np.multiply(phi_t, inv_, out=j_[nt : nt + nb])
+        b_ = c2_.astype(np.float32)
+        b_ *= inv_
+        np.multiply(psi_t, b_, out=j_[nt + nb :])
         return j_
 
     def evaluate(t: NDArray, lin_: NDArray):
@@ -166,17 +185,20 @@ def refine_ml(
     for iterations in range(1, max_iter + 1):  # noqa: B007 - reported in the result
         j = jacobian(m, env, c2, dc2)
         r = ((s - m) * snu / m).astype(np.float32)
-        jtj = (j.T @ j).astype(np.float64) / total_w
-        g = (j.T @ r).astype(np.float64) / total_w
+        jtj = (j @ j.T).astype(np.float64) / total_w
+        g = (j @ r).astype(np.float64) / total_w
+        hess = _observed_information(j, jtj, s, m, nu, env, c2, dc2, dchi_t, psi_t, nb, total_w)
         if restr:
             g[1] -= restr_scaled * theta[1]
             g[2] -= restr_scaled * theta[2]
             jtj[1, 1] += restr_scaled
             jtj[2, 2] += restr_scaled
+            hess[1, 1] += restr_scaled
+            hess[2, 2] += restr_scaled
         diag = np.diag(jtj).copy()
         improved = False
         for _ in range(12):
-            a = jtj + mu * np.diag(diag + 1e-12 * diag.max())
+            a = hess + mu * np.diag(diag + 1e-12 * diag.max())
             try:
                 step = np.linalg.solve(a, g)
             except np.linalg.LinAlgError:
@@ -206,7 +228,7 @@ def refine_ml(
 
     # covariance from the Fisher information at the optimum
     j = jacobian(m, env, c2, dc2)
-    fisher = max(n_eff, 1.0) * (j.T @ j).astype(np.float64)
+    fisher = max(n_eff, 1.0) * (j @ j.T).astype(np.float64)
     if restr:
         fisher[1, 1] += restr * max(n_eff, 1.0)
         fisher[2, 2] += restr * max(n_eff, 1.0)
@@ -223,9 +245,53 @@ def refine_ml(
         covariance=cov,
         background=bg,
         envelope=env,
-        ctf2=c2,
+        ctf2=np.asarray(c2, dtype=np.float64),
         iterations=iterations,
     )
+
+
+def _observed_information(
+    j: NDArray,
+    fisher: NDArray,
+    s: NDArray,
+    m: NDArray,
+    nu: NDArray,
+    env: NDArray,
+    c2: NDArray,
+    dc2: NDArray,
+    dchi_t: NDArray,
+    psi_t: NDArray,
+    nb: int,
+    total_w: float,
+) -> NDArray:
+    """The Hessian of the normalised negative log-likelihood (observed information), or the
+    Fisher information ``fisher`` where that Hessian is not positive definite.
+
+    Fisher scoring converges only linearly where the model and the data differ systematically
+    (cells average the CTF over a little phase, smooth splines approximate background and
+    envelope): here the defocus crept by a third of its remaining error per step, 10–14 steps
+    on 4096² micrographs. With the observed information, Newton's method takes 2–4.
+    ``-log L = sum nu (log m + s/m)`` has the Hessian
+    ``sum nu [(2 s/m - 1) dm dm^T / m^2 + (1 - s/m) / m * d2m]``; the second derivatives of
+    ``m = B + A CTF²`` are non-zero only between CTF parameters (``A d²CTF²/dχ² dχ dχ^T``) and
+    between CTF and envelope parameters (``psi dCTF²/dχ dχ``); ``d²CTF²/dχ² = 2 (1 - 2 CTF²)``.
+    """
+    nt = dchi_t.shape[0]
+    q = s / m
+    wq = (2.0 * q - 1.0).astype(np.float32)
+    h = ((j * wq) @ j.T).astype(np.float64) / total_w
+    e = nu * (1.0 - q) / m
+    a = (e * env * (2.0 - 4.0 * c2)).astype(np.float32)
+    h[:nt, :nt] += ((dchi_t * a) @ dchi_t.T).astype(np.float64) / total_w
+    b = (e * dc2).astype(np.float32)
+    cross = ((dchi_t * b) @ psi_t.T).astype(np.float64) / total_w
+    h[:nt, nt + nb :] += cross
+    h[nt + nb :, :nt] += cross.T
+    try:
+        np.linalg.cholesky(h)
+    except np.linalg.LinAlgError:
+        return fisher.copy()
+    return h
 
 
 def background_only_nll(band: Band, n_bg: int = 10, iterations: int = 8) -> float:
@@ -237,11 +303,24 @@ def background_only_nll(band: Band, n_bg: int = 10, iterations: int = 8) -> floa
     s = band.values
     nu = band.weights
     phi = radial_basis(band.rho, float(band.rho.min()), float(band.rho.max()), n_bg)
+    # the IRLS normal equations in float32 (one contiguous row per basis function): the
+    # iteration corrects its own rounding, and the likelihood itself is float64
+    phi_t = np.ascontiguousarray(phi.T, dtype=np.float32)
+    s32 = s.astype(np.float32)
+    snu = np.sqrt(nu).astype(np.float32)
     coef = _solve_normal(phi, s)
+    floor = 1e-12 * np.abs(s).mean()
+    x = np.empty_like(phi_t)
     for _ in range(iterations):  # IRLS with Gamma weights 1/m^2
-        m = np.maximum(phi @ coef, 1e-12 * np.abs(s).mean())
-        w = np.sqrt(nu) / m
-        coef = _solve_normal(phi * w[:, None], s * w)
+        w = (snu / np.maximum(phi @ coef, floor)).astype(np.float32)
+        np.multiply(phi_t, w, out=x)
+        g = (x @ x.T).astype(np.float64)
+        g += 1e-12 * np.trace(g) * np.eye(g.shape[0])
+        new = np.linalg.solve(g, (x @ (s32 * w)).astype(np.float64))
+        done = np.max(np.abs(new - coef)) <= 1e-7 * np.max(np.abs(new))
+        coef = new
+        if done:  # converged (to the float32 products' precision)
+            break
     m = phi @ coef
     if np.any(m <= 0):
         return np.inf

@@ -43,8 +43,15 @@ def _ctf2_1d(k: NDArray, df: NDArray, phase_rad: NDArray, optics: Optics) -> NDA
     k2 = k * k
     x = np.pi * lam * df[:, None] * k2[None, :] - 0.5 * np.pi * cs * lam**3 * (k2 * k2)[None, :]
     x = x + phase_rad[:, None]
-    c = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
-    return c * c
+    # CTF^2 = sin^2(x + alpha) = (1 - cos 2(x + alpha)) / 2; a coarse score table needs no
+    # more than float32 after an exact reduction of the angle to [-pi, pi]
+    x += np.arctan2(w, np.sqrt(1 - w * w))
+    x *= 2.0
+    x -= (2 * np.pi) * np.round(x * (0.5 / np.pi))
+    c2 = np.cos(x.astype(np.float32))
+    c2 *= np.float32(-0.5)
+    c2 += np.float32(0.5)
+    return c2.astype(np.float64)
 
 
 def profile_scores(
@@ -124,6 +131,81 @@ def _bin_profile(
     return k, np.where(n > 0, s / np.maximum(n, 1), 0.0), n
 
 
+def _bin_sector_profiles(
+    rho: NDArray,
+    values: NDArray,
+    weights: NDArray,
+    sector: NDArray,
+    n_sectors: int,
+    k_min: float,
+    k_max: float,
+    width: float,
+) -> tuple[NDArray, NDArray, NDArray]:
+    """:func:`_bin_profile` (``centred=True``) of every sector at once: bin centres, and
+    ``(n_sectors, n_bins)`` mean power and weight."""
+    nb = max(8, int(np.ceil((k_max - k_min) / width)))
+    edges = np.linspace(k_min, k_max, nb + 1)
+    i = np.clip(np.searchsorted(edges, rho) - 1, 0, nb - 1)
+    flat = sector * nb + i
+    n = np.bincount(flat, weights=weights, minlength=n_sectors * nb).reshape(n_sectors, nb)
+    s = np.bincount(flat, weights=values * weights, minlength=n_sectors * nb)
+    s = s.reshape(n_sectors, nb)
+    return 0.5 * (edges[1:] + edges[:-1]), np.where(n > 0, s / np.maximum(n, 1), 0.0), n
+
+
+def _sector_scores(
+    k: NDArray,
+    ys: NDArray,
+    ns: NDArray,
+    ctf2: NDArray,
+    k_min: float,
+    k_max: float,
+    n_bg: int = 5,
+    n_env: int = 2,
+) -> NDArray:
+    """:func:`profile_scores` of several profiles on the same bins (rows of ``ys``, ``ns``)
+    against one candidate table: the per-profile projections are small; the products with
+    the (candidates × bins) table are done for all profiles in one matrix product each.
+    Empty bins carry zero weight, exactly as if they were left out."""
+    n_p, nb = ys.shape
+    phi = radial_basis(k, k_min, k_max, n_bg)
+    if n_env <= 1:
+        psi = np.ones((nb, 1))
+    else:
+        psi = np.stack([(k / k_max) ** i for i in range(n_env)], axis=1)
+    pa = psi.shape[1]
+    qtz = np.empty((n_p, pa, n_bg, nb))
+    uu = np.empty((n_p, pa * pa, nb))
+    uy = np.empty((n_p, pa, nb))
+    for p in range(n_p):
+        y, n = ys[p], ns[p]
+        sq = np.sqrt(n)
+        ok = n > 0
+        fit = np.linalg.lstsq((phi * sq[:, None])[ok], (y * sq)[ok], rcond=None)[0]
+        ysm = phi @ fit
+        ysm = np.maximum(ysm, 1e-3 * np.max(np.abs(ysm[ok])) + 1e-30)
+        sw = np.where(ok, sq / ysm, 0.0)
+        q, _ = np.linalg.qr((phi * sw[:, None])[ok])
+        qf = np.zeros((nb, q.shape[1]))
+        qf[ok] = q
+        yw = y * sw
+        yp = yw - qf @ (qf.T @ yw)
+        u = sw[:, None] * psi
+        qtz[p] = np.einsum("ib,ia->abi", qf, u)
+        uu[p] = np.einsum("ia,ib->abi", u, u).reshape(-1, nb)
+        uy[p] = (u * yp[:, None]).T
+    nj = ctf2.shape[0]
+    proj = (ctf2 @ qtz.reshape(-1, nb).T).reshape(nj, n_p, pa, n_bg)
+    g = ((ctf2 * ctf2) @ uu.reshape(-1, nb).T).reshape(nj, n_p, pa, pa)
+    g -= np.einsum("jpab,jpcb->jpac", proj, proj)
+    h = (ctf2 @ uy.reshape(-1, nb).T).reshape(nj, n_p, pa)
+    g += 1e-9 * np.trace(g, axis1=2, axis2=3)[..., None, None] * np.eye(pa)
+    coef = np.linalg.solve(g, h[..., None])[..., 0]
+    drop = np.einsum("jpa,jpa->jp", h, coef)
+    amp = coef @ psi.mean(axis=0)
+    return np.where(amp > 0, drop, 0.0).T
+
+
 def coarse_search(
     band: Band,
     optics: Optics,
@@ -174,17 +256,15 @@ def coarse_search(
     sec = np.minimum((band.theta_true / np.pi * n_sectors).astype(int), n_sectors - 1)
     curves = np.zeros((n_sectors, grid.size))
     centres = (np.arange(n_sectors) + 0.5) * np.pi / n_sectors
-    c2: NDArray | None = None
-    for s in range(n_sectors):
-        m = sec == s
-        if m.sum() < 50:
-            continue
-        ks, ys, ns = _bin_profile(
-            band.rho_true[m], values[m], band.weights[m], band.k_min, band.k_max, width, True
+    # every sector's profile shares the bin centres, so one CTF² table serves all, and the
+    # sectors are scored together (see _sector_scores)
+    live_s = np.flatnonzero(np.bincount(sec, minlength=n_sectors) >= 50)
+    if live_s.size:
+        ks, ys, ns = _bin_sector_profiles(
+            band.rho_true, values, band.weights, sec, n_sectors, band.k_min, band.k_max, width
         )
-        if c2 is None:  # every sector shares the bin centres, so one CTF² table serves all
-            c2 = _ctf2_1d(ks, grid, np.full(grid.size, best_phase), optics)
-        curves[s] = profile_scores(ks, ys, ns, c2, band.k_min, band.k_max)
+        c2 = _ctf2_1d(ks, grid, np.full(grid.size, best_phase), optics)
+        curves[live_s] = _sector_scores(ks, ys[live_s], ns[live_s], c2, band.k_min, band.k_max)
 
     # 3. grid over (z, a1, a2): sum of sector scores at the sector defocus
     h_max = 0.5 * max_astig
@@ -196,13 +276,29 @@ def coarse_search(
     # sector defocus offset in grid steps, for each astigmatism candidate: (n_ast, n_sectors)
     off = a1[:, None] * np.cos(2 * centres)[None, :] + a2[:, None] * np.sin(2 * centres)[None, :]
     off = off / step
-    zi = np.arange(grid.size)
     live = [sc for sc in range(n_sectors) if curves[sc].any()]
 
+    # linear interpolation of each sector's curve at column + offset: the columns are whole
+    # grid points, so the integer part and the fraction of the offset are all that varies
+    # (a gather from a zero-padded curve instead of a search per value, like np.interp with
+    # zero outside the grid)
+    pad = int(np.ceil(np.abs(off).max())) + 2 if off.size else 2
+    whole = np.floor(off).astype(np.int64)
+    frac = off - whole
+    curves_p = np.zeros((n_sectors, grid.size + 2 * pad + 1))
+    curves_p[:, pad : pad + grid.size] = curves
+
     def totals(cols: NDArray) -> NDArray:
+        c = cols.astype(np.int64)
         out = np.zeros((a1.size, cols.size))
         for sc in live:
-            out += np.interp(cols[None, :] + off[:, sc : sc + 1], zi, curves[sc], 0.0, 0.0)
+            j = whole[:, sc : sc + 1] + (c + pad)[None, :]
+            fp = curves_p[sc]
+            v = fp[j]
+            v += frac[:, sc : sc + 1] * (fp[j + 1] - v)
+            x = c[None, :] + off[:, sc : sc + 1]
+            v[(x < 0) | (x > grid.size - 1)] = 0.0
+            out += v
         return out
 
     # branch and bound over defocus: no astigmatism can score more at z than the sum of each
@@ -218,7 +314,7 @@ def coarse_search(
     done = 0
     while done < order.size:
         cols = order[done : done + 32]
-        total[:, cols] = totals(cols.astype(float))
+        total[:, cols] = totals(cols)
         done += cols.size
         kth = np.sort(total.max(axis=0))[::-1][min(4 * n_best, grid.size) - 1]
         if done < order.size and bound[order[done]] < kth:

@@ -268,6 +268,8 @@ def _memmap(path: Path, header: MRCHeader) -> np.memmap:
 
 def _check_finite(data: NDArray[np.floating], path: Path, what: str = "") -> None:
     """Raise InputError when ``data`` holds NaN or Inf values."""
+    if data.dtype.kind == "f" and np.isfinite(np.sum(data)):  # NaN/Inf make the sum non-finite
+        return  # (an overflowing sum of finite pixels only sends us to the exact count below)
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise InputError(
@@ -303,6 +305,50 @@ def read_micrograph(path: str | os.PathLike[str]) -> MRCImage:
             f"{MIN_MICROGRAPH_SIZE}x{MIN_MICROGRAPH_SIZE} (is this a particle stack?)",
             path=p,
         )
+    if header.nz == 1 and header.dtype == np.dtype(np.float32):
+        data = _read_float32(p, header)
+    else:
+        data = _read_converted(p, header)
+    if header.dtype.kind == "f" or header.nz > 1:
+        _check_finite(data, p)
+    if _is_constant(data):
+        raise InputError(
+            f"all pixels equal ({float(data.flat[0]):g}): empty or blank micrograph; "
+            "check the export or drop it from the list",
+            path=p,
+        )
+    return MRCImage(data=data, header_pixel_size=header.pixel_size, path=str(p))
+
+
+def _is_constant(data: NDArray) -> bool:
+    """True when every pixel equals the first (any differing pixel in the first row decides
+    at once, so a real micrograph costs one row)."""
+    first = data.flat[0]
+    if data.ndim >= 2 and np.any(data[0] != first):
+        return False
+    return bool(data.min() == data.max())
+
+
+def _read_float32(path: Path, header: MRCHeader) -> NDArray[np.float32]:
+    """One native-order float32 image as a private (copy-on-write) map of the file: the pixels
+    are the page cache's own, so there is no copy and no fresh 4-byte-per-pixel allocation to
+    fault in; writing to the array changes only this process's copy, never the file."""
+    try:
+        mm = np.memmap(
+            path,
+            dtype=np.float32,
+            mode="c",
+            offset=header.data_offset,
+            shape=(header.ny, header.nx),
+        )
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot map the pixel data ({exc}); re-copy the file", path=path) from exc
+    return np.asarray(mm)  # a plain ndarray view (the map lives as long as the array)
+
+
+def _read_converted(path: Path, header: MRCHeader) -> NDArray[np.float32]:
+    """Any other mode or a stack of frames (summed): mapped, converted to float32 once."""
+    p = path
     mm = _memmap(p, header)
     try:
         if header.nz == 1:
@@ -318,15 +364,7 @@ def read_micrograph(path: str | os.PathLike[str]) -> MRCImage:
         raise InputError(f"cannot read the pixel data ({exc}); re-copy the file", path=p) from exc
     finally:
         del mm
-    if header.dtype.kind == "f" or header.nz > 1:
-        _check_finite(data, p)
-    if data.min() == data.max():
-        raise InputError(
-            f"all pixels equal ({float(data.flat[0]):g}): empty or blank micrograph; "
-            "check the export or drop it from the list",
-            path=p,
-        )
-    return MRCImage(data=data, header_pixel_size=header.pixel_size, path=str(p))
+    return data
 
 
 def read_stack(path: str | os.PathLike[str]) -> np.memmap:

@@ -64,12 +64,27 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+#: OpenBLAS and OpenMP read these once, when numpy loads them: when the process started with
+#: both at 1, BLAS is single-threaded already (forked workers inherit that) and importing
+#: threadpoolctl (~30 ms) can be skipped
+_STARTED_SINGLE_THREADED = all(os.environ.get(k) == "1" for k in _BLAS_THREAD_VARS[:2])
+
+
 def _blas_single_thread() -> contextlib.AbstractContextManager:
+    if _STARTED_SINGLE_THREADED:
+        return contextlib.nullcontext()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
+
+
+def _single_threaded_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with one BLAS thread: a Dask worker's results then match a serial
+    run's to the last bit (BLAS sums in another order with more threads)."""
+    with _blas_single_thread():
+        return fn(*args, **kwargs)
 
 
 class SerialBackend:
@@ -120,6 +135,8 @@ def _init_pool_worker(close_fds: tuple[int, ...]) -> None:
     for fd in close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+    if _STARTED_SINGLE_THREADED:
+        return
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover
@@ -281,7 +298,7 @@ class DaskBackend:
                 key, fn, args, kwargs = next(source)
             except StopIteration:
                 return None
-            fut = self.client.submit(fn, *args, pure=False, **kwargs)
+            fut = self.client.submit(_single_threaded_call, fn, *args, pure=False, **kwargs)
             keys[fut.key] = key
             return fut
 

@@ -78,12 +78,14 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.special import fdtrc, fdtri
 
+from anisoctf._lazy import lazy
 from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_bytes_atomic, write_text_atomic
 from anisoctf.magnification.matrix import MagMat, to_relion
 from anisoctf.magnification.transform import defocus_table_to_true
+
+special = lazy("scipy.special")  # imported on first use (a second off every start-up)
 
 __all__ = [
     "DEFAULT_BOOTSTRAP",
@@ -235,7 +237,7 @@ def tukey_constant(n: int) -> float:
     """
     p = math.exp(-0.5 * TUKEY_C**2)
     nu = 2.0 * max(n - 2, 1)
-    return float(math.sqrt(2.0 * fdtri(2.0, nu, 1.0 - p)))
+    return float(math.sqrt(2.0 * special.fdtri(2.0, nu, 1.0 - p)))
 
 
 def _robust_sigma(d: NDArray[np.float64], n_params: int = 2) -> float:
@@ -362,7 +364,7 @@ def _wald_p_value(wald: float, n_used: int) -> float:
     nu = n_used - 2
     if nu < 2:
         return float("nan")
-    return float(fdtrc(2.0, nu - 1.0, wald * (nu - 1.0) / (2.0 * nu)))
+    return float(special.fdtrc(2.0, nu - 1.0, wald * (nu - 1.0) / (2.0 * nu)))
 
 
 # ============================================================================ results

@@ -60,13 +60,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.fft as sfft
 from numpy.typing import ArrayLike, NDArray
 
 from anisoctf._lazy import lazy
 from anisoctf.magnification.matrix import MagMat, as_matrix
 
 ndi = lazy("scipy.ndimage")
+sfft = lazy("scipy.fft")
 sps = lazy("scipy.sparse")
 special = lazy("scipy.special")
 

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.fft as sfft
 from numpy.typing import NDArray
 
+from anisoctf._lazy import lazy
 from anisoctf.optics.ctf import (
     CTFParams,
     Optics,
@@ -37,6 +37,8 @@ from anisoctf.optics.ctf import (
 )
 
 __all__ = ["MicrographSpec", "SimulatedMicrograph", "expected_power", "simulate_micrograph"]
+
+sfft = lazy("scipy.fft")  # imported on first use: estimating never needs it
 
 
 @dataclass(frozen=True)

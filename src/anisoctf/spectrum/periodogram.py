@@ -9,14 +9,18 @@ strong low-frequency content (ice gradients, carbon edges) does not leak into th
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.fft as sfft
 from numpy.typing import NDArray
 
+from anisoctf._lazy import lazy
 from anisoctf.errors import InputError
+from anisoctf.spectrum._rfft import rfft2
+
+sfft = lazy("scipy.fft")  # imported on first use (see anisoctf.spectrum._rfft)
 
 __all__ = [
     "Spectrum",
@@ -332,8 +336,17 @@ def outlier_tile_weights(image: NDArray, tile: int = 512) -> tuple[NDArray, NDAr
     b = max(1, tile // 32)
     nb = tile // b
     step = 4  # every 4th row is plenty for these statistics
-    feats = np.zeros((len(origins), 3))
-    for i, (r, c) in enumerate(origins):
+    grid = (
+        b % step == 0
+        and np.array_equal(rows, np.arange(rows.size) * tile)
+        and np.array_equal(cols, np.arange(cols.size) * tile)
+    )
+    feats = (
+        _grid_tile_features(img, rows.size, cols.size, tile, b, step)
+        if grid
+        else np.zeros((len(origins), 3))
+    )
+    for i, (r, c) in enumerate([] if grid else origins):
         t = img[r : r + nb * b : step, c : c + nb * b]
         small = (
             t.reshape(nb, b // step if b >= step else 1, nb, b).mean(axis=(1, 3), dtype=np.float64)
@@ -350,6 +363,36 @@ def outlier_tile_weights(image: NDArray, tile: int = 512) -> tuple[NDArray, NDAr
     cut = 3.5
     floors = np.array([0.25 * pixel_sd, np.log(1.25), np.log(1.25)]) / cut
     return _robust_weights(feats, cut, floors), origins
+
+
+def _grid_tile_features(
+    img: NDArray, nty: int, ntx: int, tile: int, b: int, step: int
+) -> NDArray[np.float64]:
+    """(mean, pixel variance, variance of the b×b block means) of the tiles of a regular grid
+    of ``nty × ntx`` adjacent tiles from the corner, from every ``step``-th row, in a few
+    whole-image passes (row-major order of tiles, as :func:`tile_starts` gives them)."""
+    s = img[: nty * tile : step, : ntx * tile]  # (rows sampled, columns)
+    hb, wb = nty * tile // b, ntx * tile // b  # blocks
+    rb = b // step  # sampled rows per block
+    per_block = rb * b
+
+    def block_sums(a: NDArray) -> NDArray[np.float64]:
+        rows = a[0::rb].copy()  # the few rows of a block: plain float32 adds (fast, exact
+        for i in range(1, rb):  # enough for 4 terms), then float64 across the columns
+            rows += a[i::rb]
+        return rows.reshape(hb, wb, b).sum(axis=2, dtype=np.float64)
+
+    small = block_sums(s) / per_block  # block means
+    mean0 = float(small.mean())
+    d = s - np.float32(mean0)  # centred, so the float32 squares lose nothing that matters
+    d *= d
+    sq = block_sums(d)
+    nb = tile // b
+    small_t = small.reshape(nty, nb, ntx, nb).transpose(0, 2, 1, 3).reshape(nty * ntx, -1)
+    sq_t = sq.reshape(nty, nb, ntx, nb).transpose(0, 2, 1, 3).reshape(nty * ntx, -1)
+    m = small_t.mean(axis=1)
+    var = sq_t.sum(axis=1) / (per_block * nb * nb) - (m - mean0) ** 2
+    return np.column_stack([m, var, small_t.var(axis=1)])
 
 
 def full_periodogram(
@@ -396,10 +439,14 @@ def full_periodogram(
     oy, ox = (ny0 - ny) // 2, (nx0 - nx) // 2
     sub = img[oy : oy + ny, ox : ox + nx]
     wy, wx = _edge_taper(ny, taper), _edge_taper(nx, taper)
-    a = np.empty((ny, nx), dtype=np.float32)
+    a = _work_buffer((ny, nx))
     if weight_map is None:
         # every 4th row gives the mean far better than the noise needs (and saves a pass)
-        m0 = float(np.mean(sub[::4], dtype=np.float64)) if mean is None else float(mean)
+        if mean is None:  # row sums (pairwise, float32) added in float64: fast and exact enough
+            rows = sub[::4]
+            m0 = float(rows.sum(axis=1).sum(dtype=np.float64)) / rows.size
+        else:
+            m0 = float(mean)
         np.subtract(sub, np.float32(m0), out=a, casting="unsafe")
         t = min(taper, ny // 4, nx // 4)  # the taper is 1 except near the edges
         a[:t] *= wy[:t, None]
@@ -416,7 +463,7 @@ def full_periodogram(
         np.subtract(sub, np.float32(mean_w), out=a, casting="unsafe")
         a *= wm
         norm = float(np.sum(np.square(wm, dtype=np.float64)))
-    f = sfft.rfft2(a, workers=workers, overwrite_x=True)
+    f = rfft2(a, workers=workers)
     del a
     apix = pixel_size
     if fit_pixel_size is not None and fit_pixel_size > pixel_size * (1 + 1e-6):
@@ -426,11 +473,7 @@ def full_periodogram(
             norm *= (ny * nx) / (cy * cx)
             apix = pixel_size * ny / cy  # == pixel_size * nx / cx exactly
             ny, nx = cy, cx
-    fv = f.view(np.float32)
-    power = np.empty(f.shape, dtype=np.float32)
-    np.multiply(fv[:, 0::2], fv[:, 0::2], out=power)
-    power += fv[:, 1::2] * fv[:, 1::2]
-    power *= np.float32(1.0 / norm)
+    power = _power_in_place(np.ascontiguousarray(f), np.float32(1.0 / norm))
     return Spectrum(
         power=power,
         pixel_size=apix,
@@ -439,6 +482,43 @@ def full_periodogram(
         tile_origins=np.array([[oy, ox]], dtype=np.int64),
         shape=(ny, nx),
     )
+
+
+_WORK = threading.local()
+
+
+def _work_buffer(shape: tuple[int, int]) -> NDArray[np.float32]:
+    """A float32 scratch array of ``shape``, kept per thread for the next call: a fresh array
+    of this size would be new memory that the kernel must fault in and zero every time."""
+    buf = getattr(_WORK, "buf", None)
+    if buf is None or buf.shape != shape:
+        buf = _WORK.buf = None  # let the old one go first
+        buf = _WORK.buf = np.empty(shape, dtype=np.float32)
+    return buf
+
+
+def _power_in_place(f: NDArray[np.complex64], scale: np.float32) -> NDArray[np.float32]:
+    """``scale * |f|^2`` written over the first half of ``f``'s own memory (no new array).
+
+    Row block ``[r0, r1)`` of the result occupies the floats ``[r0 n, r1 n)`` and is computed
+    from those of ``f``'s rows, ``[2 r0 n, 2 r1 n)``: at or after what it overwrites, so
+    blocks that go forward and never reach past ``r1 <= 2 r0`` read nothing already written.
+    """
+    rows, n = f.shape
+    flat = f.reshape(-1).view(np.float32)  # (re, im) pairs, row after row
+    out = flat[: rows * n].reshape(rows, n)
+    first = np.abs(f[0]) ** 2  # row 0 overlaps itself: a small copy
+    out[0] = first * scale
+    r0 = 1
+    while r0 < rows:
+        r1 = min(rows, 2 * r0, r0 + 64)
+        src = flat[2 * r0 * n : 2 * r1 * n].reshape(r1 - r0, n, 2)
+        dst = out[r0:r1]
+        np.multiply(src[:, :, 0], src[:, :, 0], out=dst)
+        dst += src[:, :, 1] * src[:, :, 1]
+        dst *= scale
+        r0 = r1
+    return out
 
 
 def micrograph_spectrum(
