@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from anisoctf.errors import FitError
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.magnification.transform import defocus_table_to_true
-from anisoctf.optics.ctf import Optics
+from anisoctf.optics.ctf import Optics, frequency_features
 from anisoctf.refine.anisomag import (
     MagEquations,
     accumulate,
@@ -36,7 +36,14 @@ from anisoctf.refine.anisomag import (
     update_matrix,
 )
 from anisoctf.refine.defocus import astigmatism_scores, defocus_offsets
-from anisoctf.refine.model import batch_chi, batch_ctf, grid_features, uva_to_zaa, zaa_to_uva
+from anisoctf.refine.model import (
+    GridFeatures,
+    batch_chi,
+    batch_ctf,
+    grid_features,
+    uva_to_zaa,
+    zaa_to_uva,
+)
 from anisoctf.refine.projection import (
     FourierProjector,
     centre_shift_phase,
@@ -218,13 +225,27 @@ def refine_group(
     else:
         weight = band.astype(np.float64)
 
-    def batch(rows: NDArray[np.int64], mcur: NDArray[np.float64]):
+    def batch(
+        rows: NDArray[np.int64],
+        mcur: NDArray[np.float64],
+        pixels: NDArray[np.bool_] | None = None,
+    ):
         imgs = np.asarray(images(rows), dtype=np.float32)
         x = sfft.rfft2(imgs, workers=-1)
         x0 = x * np.conj(centre_shift_phase(box, shift[rows])).astype(np.complex64)
         proj = projectors[int(which[rows[0]])]
-        q = proj.slices(rots[rows], box, apix, mcur)
+        q = proj.slices(rots[rows], box, apix, mcur, band=pixels)
         return x0, q
+
+    def band_features(mcur: NDArray[np.float64]) -> GridFeatures:
+        # the band's pixels as a (1, n_band) grid: batch_chi gives (P, 1, n_band)
+        return GridFeatures(
+            box=box,
+            pixel_size=apix,
+            kx=kx[band][None],
+            ky=ky[band][None],
+            feats=frequency_features(kx[band][None] / apix, ky[band][None] / apix, mcur),
+        )
 
     def scales(x0, q, c) -> NDArray[np.float64]:
         cq = c * q
@@ -309,19 +330,20 @@ def refine_group(
                 say(f"optics group {group}: round {rnd + 1} step {it + 1}: {mm.describe()}")
         if st.fit_defocus:
             t0, c0 = time.perf_counter(), time.process_time()
-            g = grid_features(box, apix, m)
+            # only the band's pixels enter the correlation: project and model just those
+            gb = band_features(m)
             asin_w = np.arcsin(optics.amplitude_contrast)
             for rows in chunks:
-                x0, q = batch(rows, m)
-                phi0 = batch_chi(g, z[rows], a1[rows], a2[rows], optics, phase[rows]) + asin_w
-                env = sign * np.exp(-0.25 * bfac[rows, None, None] * g.feats.k2[None])
+                x0, q = batch(rows, m, band)
+                phi0 = batch_chi(gb, z[rows], a1[rows], a2[rows], optics, phase[rows]) + asin_w
+                env = sign * np.exp(-0.25 * bfac[rows, None, None] * gb.feats.k2[None])
                 off, sc = defocus_offsets(
-                    x0,
-                    q,
-                    phi0,
-                    env,
-                    weight,
-                    g.feats.k2,
+                    x0[:, band],
+                    q[:, band],
+                    phi0[:, 0],
+                    env[:, 0],
+                    weight[band],
+                    gb.feats.k2[0],
                     optics.wavelength,
                     st.defocus_search,
                     st.defocus_step,
