@@ -29,7 +29,7 @@ from anisoctf.magnification.transform import defocus_table_to_true
 from anisoctf.optics.ctf import Optics, frequency_features
 from anisoctf.refine.anisomag import (
     MagEquations,
-    accumulate,
+    accumulate_band,
     displacement_field,
     shell_evidence,
     solve_matrix,
@@ -72,6 +72,7 @@ class RefineSettings:
     defocus_search: float = 1500.0
     defocus_step: float = 25.0
     chunk: int = 128
+    cache_mb: float = 1024.0  # keep the particles' band spectra in memory up to this size
     astig_search: float = 300.0  # ± Å on each Cartesian component (a1, a2)
     astig_step: float = 50.0
     n_shells: int = 8
@@ -237,6 +238,31 @@ def refine_group(
         q = proj.slices(rots[rows], box, apix, mcur, band=pixels)
         return x0, q
 
+    bidx = np.flatnonzero(band.ravel())
+    w_band = weight[band]
+    # the observed band spectra do not change between passes: keep them when they fit
+    keep_spectra = n * bidx.size * 8 <= st.cache_mb * 2**20
+    spectra_cache: dict[int, NDArray[np.complex64]] = {}
+
+    def spectra(ci: int, rows: NDArray[np.int64]) -> NDArray[np.complex64]:
+        # observed spectra of chunk ``ci`` on the band's pixels, origin moved to pixel 0
+        hit = spectra_cache.get(ci)
+        if hit is not None:
+            return hit
+        imgs = np.asarray(images(rows), dtype=np.float32)
+        x = sfft.rfft2(imgs, workers=-1).reshape(len(rows), -1)[:, bidx]
+        ph = centre_shift_phase(box, shift[rows]).reshape(len(rows), -1)[:, bidx]
+        x *= np.conj(ph)
+        if keep_spectra:
+            spectra_cache[ci] = x
+        return x
+
+    def project(
+        rows: NDArray[np.int64], mcur: NDArray[np.float64], pixels: NDArray[np.bool_] | None
+    ) -> NDArray[np.complex64]:
+        proj = projectors[int(which[rows[0]])]
+        return proj.slices(rots[rows], box, apix, mcur, band=pixels)
+
     def band_features(mcur: NDArray[np.float64]) -> GridFeatures:
         # the band's pixels as a (1, n_band) grid: batch_chi gives (P, 1, n_band)
         return GridFeatures(
@@ -247,10 +273,12 @@ def refine_group(
             feats=frequency_features(kx[band][None] / apix, ky[band][None] / apix, mcur),
         )
 
-    def scales(x0, q, c) -> NDArray[np.float64]:
+    def scales(x0, q, c, w=weight) -> NDArray[np.float64]:
+        # least-squares scale of each particle; the pixels are the trailing axes
         cq = c * q
-        num = np.sum(weight * (x0.real * cq.real + x0.imag * cq.imag), axis=(1, 2))
-        den = np.sum(weight * (cq.real**2 + cq.imag**2), axis=(1, 2))
+        axes = tuple(range(1, cq.ndim))
+        num = np.sum(w * (x0.real * cq.real + x0.imag * cq.imag), axis=axes)
+        den = np.sum(w * (cq.real**2 + cq.imag**2), axis=axes)
         return num / np.maximum(den, 1e-300)
 
     # contrast sign from the first batch (RELION images have the particle white)
@@ -286,14 +314,19 @@ def refine_group(
             for it in range(st.mag_iterations):
                 t0, c0 = time.perf_counter(), time.process_time()
                 eqs = MagEquations.zeros(box)
-                g = grid_features(box, apix, m)
-                for rows in chunks:
-                    x0, q = batch(rows, m)
-                    c = sign * batch_ctf(
-                        g, z[rows], a1[rows], a2[rows], optics, phase[rows], bfac[rows]
+                gb = band_features(m)
+                for ci, rows in enumerate(chunks):
+                    xb = spectra(ci, rows)
+                    q = project(rows, m, None)  # the whole slice: its gradient needs it
+                    qb = q.reshape(len(rows), -1)[:, bidx]
+                    c = (
+                        sign
+                        * batch_ctf(
+                            gb, z[rows], a1[rows], a2[rows], optics, phase[rows], bfac[rows]
+                        )[:, 0]
                     )
-                    s = scales(x0, q, c)
-                    accumulate(eqs, x0, q, c, s, weight, m)
+                    s = scales(xb, qb, c, w_band)
+                    accumulate_band(eqs, xb, q, qb, c, s, w_band, bidx, m)
                 try:
                     gstep, cov = solve_matrix(eqs, m, band)
                 except ValueError as exc:
@@ -333,16 +366,17 @@ def refine_group(
             # only the band's pixels enter the correlation: project and model just those
             gb = band_features(m)
             asin_w = np.arcsin(optics.amplitude_contrast)
-            for rows in chunks:
-                x0, q = batch(rows, m, band)
+            for ci, rows in enumerate(chunks):
+                xb = spectra(ci, rows)
+                qb = project(rows, m, band).reshape(len(rows), -1)[:, bidx]
                 phi0 = batch_chi(gb, z[rows], a1[rows], a2[rows], optics, phase[rows]) + asin_w
                 env = sign * np.exp(-0.25 * bfac[rows, None, None] * gb.feats.k2[None])
                 off, sc = defocus_offsets(
-                    x0[:, band],
-                    q[:, band],
+                    xb,
+                    qb,
                     phi0[:, 0],
                     env[:, 0],
-                    weight[band],
+                    w_band,
                     gb.feats.k2[0],
                     optics.wavelength,
                     st.defocus_search,
