@@ -15,9 +15,13 @@ Noise weights ``1/σ²(|k|)`` come from the radial mean of ``|X|²`` of the firs
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import scipy.fft as sfft
@@ -53,6 +57,17 @@ from anisoctf.refine.projection import (
 
 __all__ = ["MAX_STEP", "GroupResult", "RefineSettings", "refine_group"]
 
+T = TypeVar("T")
+
+
+def _available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 #: Largest accepted change of any matrix element in one Gauss–Newton step (5 %: RELION's
 #: refined matrices differ from the identity by ~2 % at most).
 MAX_STEP = 0.05
@@ -77,10 +92,13 @@ class RefineSettings:
     astig_step: float = 50.0
     n_shells: int = 8
     whiten: bool = True  # weights 1/σ²(|k|) from the radial power; False: flat (noiseless data)
+    threads: int | None = None  # chunks worked on at once; None: the CPUs this process may use
 
     def __post_init__(self) -> None:
         if self.max_res is not None and self.max_res >= self.min_res:
             raise ValueError(f"max-res {self.max_res} Å must be below min-res {self.min_res} Å")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be at least 1")
         if self.rounds < 1 or self.mag_iterations < 1 or self.chunk < 1:
             raise ValueError("rounds, mag iterations and chunk must be at least 1")
         if not (self.defocus_search > 0 and self.defocus_step > 0):
@@ -243,14 +261,27 @@ def refine_group(
     # the observed band spectra do not change between passes: keep them when they fit
     keep_spectra = n * bidx.size * 8 <= st.cache_mb * 2**20
     spectra_cache: dict[int, NDArray[np.complex64]] = {}
+    read_lock = threading.Lock()
+    n_threads = max(1, min(st.threads or _available_cpus(), len(chunks)))
+    fft_workers = 1 if n_threads > 1 else -1
+
+    def over_chunks(work: Callable[[int, NDArray[np.int64]], T]) -> list[T]:
+        # work(ci, rows) for every chunk, in order; on n_threads threads (numpy, the FFTs and
+        # the gathers release the GIL), each chunk's result kept apart so that the sums
+        # taken afterwards do not depend on the scheduling
+        if n_threads == 1:
+            return [work(ci, rows) for ci, rows in enumerate(chunks)]
+        with ThreadPoolExecutor(n_threads) as ex:
+            return list(ex.map(work, range(len(chunks)), chunks))
 
     def spectra(ci: int, rows: NDArray[np.int64]) -> NDArray[np.complex64]:
         # observed spectra of chunk ``ci`` on the band's pixels, origin moved to pixel 0
         hit = spectra_cache.get(ci)
         if hit is not None:
             return hit
-        imgs = np.asarray(images(rows), dtype=np.float32)
-        x = sfft.rfft2(imgs, workers=-1).reshape(len(rows), -1)[:, bidx]
+        with read_lock:  # the reader need not be thread-safe
+            imgs = np.asarray(images(rows), dtype=np.float32)
+        x = sfft.rfft2(imgs, workers=fft_workers).reshape(len(rows), -1)[:, bidx]
         ph = centre_shift_phase(box, shift[rows]).reshape(len(rows), -1)[:, bidx]
         x *= np.conj(ph)
         if keep_spectra:
@@ -313,20 +344,24 @@ def refine_group(
         if st.fit_anisomag:
             for it in range(st.mag_iterations):
                 t0, c0 = time.perf_counter(), time.process_time()
-                eqs = MagEquations.zeros(box)
                 gb = band_features(m)
-                for ci, rows in enumerate(chunks):
+
+                def mag_chunk(
+                    ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=z, a1=a1, a2=a2
+                ) -> MagEquations:
                     xb = spectra(ci, rows)
                     q = project(rows, m, None)  # the whole slice: its gradient needs it
                     qb = q.reshape(len(rows), -1)[:, bidx]
-                    c = (
-                        sign
-                        * batch_ctf(
-                            gb, z[rows], a1[rows], a2[rows], optics, phase[rows], bfac[rows]
-                        )[:, 0]
-                    )
+                    c = batch_ctf(gb, z[rows], a1[rows], a2[rows], optics, phase[rows], bfac[rows])
+                    c = sign * c[:, 0]
                     s = scales(xb, qb, c, w_band)
-                    accumulate_band(eqs, xb, q, qb, c, s, w_band, bidx, m)
+                    part = MagEquations.zeros(box)
+                    accumulate_band(part, xb, q, qb, c, s, w_band, bidx, m)
+                    return part
+
+                eqs = MagEquations.zeros(box)
+                for part in over_chunks(mag_chunk):
+                    eqs += part
                 try:
                     gstep, cov = solve_matrix(eqs, m, band)
                 except ValueError as exc:
@@ -366,12 +401,15 @@ def refine_group(
             # only the band's pixels enter the correlation: project and model just those
             gb = band_features(m)
             asin_w = np.arcsin(optics.amplitude_contrast)
-            for ci, rows in enumerate(chunks):
+
+            def defocus_chunk(
+                ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=z, a1=a1, a2=a2, asin_w=asin_w
+            ) -> tuple[NDArray, NDArray]:
                 xb = spectra(ci, rows)
                 qb = project(rows, m, band).reshape(len(rows), -1)[:, bidx]
                 phi0 = batch_chi(gb, z[rows], a1[rows], a2[rows], optics, phase[rows]) + asin_w
                 env = sign * np.exp(-0.25 * bfac[rows, None, None] * gb.feats.k2[None])
-                off, sc = defocus_offsets(
+                return defocus_offsets(
                     xb,
                     qb,
                     phi0[:, 0],
@@ -382,6 +420,8 @@ def refine_group(
                     st.defocus_search,
                     st.defocus_step,
                 )
+
+            for rows, (off, sc) in zip(chunks, over_chunks(defocus_chunk), strict=True):
                 z[rows] += off
                 change[rows] += off
                 score[rows] = sc
