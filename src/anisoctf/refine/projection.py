@@ -173,7 +173,8 @@ class FourierProjector:
         padded[lo : lo + n, lo : lo + n, lo : lo + n] = vol
         # centre voxel npad/2 -> index 0, transform, then zero frequency -> index npad/2
         f = sfft.fftshift(sfft.fftn(sfft.ifftshift(padded), workers=-1))
-        flat = np.ascontiguousarray(f.astype(np.complex64)).reshape(-1)
+        # the map is real, so F(-k) = conj F(k): keep the planes z >= npad/2 only
+        flat = np.ascontiguousarray(f[npad // 2 :].astype(np.complex64)).reshape(-1)
         del f
         # voxel i with its +x, +y and +x+y neighbours side by side: the four corners of one
         # z-plane of a trilinear cell in one aligned 32-byte read; zero rows at the end keep
@@ -203,7 +204,7 @@ class FourierProjector:
         q = k3 * np.float32(g.scale) + np.float32(g.npad / 2)  # fractional padded index
         r2 = np.sum(k3.astype(np.float64) ** 2, axis=-1) * g.scale**2
         inside = r2 <= (g.npad / 2 * (g.n - 1) / g.n) ** 2
-        inside &= np.all((q >= 0) & (q < g.npad - 1), axis=-1)
+        inside &= np.all((q >= 1) & (q < g.npad - 1), axis=-1)
         out = np.zeros(q.shape[0], dtype=np.complex64)
         qi = q[inside]
         out[inside] = self._trilinear(qi[:, 0], qi[:, 1], qi[:, 2])
@@ -212,11 +213,16 @@ class FourierProjector:
     def _trilinear(
         self, x: NDArray[np.float32], y: NDArray[np.float32], z: NDArray[np.float32]
     ) -> NDArray[np.complex64]:
-        """Trilinear interpolation at fractional padded-grid indices (all in ``[0, npad - 1]``).
+        """Trilinear interpolation at fractional padded-grid indices (all in ``[1, npad - 1]``).
 
-        The arrays are overwritten (they become the fractional parts).
+        The arrays are overwritten (they become the fractional parts). Points below the
+        central z-plane are reflected through the centre and their value conjugated (the
+        table holds the upper half of the transform).
         """
         npad = self.geometry.npad
+        flip = z < np.float32(npad // 2)
+        for c in (x, y, z):
+            np.subtract(np.float32(npad), c, out=c, where=flip)
         base = None
         for c, stride in ((z, npad * npad), (y, npad), (x, 1)):
             f = np.floor(c)
@@ -225,6 +231,7 @@ class FourierProjector:
             if stride != 1:
                 i *= stride
             base = i if base is None else np.add(base, i, out=base)
+        base -= (npad // 2) * npad * npad  # the table starts at the central z-plane
         fx, fy, fz = x, y, z
         planes = []
         for dz in (0, npad * npad):
@@ -250,6 +257,7 @@ class FourierProjector:
             hi -= lo
             hi *= fz
             np.add(hi, lo, out=out[..., part])
+        np.negative(out[..., 1], out=out[..., 1], where=flip)
         return out.view(np.complex64)[..., 0]
 
     def _pixels(
@@ -273,7 +281,9 @@ class FourierProjector:
         if m is not None:
             kx, ky = m[0, 0] * kx + m[0, 1] * ky, m[1, 0] * kx + m[1, 1] * ky
         g = self.geometry
-        kmax = (g.npad / 2 * (g.n - 1) / g.n) / g.scale
+        # inside the map's Nyquist sphere (and one voxel inside the padded grid's edge, which
+        # matters only for pad = 1): every trilinear cell then lies inside the table
+        kmax = min(g.npad / 2 * (g.n - 1) / g.n, g.npad / 2 - 1) / g.scale
         keep = (kx * kx + ky * ky).ravel() <= kmax * kmax
         if band is not None:
             keep &= np.broadcast_to(np.asarray(band, dtype=bool), kx.shape).ravel()
