@@ -38,6 +38,7 @@ from anisoctf.refine.projection import image_frequencies, real_positions
 __all__ = [
     "MagEquations",
     "accumulate",
+    "accumulate_band",
     "displacement_field",
     "slice_gradient",
     "shell_evidence",
@@ -105,30 +106,75 @@ def accumulate(
     m0
         The current matrix ``M₀``.
     """
+    p = x0.shape[0]
+    w = np.asarray(weight, dtype=np.float64)
+    idx = np.flatnonzero(w.reshape(-1) > 0)  # pixels with zero weight add nothing
+
+    def band(a: NDArray) -> NDArray:
+        return np.broadcast_to(a, x0.shape).reshape(p, -1)[:, idx]
+
+    accumulate_band(eqs, band(x0), q, band(q), band(ctf), scale, w.reshape(-1)[idx], idx, m0)
+
+
+def accumulate_band(
+    eqs: MagEquations,
+    x0: NDArray[np.complexfloating],
+    q: NDArray[np.complexfloating],
+    q_band: NDArray[np.complexfloating],
+    ctf: NDArray[np.floating],
+    scale: NDArray[np.floating],
+    weight: NDArray[np.floating],
+    pixels: NDArray[np.intp],
+    m0: ArrayLike,
+) -> None:
+    """:func:`accumulate` on a subset of the pixels (the band), the slices given whole.
+
+    Parameters
+    ----------
+    x0, q_band, ctf
+        Observed spectra, reference slices and CTF on the pixels ``pixels`` only,
+        ``(P, n_pixels)``.
+    q
+        The whole slices ``(P, box, box//2+1)`` (their gradient needs every pixel).
+    scale
+        Per-particle scale ``s`` (P,).
+    weight
+        Per-pixel weight on ``pixels`` (n_pixels,).
+    pixels
+        Flat indices into the ``(box, box//2+1)`` half plane.
+    m0
+        The current matrix ``M₀``.
+    """
     box = eqs.box
+    p = x0.shape[0]
     mi = np.linalg.inv(np.asarray(m0, dtype=float)).astype(np.float32)  # keep complex64
     gkx, gky = slice_gradient(q, box)
+    gkx = gkx.reshape(p, -1)[:, pixels]
+    gky = gky.reshape(p, -1)[:, pixels]
     # ∇P(t) = M0^-T ∇k Q
     gx = mi[0, 0] * gkx + mi[1, 0] * gky
     gy = mi[0, 1] * gkx + mi[1, 1] * gky
-    sc = (scale[:, None, None] * ctf).astype(np.float32)
-    r = x0 - sc * q
+    sc = (scale[:, None] * ctf).astype(np.float32)
+    r = x0 - sc * q_band
     ux = sc * gx
     uy = sc * gy
-    w = weight
+    w = np.asarray(weight, dtype=np.float64)
 
     def dot(a: NDArray, b: NDArray) -> NDArray[np.float64]:
         # Σ_p Re(a b̄) per pixel, accumulated in double precision
-        return np.einsum("pij,pij->ij", a.real, b.real, dtype=np.float64) + np.einsum(
-            "pij,pij->ij", a.imag, b.imag, dtype=np.float64
+        return np.einsum("pj,pj->j", a.real, b.real, dtype=np.float64) + np.einsum(
+            "pj,pj->j", a.imag, b.imag, dtype=np.float64
         )
 
-    eqs.axx += w * dot(ux, ux)
-    eqs.ayy += w * dot(uy, uy)
-    eqs.axy += w * dot(ux, uy)
-    eqs.bx += w * dot(ux, r)
-    eqs.by += w * dot(uy, r)
-    eqs.n_particles += x0.shape[0]
+    for name, a, b in (
+        ("axx", ux, ux),
+        ("ayy", uy, uy),
+        ("axy", ux, uy),
+        ("bx", ux, r),
+        ("by", uy, r),
+    ):
+        getattr(eqs, name).reshape(-1)[pixels] += w * dot(a, b)
+    eqs.n_particles += p
 
 
 def _normal(

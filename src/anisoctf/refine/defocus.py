@@ -30,6 +30,57 @@ def _scores(
     return num / np.sqrt(np.maximum(den, 1e-300))
 
 
+#: Trigonometric tables of the coarse defocus grid, shared by the batches of one pass.
+_TABLES: dict[tuple, tuple[NDArray, ...]] = {}
+
+
+def _trig_tables(a: NDArray[np.float64], grid: NDArray[np.float64]) -> tuple[NDArray, ...]:
+    """``cos δ, sin δ, cos 2δ, sin 2δ`` for ``δ = a ⊗ grid``, ``(pixels, candidates)``."""
+    delta = a[:, None] * grid[None, :]
+    return np.cos(delta), np.sin(delta), np.cos(2 * delta), np.sin(2 * delta)
+
+
+def _coarse_tables(a: NDArray[np.float64], coarse: NDArray[np.float64]) -> tuple[NDArray, ...]:
+    """Single-precision :func:`_trig_tables` of the coarse grid and, per candidate (rows),
+    ``cos δ`` and ``sin δ`` in double precision; cached for the batches of a pass."""
+    key = (a.tobytes(), coarse.tobytes())
+    hit = _TABLES.get(key)
+    if hit is None:
+        tabs = _trig_tables(a, coarse)
+        hit = tuple(np.ascontiguousarray(t, dtype=np.float32) for t in tabs) + (
+            np.ascontiguousarray(tabs[0].T),
+            np.ascontiguousarray(tabs[1].T),
+        )
+        _TABLES.clear()
+        _TABLES[key] = hit
+    return hit
+
+
+def _scores_sc(
+    qn: NDArray,
+    en: NDArray,
+    s0: NDArray,
+    c0: NDArray,
+    tables: tuple[NDArray, ...],
+    dtype: type = np.float64,
+) -> NDArray:
+    """Correlations for the candidate phase changes of ``tables`` (:func:`_trig_tables`).
+
+    ``Σ en (s0 cos δ + c0 sin δ)² = Σ en/2 − Σ (en cos 2φ₀ / 2) cos 2δ + Σ (en sin 2φ₀ / 2)
+    sin 2δ`` (with ``s0 = sin φ₀``, ``c0 = cos φ₀``): four matrix products instead of five.
+    """
+    cd, sd, c2d, s2d = tables[:4]
+    num = -((qn * s0).astype(dtype) @ cd + (qn * c0).astype(dtype) @ sd)
+    half = 0.5 * en
+    den = (
+        np.sum(half, axis=1, dtype=np.float64)[:, None].astype(dtype)
+        + (half * (s0 * s0 - c0 * c0)).astype(dtype) @ c2d
+        + (en * (s0 * c0)).astype(dtype) @ s2d
+    )
+    tiny = 1e-30 if dtype == np.float32 else 1e-300
+    return num / np.sqrt(np.maximum(den, dtype(tiny)))
+
+
 def defocus_offsets(
     x0: NDArray[np.complexfloating],
     q: NDArray[np.complexfloating],
@@ -76,19 +127,21 @@ def defocus_offsets(
     en = w * (qs_.real**2 + qs_.imag**2) * env * env
     a = np.pi * wavelength * k2
 
-    def mats_at(phase: NDArray[np.floating]) -> tuple[NDArray[np.float64], ...]:
-        s0, c0 = np.sin(phase), np.cos(phase)
-        m = (qn * s0, qn * c0, en * s0 * s0, en * s0 * c0, en * c0 * c0)
-        return tuple(np.ascontiguousarray(x, dtype=np.float64) for x in m)
-
     coarse = np.arange(-search, search + 0.5 * step, step)
-    sc = _scores(*mats_at(ph), a[:, None] * coarse[None, :])
-    best = coarse[np.argmax(sc, axis=1)]
+    tables = _coarse_tables(a, coarse)
+    s0, c0 = np.sin(ph), np.cos(ph)
+    # single precision is enough to pick the coarse candidate; the fine grid is double
+    jb = np.argmax(_scores_sc(qn, en, s0, c0, tables, np.float32), axis=1)
+    best = coarse[jb]
     # fine grid around each particle's best: fold the best into the phase, so that the
-    # relative candidates are shared again and the same matrix products serve
+    # relative candidates are shared again and the same matrix products serve; the phase
+    # φ₀ + a·best is rotated with the coarse grid's cos/sin of a·best (no new sin/cos)
+    cb, sb = tables[4][jb], tables[5][jb]
+    s1 = s0 * cb + c0 * sb
+    c1 = c0 * cb - s0 * sb
     fine_step = step / 5.0
     rel = np.arange(-step, step + 0.5 * fine_step, fine_step)
-    sf = _scores(*mats_at(ph + a[None, :] * best[:, None]), a[:, None] * rel[None, :])
+    sf = _scores_sc(qn, en, s1, c1, _trig_tables(a, rel))
     j = np.clip(np.argmax(sf, axis=1), 1, len(rel) - 2)
     rows = np.arange(p)
     y0, y1, y2 = sf[rows, j - 1], sf[rows, j], sf[rows, j + 1]

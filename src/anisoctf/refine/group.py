@@ -15,9 +15,13 @@ Noise weights ``1/σ²(|k|)`` come from the radial mean of ``|X|²`` of the firs
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import scipy.fft as sfft
@@ -26,17 +30,24 @@ from numpy.typing import NDArray
 from anisoctf.errors import FitError
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.magnification.transform import defocus_table_to_true
-from anisoctf.optics.ctf import Optics
+from anisoctf.optics.ctf import Optics, frequency_features
 from anisoctf.refine.anisomag import (
     MagEquations,
-    accumulate,
+    accumulate_band,
     displacement_field,
     shell_evidence,
     solve_matrix,
     update_matrix,
 )
 from anisoctf.refine.defocus import astigmatism_scores, defocus_offsets
-from anisoctf.refine.model import batch_chi, batch_ctf, grid_features, uva_to_zaa, zaa_to_uva
+from anisoctf.refine.model import (
+    GridFeatures,
+    batch_chi,
+    batch_ctf,
+    grid_features,
+    uva_to_zaa,
+    zaa_to_uva,
+)
 from anisoctf.refine.projection import (
     FourierProjector,
     centre_shift_phase,
@@ -45,6 +56,17 @@ from anisoctf.refine.projection import (
 )
 
 __all__ = ["MAX_STEP", "GroupResult", "RefineSettings", "refine_group"]
+
+T = TypeVar("T")
+
+
+def _available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
 
 #: Largest accepted change of any matrix element in one Gauss–Newton step (5 %: RELION's
 #: refined matrices differ from the identity by ~2 % at most).
@@ -65,14 +87,18 @@ class RefineSettings:
     defocus_search: float = 1500.0
     defocus_step: float = 25.0
     chunk: int = 128
+    cache_mb: float = 1024.0  # keep the particles' band spectra in memory up to this size
     astig_search: float = 300.0  # ± Å on each Cartesian component (a1, a2)
     astig_step: float = 50.0
     n_shells: int = 8
     whiten: bool = True  # weights 1/σ²(|k|) from the radial power; False: flat (noiseless data)
+    threads: int | None = None  # chunks worked on at once; None: the CPUs this process may use
 
     def __post_init__(self) -> None:
         if self.max_res is not None and self.max_res >= self.min_res:
             raise ValueError(f"max-res {self.max_res} Å must be below min-res {self.min_res} Å")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be at least 1")
         if self.rounds < 1 or self.mag_iterations < 1 or self.chunk < 1:
             raise ValueError("rounds, mag iterations and chunk must be at least 1")
         if not (self.defocus_search > 0 and self.defocus_step > 0):
@@ -218,18 +244,72 @@ def refine_group(
     else:
         weight = band.astype(np.float64)
 
-    def batch(rows: NDArray[np.int64], mcur: NDArray[np.float64]):
+    def batch(
+        rows: NDArray[np.int64],
+        mcur: NDArray[np.float64],
+        pixels: NDArray[np.bool_] | None = None,
+    ):
         imgs = np.asarray(images(rows), dtype=np.float32)
         x = sfft.rfft2(imgs, workers=-1)
         x0 = x * np.conj(centre_shift_phase(box, shift[rows])).astype(np.complex64)
         proj = projectors[int(which[rows[0]])]
-        q = proj.slices(rots[rows], box, apix, mcur)
+        q = proj.slices(rots[rows], box, apix, mcur, band=pixels)
         return x0, q
 
-    def scales(x0, q, c) -> NDArray[np.float64]:
+    bidx = np.flatnonzero(band.ravel())
+    w_band = weight[band]
+    # the observed band spectra do not change between passes: keep them when they fit
+    keep_spectra = n * bidx.size * 8 <= st.cache_mb * 2**20
+    spectra_cache: dict[int, NDArray[np.complex64]] = {}
+    read_lock = threading.Lock()
+    n_threads = max(1, min(st.threads or _available_cpus(), len(chunks)))
+    fft_workers = 1 if n_threads > 1 else -1
+
+    def over_chunks(work: Callable[[int, NDArray[np.int64]], T]) -> list[T]:
+        # work(ci, rows) for every chunk, in order; on n_threads threads (numpy, the FFTs and
+        # the gathers release the GIL), each chunk's result kept apart so that the sums
+        # taken afterwards do not depend on the scheduling
+        if n_threads == 1:
+            return [work(ci, rows) for ci, rows in enumerate(chunks)]
+        with ThreadPoolExecutor(n_threads) as ex:
+            return list(ex.map(work, range(len(chunks)), chunks))
+
+    def spectra(ci: int, rows: NDArray[np.int64]) -> NDArray[np.complex64]:
+        # observed spectra of chunk ``ci`` on the band's pixels, origin moved to pixel 0
+        hit = spectra_cache.get(ci)
+        if hit is not None:
+            return hit
+        with read_lock:  # the reader need not be thread-safe
+            imgs = np.asarray(images(rows), dtype=np.float32)
+        x = sfft.rfft2(imgs, workers=fft_workers).reshape(len(rows), -1)[:, bidx]
+        ph = centre_shift_phase(box, shift[rows]).reshape(len(rows), -1)[:, bidx]
+        x *= np.conj(ph)
+        if keep_spectra:
+            spectra_cache[ci] = x
+        return x
+
+    def project(
+        rows: NDArray[np.int64], mcur: NDArray[np.float64], pixels: NDArray[np.bool_] | None
+    ) -> NDArray[np.complex64]:
+        proj = projectors[int(which[rows[0]])]
+        return proj.slices(rots[rows], box, apix, mcur, band=pixels)
+
+    def band_features(mcur: NDArray[np.float64]) -> GridFeatures:
+        # the band's pixels as a (1, n_band) grid: batch_chi gives (P, 1, n_band)
+        return GridFeatures(
+            box=box,
+            pixel_size=apix,
+            kx=kx[band][None],
+            ky=ky[band][None],
+            feats=frequency_features(kx[band][None] / apix, ky[band][None] / apix, mcur),
+        )
+
+    def scales(x0, q, c, w=weight) -> NDArray[np.float64]:
+        # least-squares scale of each particle; the pixels are the trailing axes
         cq = c * q
-        num = np.sum(weight * (x0.real * cq.real + x0.imag * cq.imag), axis=(1, 2))
-        den = np.sum(weight * (cq.real**2 + cq.imag**2), axis=(1, 2))
+        axes = tuple(range(1, cq.ndim))
+        num = np.sum(w * (x0.real * cq.real + x0.imag * cq.imag), axis=axes)
+        den = np.sum(w * (cq.real**2 + cq.imag**2), axis=axes)
         return num / np.maximum(den, 1e-300)
 
     # contrast sign from the first batch (RELION images have the particle white)
@@ -264,15 +344,24 @@ def refine_group(
         if st.fit_anisomag:
             for it in range(st.mag_iterations):
                 t0, c0 = time.perf_counter(), time.process_time()
+                gb = band_features(m)
+
+                def mag_chunk(
+                    ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=z, a1=a1, a2=a2
+                ) -> MagEquations:
+                    xb = spectra(ci, rows)
+                    q = project(rows, m, None)  # the whole slice: its gradient needs it
+                    qb = q.reshape(len(rows), -1)[:, bidx]
+                    c = batch_ctf(gb, z[rows], a1[rows], a2[rows], optics, phase[rows], bfac[rows])
+                    c = sign * c[:, 0]
+                    s = scales(xb, qb, c, w_band)
+                    part = MagEquations.zeros(box)
+                    accumulate_band(part, xb, q, qb, c, s, w_band, bidx, m)
+                    return part
+
                 eqs = MagEquations.zeros(box)
-                g = grid_features(box, apix, m)
-                for rows in chunks:
-                    x0, q = batch(rows, m)
-                    c = sign * batch_ctf(
-                        g, z[rows], a1[rows], a2[rows], optics, phase[rows], bfac[rows]
-                    )
-                    s = scales(x0, q, c)
-                    accumulate(eqs, x0, q, c, s, weight, m)
+                for part in over_chunks(mag_chunk):
+                    eqs += part
                 try:
                     gstep, cov = solve_matrix(eqs, m, band)
                 except ValueError as exc:
@@ -309,23 +398,30 @@ def refine_group(
                 say(f"optics group {group}: round {rnd + 1} step {it + 1}: {mm.describe()}")
         if st.fit_defocus:
             t0, c0 = time.perf_counter(), time.process_time()
-            g = grid_features(box, apix, m)
+            # only the band's pixels enter the correlation: project and model just those
+            gb = band_features(m)
             asin_w = np.arcsin(optics.amplitude_contrast)
-            for rows in chunks:
-                x0, q = batch(rows, m)
-                phi0 = batch_chi(g, z[rows], a1[rows], a2[rows], optics, phase[rows]) + asin_w
-                env = sign * np.exp(-0.25 * bfac[rows, None, None] * g.feats.k2[None])
-                off, sc = defocus_offsets(
-                    x0,
-                    q,
-                    phi0,
-                    env,
-                    weight,
-                    g.feats.k2,
+
+            def defocus_chunk(
+                ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=z, a1=a1, a2=a2, asin_w=asin_w
+            ) -> tuple[NDArray, NDArray]:
+                xb = spectra(ci, rows)
+                qb = project(rows, m, band).reshape(len(rows), -1)[:, bidx]
+                phi0 = batch_chi(gb, z[rows], a1[rows], a2[rows], optics, phase[rows]) + asin_w
+                env = sign * np.exp(-0.25 * bfac[rows, None, None] * gb.feats.k2[None])
+                return defocus_offsets(
+                    xb,
+                    qb,
+                    phi0[:, 0],
+                    env[:, 0],
+                    w_band,
+                    gb.feats.k2[0],
                     optics.wavelength,
                     st.defocus_search,
                     st.defocus_step,
                 )
+
+            for rows, (off, sc) in zip(chunks, over_chunks(defocus_chunk), strict=True):
                 z[rows] += off
                 change[rows] += off
                 score[rows] = sc

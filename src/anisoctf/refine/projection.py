@@ -117,6 +117,10 @@ def centre_shift_phase(n: int, origins_px: ArrayLike) -> NDArray[np.complex64]:
     return ey[:, :, None] * ex[:, None, :]
 
 
+#: Pixels interpolated per block in :meth:`FourierProjector.slices` (fits the L2 cache).
+_BLOCK = 16384
+
+
 @dataclass(frozen=True)
 class _Geometry:
     n: int  # map box
@@ -169,9 +173,18 @@ class FourierProjector:
         padded[lo : lo + n, lo : lo + n, lo : lo + n] = vol
         # centre voxel npad/2 -> index 0, transform, then zero frequency -> index npad/2
         f = sfft.fftshift(sfft.fftn(sfft.ifftshift(padded), workers=-1))
-        flat = np.ascontiguousarray(f.astype(np.complex64)).reshape(-1)
-        # voxel i and its +x neighbour side by side: one 16-byte read per pair
-        self._pairs = np.stack([flat, np.roll(flat, -1)], axis=-1).view(np.complex128)[:, 0]
+        # the map is real, so F(-k) = conj F(k): keep the planes z >= npad/2 only
+        flat = np.ascontiguousarray(f[npad // 2 :].astype(np.complex64)).reshape(-1)
+        del f
+        # voxel i with its +x, +y and +x+y neighbours side by side: the four corners of one
+        # z-plane of a trilinear cell in one aligned 32-byte read; zero rows at the end keep
+        # the +z plane of the last cells in bounds
+        quads = np.zeros((flat.size + npad * npad + npad + 1, 4), dtype=np.complex64)
+        quads[: flat.size, 0] = flat
+        quads[: flat.size - 1, 1] = flat[1:]
+        quads[: flat.size - npad, 2] = flat[npad:]
+        quads[: flat.size - npad - 1, 3] = flat[npad + 1 :]
+        self._quads = quads.view(np.dtype((np.void, 32))).reshape(-1)
         self._pixel_cache: dict = {}
         self.geometry = _Geometry(n=n, npad=npad, scale=npad * float(pixel_size))
         self.pixel_size = float(pixel_size)
@@ -182,42 +195,83 @@ class FourierProjector:
 
         Frequencies beyond the map's Nyquist give 0. The transform is that of the map with its
         centre at the origin (real-valued for a centro-symmetric map). Computed in single
-        precision; the two x-neighbours of a voxel are fetched in one 16-byte read.
+        precision.
         """
         g = self.geometry
         k3 = np.asarray(k3, dtype=np.float32)
+        shape = k3.shape[:-1]
+        k3 = k3.reshape(-1, 3)
         q = k3 * np.float32(g.scale) + np.float32(g.npad / 2)  # fractional padded index
-        x, y, z = q[..., 0], q[..., 1], q[..., 2]
-        x0 = np.floor(x).astype(np.int32)
-        y0 = np.floor(y).astype(np.int32)
-        z0 = np.floor(z).astype(np.int32)
-        fx = x - x0
-        fy = y - y0
-        fz = z - z0
-        lim = g.npad - 2
-        r2 = np.sum(k3 * k3, axis=-1) * np.float32(g.scale**2)
-        inside = r2 <= np.float32((g.npad / 2 * (g.n - 1) / g.n) ** 2)
-        inside &= (x0 >= 0) & (y0 >= 0) & (z0 >= 0) & (x0 <= lim) & (y0 <= lim) & (z0 <= lim)
-        n2 = g.npad * g.npad
-        base = np.where(inside, (z0 * g.npad + y0) * g.npad + x0, 0).astype(np.intp)
-        pairs = self._pairs
-        out = np.zeros(x.shape, dtype=np.complex64)
-        for dz, wz in ((0, 1.0 - fz), (1, fz)):
-            for dy, wy in ((0, 1.0 - fy), (1, fy)):
-                wzy = wz * wy
-                v = pairs[base + (dz * n2 + dy * g.npad)].view(np.complex64)
-                v = v.reshape(x.shape + (2,))
-                out += v[..., 0] * (wzy * (1.0 - fx)) + v[..., 1] * (wzy * fx)
-        out[~inside] = 0
-        return out
+        r2 = np.sum(k3.astype(np.float64) ** 2, axis=-1) * g.scale**2
+        inside = r2 <= (g.npad / 2 * (g.n - 1) / g.n) ** 2
+        inside &= np.all((q >= 1) & (q < g.npad - 1), axis=-1)
+        out = np.zeros(q.shape[0], dtype=np.complex64)
+        qi = q[inside]
+        out[inside] = self._trilinear(qi[:, 0], qi[:, 1], qi[:, 2])
+        return out.reshape(shape)
+
+    def _trilinear(
+        self, x: NDArray[np.float32], y: NDArray[np.float32], z: NDArray[np.float32]
+    ) -> NDArray[np.complex64]:
+        """Trilinear interpolation at fractional padded-grid indices (all in ``[1, npad - 1]``).
+
+        The arrays are overwritten (they become the fractional parts). Points below the
+        central z-plane are reflected through the centre and their value conjugated (the
+        table holds the upper half of the transform).
+        """
+        npad = self.geometry.npad
+        flip = z < np.float32(npad // 2)
+        for c in (x, y, z):
+            np.subtract(np.float32(npad), c, out=c, where=flip)
+        base = None
+        for c, stride in ((z, npad * npad), (y, npad), (x, 1)):
+            f = np.floor(c)
+            i = f.astype(np.intp)
+            c -= f
+            if stride != 1:
+                i *= stride
+            base = i if base is None else np.add(base, i, out=base)
+        base -= (npad // 2) * npad * npad  # the table starts at the central z-plane
+        fx, fy, fz = x, y, z
+        planes = []
+        for dz in (0, npad * npad):
+            v = np.take(self._quads, base + dz if dz else base).view(np.float32)
+            v = v.reshape(base.shape + (8,))  # corners (x0y0, x1y0, x0y1, x1y1) × (re, im)
+            plane = []
+            for part in (0, 1):  # real, imaginary
+                c00, c10, c01, c11 = (v[..., 2 * j + part] for j in range(4))
+                lo = c10 - c00
+                lo *= fx
+                lo += c00
+                hi = c11 - c01
+                hi *= fx
+                hi += c01
+                hi -= lo
+                hi *= fy
+                hi += lo
+                plane.append(hi)
+            planes.append(plane)
+        out = np.empty(base.shape + (2,), dtype=np.float32)
+        for part in (0, 1):
+            lo, hi = planes[0][part], planes[1][part]
+            hi -= lo
+            hi *= fz
+            np.add(hi, lo, out=out[..., part])
+        np.negative(out[..., 1], out=out[..., 1], where=flip)
+        return out.view(np.complex64)[..., 0]
 
     def _pixels(
-        self, box: int, pixel_size: float, mag_matrix: ArrayLike | None
+        self,
+        box: int,
+        pixel_size: float,
+        mag_matrix: ArrayLike | None,
+        band: NDArray[np.bool_] | None = None,
     ) -> tuple[NDArray[np.intp], NDArray[np.float32], NDArray[np.float32]]:
-        """Flat indices and true frequencies (1/Å) of the half-plane pixels inside the map's
-        Nyquist sphere (cached per geometry)."""
+        """Flat indices of the half-plane pixels inside the map's Nyquist sphere (and ``band``)
+        and their true frequencies in padded-grid voxels (cached per geometry)."""
         m = None if mag_matrix is None else np.asarray(mag_matrix, dtype=float)
-        key = (box, float(pixel_size), None if m is None else m.tobytes())
+        bkey = None if band is None else np.packbits(np.asarray(band, dtype=bool)).tobytes()
+        key = (box, float(pixel_size), None if m is None else m.tobytes(), bkey)
         hit = self._pixel_cache.get(key)
         if hit is not None:
             return hit
@@ -227,9 +281,19 @@ class FourierProjector:
         if m is not None:
             kx, ky = m[0, 0] * kx + m[0, 1] * ky, m[1, 0] * kx + m[1, 1] * ky
         g = self.geometry
-        kmax = (g.npad / 2 * (g.n - 1) / g.n) / g.scale
-        idx = np.flatnonzero((kx * kx + ky * ky).ravel() <= kmax * kmax * (1 + 1e-6))
-        hit = (idx, kx.ravel()[idx].astype(np.float32), ky.ravel()[idx].astype(np.float32))
+        # inside the map's Nyquist sphere (and one voxel inside the padded grid's edge, which
+        # matters only for pad = 1): every trilinear cell then lies inside the table
+        kmax = min(g.npad / 2 * (g.n - 1) / g.n, g.npad / 2 - 1) / g.scale
+        keep = (kx * kx + ky * ky).ravel() <= kmax * kmax
+        if band is not None:
+            keep &= np.broadcast_to(np.asarray(band, dtype=bool), kx.shape).ravel()
+        idx = np.flatnonzero(keep)
+        # padded-grid offsets from the centre, so that a pose needs one multiply-add per axis
+        hit = (
+            idx,
+            (kx.ravel()[idx] * g.scale).astype(np.float32),
+            (ky.ravel()[idx] * g.scale).astype(np.float32),
+        )
         if len(self._pixel_cache) > 16:
             self._pixel_cache.clear()
         self._pixel_cache[key] = hit
@@ -241,6 +305,7 @@ class FourierProjector:
         box: int,
         pixel_size: float,
         mag_matrix: ArrayLike | None = None,
+        band: NDArray[np.bool_] | None = None,
     ) -> NDArray[np.complex64]:
         """Half-plane central slices for a batch of poses, origin at pixel 0.
 
@@ -252,6 +317,9 @@ class FourierProjector:
             Box (pixels, even) and pixel size (Å) of the particle images.
         mag_matrix
             ``M`` (``k_true = M k_obs``); identity when None.
+        band
+            Optional ``(box, box//2+1)`` boolean mask: only these pixels are projected, the
+            others are 0 (e.g. the resolution band of a fit that uses no other pixel).
 
         Returns
         -------
@@ -262,11 +330,23 @@ class FourierProjector:
             projection (sum of voxels along z); for other pixel sizes it differs by a constant.
         """
         a = np.asarray(rotations, dtype=np.float32).reshape(-1, 3, 3)
-        idx, kx, ky = self._pixels(box, pixel_size, mag_matrix)
-        # k3 = A^T (kx, ky, 0): k3_j = A[0, j] kx + A[1, j] ky
-        k3 = a[:, None, 0, :] * kx[None, :, None] + a[:, None, 1, :] * ky[None, :, None]
+        idx, kx, ky = self._pixels(box, pixel_size, mag_matrix, band)
         out = np.zeros((a.shape[0], box * (box // 2 + 1)), dtype=np.complex64)
-        out[:, idx] = self.sample(k3)
+        if idx.size == 0:
+            return out.reshape(a.shape[0], box, box // 2 + 1)
+        c = np.float32(self.geometry.npad / 2)
+        # blocks of a few particles keep the temporaries in the CPU cache
+        step = max(1, _BLOCK // idx.size)
+        for p0 in range(0, a.shape[0], step):
+            ab = a[p0 : p0 + step]
+            # padded index of A^T (kx, ky, 0): q_j = A[0, j] kx + A[1, j] ky + npad/2
+            q = []
+            for j in range(3):
+                qj = ab[:, 0, j, None] * kx[None, :]
+                qj += ab[:, 1, j, None] * ky[None, :]
+                qj += c
+                q.append(qj)
+            out[p0 : p0 + step, idx] = self._trilinear(*q)
         return out.reshape(a.shape[0], box, box // 2 + 1)
 
     def project(
