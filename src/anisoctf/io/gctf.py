@@ -28,8 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
 from anisoctf.io.star import MicrographCTFRow, read_micrographs_ctf_star, read_star_blocks
 from anisoctf.optics.ctf import Optics

@@ -29,11 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.fft as sfft
 from numpy.typing import ArrayLike, NDArray
 
+from anisoctf._lazy import lazy
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.refine.projection import image_frequencies, real_positions
+
+#: scipy.fft costs 0.1–0.3 s to import; only the commands that need it pay for it
+sfft = lazy("scipy.fft")
 
 __all__ = [
     "MagEquations",

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
-import scipy.fft as sfft
 from numpy.typing import NDArray
 
+from anisoctf._lazy import lazy
 from anisoctf.errors import FitError
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.magnification.transform import defocus_table_to_true
@@ -54,6 +54,9 @@ from anisoctf.refine.projection import (
     euler_to_matrix,
     image_frequencies,
 )
+
+#: scipy.fft costs 0.1–0.3 s to import; only the commands that need it pay for it
+sfft = lazy("scipy.fft")
 
 __all__ = ["MAX_STEP", "GroupResult", "RefineSettings", "refine_group"]
 

@@ -26,14 +26,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import scipy.fft as sfft
 from numpy.typing import NDArray
 
+from anisoctf._lazy import lazy
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.magnification.transform import defocus_table_to_observed
 from anisoctf.optics.ctf import Optics
 from anisoctf.refine.model import batch_ctf, grid_features, uva_to_zaa, zaa_to_uva
 from anisoctf.refine.projection import FourierProjector, centre_shift_phase, euler_to_matrix
+
+#: scipy.fft costs 0.1–0.3 s to import; only the commands that need it pay for it
+sfft = lazy("scipy.fft")
 
 __all__ = ["ParticleSimSpec", "SimulatedParticles", "blob_map", "simulate_particles"]
 

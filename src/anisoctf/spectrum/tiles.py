@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.fft as sfft
 from numpy.typing import NDArray
 
 from anisoctf.errors import InputError
+from anisoctf.spectrum._rfft import rfft2
 from anisoctf.spectrum.periodogram import taper_window, tile_starts
 
 __all__ = ["TileSpectra", "tile_spectra"]
@@ -130,7 +130,7 @@ def tile_spectra(
     buf = np.empty((min(chunk, nt), tile, tile), dtype=np.float32)
     # the tile's mean is removed in Fourier space: F(w·(t − m)) = F(w·t) − m F(w), with the
     # weighted mean m = Σ w t / Σ w read off the zero frequency (one pass over the pixels less)
-    fwin = sfft.rfft2(win.astype(np.float64), workers=workers).astype(np.complex64)
+    fwin = rfft2(win.astype(np.float64), workers=workers).astype(np.complex64)
     wsum = float(np.sum(win, dtype=np.float64))
     for start in range(0, nt, chunk):
         sel = range(start, min(start + chunk, nt))
@@ -138,7 +138,7 @@ def tile_spectra(
         for i, j in enumerate(sel):
             r, c = origins[j]
             np.multiply(img[r : r + tile, c : c + tile], win, out=b[i])
-        f = sfft.rfft2(b, workers=workers, overwrite_x=True)
+        f = rfft2(b, workers=workers)
         m = f[:, 0, 0].real / wsum
         feats[start : start + len(sel), 0] = m
         f -= m.astype(np.float32)[:, None, None] * fwin
