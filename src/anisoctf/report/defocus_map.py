@@ -9,15 +9,14 @@ with Pillow like the CTF diagnostic (no matplotlib), written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
+from anisoctf.io.atomic import write_bytes_atomic
 from anisoctf.local.estimate import LocalEstimate
 from anisoctf.report.diagnostic import _fonts, _nice_ticks, encode_png
 
@@ -133,14 +132,4 @@ def render_defocus_map(
     pixel_size
         Å per micrograph pixel (for the caption).
     """
-    data = encode_png(np.asarray(_compose(local, title, pixel_size)))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    write_bytes_atomic(path, encode_png(np.asarray(_compose(local, title, pixel_size))))

@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 
 from anisoctf.errors import InputError
 from anisoctf.spectrum._rfft import rfft2
-from anisoctf.spectrum.periodogram import taper_window, tile_starts
+from anisoctf.spectrum.periodogram import _robust_weights, taper_window, tile_starts
 
 __all__ = ["TileSpectra", "tile_spectra"]
 
@@ -59,18 +59,6 @@ class TileSpectra:
     def n_tiles(self) -> int:
         """Number of tiles."""
         return int(self.power.shape[0])
-
-
-def _outlier_weights(features: NDArray[np.float64], cut: float = 3.5) -> NDArray[np.float64]:
-    """Robust z-scores of each feature column; tiles beyond ``cut`` are faded out smoothly."""
-    med = np.median(features, axis=0)
-    mad = 1.4826 * np.median(np.abs(features - med), axis=0)
-    mad = np.maximum(mad, 0.02 * (np.abs(med) + 1e-12) + 1e-12)
-    z = np.max(np.abs(features - med) / mad, axis=1)
-    w = np.ones(len(features))
-    out = z > cut
-    w[out] = np.exp(-((z[out] - cut) ** 2) / 2.0)
-    return w
 
 
 def tile_spectra(
@@ -150,7 +138,9 @@ def tile_spectra(
         p *= np.float32(1.0 / norm)
         feats[start : start + len(sel), 1] = p.reshape(len(sel), -1).mean(axis=1)
     feats[:, 1] = np.log(np.maximum(feats[:, 1], 1e-30))
-    weights = _outlier_weights(feats) if nt >= 5 else np.ones(nt)
+    # tiles differ a little anyway: only departures beyond 2 % of the typical value count
+    floors = 0.02 * np.abs(np.median(feats, axis=0))
+    weights = _robust_weights(feats, floors=floors) if nt >= 5 else np.ones(nt)
     centres = np.stack(
         [origins[:, 1] + 0.5 * (tile - 1), origins[:, 0] + 0.5 * (tile - 1)], axis=1
     ).astype(np.float64)
