@@ -51,6 +51,8 @@ __all__ = ["LocalEstimate", "LocalSettings", "PatchEstimate", "estimate_local", 
 MIN_PEAK_SCORE = 25.0
 #: resolution (Å) of the first, wide plane search (the final fit uses the whole local band)
 PASS1_RES = 6.5
+#: finest resolution (Å) of the local band
+LOCAL_RES = 5.0
 
 
 @dataclass(frozen=True)
@@ -167,17 +169,16 @@ class LocalEstimate:
 def _local_band(
     settings: FitSettings, glob: CTFEstimate, tiles: TileSpectra, optics: Optics
 ) -> tuple[float, float]:
-    """Band of the tile profiles: the fit band, cut where one tile's spectrum can no longer
-    sample the rings (≥ 3 pixels per ring period) and where the global fit lost them (but not
-    before 5 Å)."""
+    """Band of the tile profiles: the fit band, cut at ``LOCAL_RES`` and where one tile's
+    spectrum can no longer sample the rings (≥ 3 pixels per ring period)."""
     k_min = 1.0 / settings.min_res
     z = max(glob.params.defocus_u, 1000.0)
     step = 1.0 / (tiles.box * tiles.pixel_size)
     k_sample = 1.0 / (2.0 * optics.wavelength * z * 3.0 * step)
-    k_fit = 1.0 / max(glob.fit_resolution, 1e-3) if np.isfinite(glob.fit_resolution) else 1e9
-    # the global fit's resolution understates a tilted micrograph's rings (the tilt blurs them
-    # in the whole-image spectrum), so the band always reaches 5 Å where a tile can sample it
-    k_max = min(1.0 / settings.max_res, k_sample, max(1.1 * k_fit, 0.2), 0.5 / tiles.pixel_size)
+    # to LOCAL_RES (as CTFFIND 5's tilt search): the global fit's resolution would understate a
+    # tilted micrograph's rings (the tilt blurs them in the whole-image spectrum), and finer rings
+    # add little to a patch's defocus for much more work
+    k_max = min(1.0 / settings.max_res, k_sample, 1.0 / LOCAL_RES, 0.5 / tiles.pixel_size)
     if k_max < 2.0 * k_min:
         k_max = min(2.0 * k_min, 0.5 / tiles.pixel_size)
     return k_min, k_max
@@ -747,6 +748,46 @@ def _robust_surface(
     return surf, out
 
 
+def _tiles_for_band(
+    image: NDArray,
+    optics: Optics,
+    glob: CTFEstimate,
+    settings: FitSettings,
+    box: int,
+    workers: int,
+) -> TileSpectra:
+    """The tile periodograms, from the micrograph binned 2×2 when the local band ends well
+    below the binned Nyquist frequency (a quarter of the FFT work, the same tiles in Å).
+
+    Binning by block means folds frequencies above the new Nyquist back into the band, damped
+    by the block filter (to a third or less of their power at 0.3 cycles/pixel, where the CTF
+    envelope has faded too); the margin kept below the new Nyquist keeps that off the band.
+    """
+    apix = optics.pixel_size
+    ny, nx = np.shape(image)
+    if settings.fit_pixel_size is None and box >= 256:
+        extent = box * apix
+        z = max(glob.params.defocus_u, 1000.0)
+        k_sample = extent / (6.0 * optics.wavelength * z)
+        k_max = min(1.0 / settings.max_res, k_sample, 1.0 / LOCAL_RES)
+        if k_max <= 0.8 * 0.25 / apix:
+            a = np.asarray(image)
+            h, w = ny // 2, nx // 2
+            binned = a[: 2 * h, : 2 * w].reshape(h, 2, w, 2).mean(axis=(1, 3), dtype=np.float32)
+            t = tile_spectra(binned, 2.0 * apix, box=box // 2, workers=workers)
+            return TileSpectra(
+                power=t.power,
+                centres=2.0 * t.centres + 0.5,
+                pixel_size=t.pixel_size,
+                tile=2 * t.tile,
+                image_shape=(int(ny), int(nx)),
+                weights=t.weights,
+            )
+    return tile_spectra(
+        image, apix, box=box, fit_pixel_size=settings.fit_pixel_size, workers=workers
+    )
+
+
 def estimate_local(
     image: NDArray,
     optics: Optics,
@@ -785,9 +826,7 @@ def estimate_local(
     box = local.box
     while box > 128 and min(ny, nx) < 2 * box:  # at least 2×2 tiles
         box //= 2
-    tiles = tile_spectra(
-        image, optics.pixel_size, box=box, fit_pixel_size=settings.fit_pixel_size, workers=workers
-    )
+    tiles = _tiles_for_band(image, optics, glob, settings, box, workers)
     if tiles.n_tiles < 4:
         raise FitError(
             f"image of {nx}x{ny} px is too small for local defocus (needs 2x2 tiles of {box} px)",
