@@ -51,7 +51,7 @@ __all__ = ["LocalEstimate", "LocalSettings", "PatchEstimate", "estimate_local", 
 MIN_PEAK_SCORE = 25.0
 #: resolution (Å) of the first, wide plane search (the final fit uses the whole local band)
 PASS1_RES = 6.5
-#: finest resolution (Å) of the local band
+#: the local band reaches at least this resolution (Å) where the tiles can sample the rings
 LOCAL_RES = 5.0
 
 
@@ -166,19 +166,26 @@ class LocalEstimate:
         return d + h, d - h, self.angle_deg
 
 
+def _k_rings(glob: CTFEstimate) -> float:
+    """Highest frequency with rings worth fitting: a little beyond the global fit resolution,
+    but never below ``1/LOCAL_RES``: the global fit's resolution understates a tilted
+    micrograph's rings (the tilt blurs them in the whole-image spectrum)."""
+    res = glob.fit_resolution
+    k_fit = 1.1 / res if np.isfinite(res) and res > 0 else np.inf
+    return max(k_fit, 1.0 / LOCAL_RES)
+
+
 def _local_band(
     settings: FitSettings, glob: CTFEstimate, tiles: TileSpectra, optics: Optics
 ) -> tuple[float, float]:
-    """Band of the tile profiles: the fit band, cut at ``LOCAL_RES`` and where one tile's
-    spectrum can no longer sample the rings (≥ 3 pixels per ring period)."""
+    """Band of the tile profiles: the fit band, cut where one tile's spectrum can no longer
+    sample the rings (≥ 3 pixels per ring period) and where the global fit lost them (but not
+    before ``LOCAL_RES``)."""
     k_min = 1.0 / settings.min_res
     z = max(glob.params.defocus_u, 1000.0)
     step = 1.0 / (tiles.box * tiles.pixel_size)
     k_sample = 1.0 / (2.0 * optics.wavelength * z * 3.0 * step)
-    # to LOCAL_RES (as CTFFIND 5's tilt search): the global fit's resolution would understate a
-    # tilted micrograph's rings (the tilt blurs them in the whole-image spectrum), and finer rings
-    # add little to a patch's defocus for much more work
-    k_max = min(1.0 / settings.max_res, k_sample, 1.0 / LOCAL_RES, 0.5 / tiles.pixel_size)
+    k_max = min(1.0 / settings.max_res, k_sample, _k_rings(glob), 0.5 / tiles.pixel_size)
     if k_max < 2.0 * k_min:
         k_max = min(2.0 * k_min, 0.5 / tiles.pixel_size)
     return k_min, k_max
@@ -217,12 +224,43 @@ def _plane_score(
     return float(_interp_rows(curves, offsets, q[None, :]).sum())
 
 
+def _nelder_mead(f, simplex: NDArray, xatol: float, fatol: float, max_iter: int = 400) -> NDArray:
+    """Minimise ``f`` from the given starting simplex (standard Nelder–Mead: reflection,
+    expansion, contraction, shrink); stops when the simplex is smaller than ``xatol`` in every
+    coordinate and its values agree within ``fatol``. (Our own, so that a local fit does not
+    import scipy.optimize, which costs a tenth of a second per process.)"""
+    x = np.array(simplex, dtype=np.float64)
+    fx = np.array([f(v) for v in x])
+    for _ in range(max_iter):
+        order = np.argsort(fx)
+        x, fx = x[order], fx[order]
+        if np.max(np.abs(x[1:] - x[0])) <= xatol and np.max(np.abs(fx[1:] - fx[0])) <= fatol:
+            break
+        centre = x[:-1].mean(axis=0)
+        xr = centre + (centre - x[-1])
+        fr = f(xr)
+        if fr < fx[0]:
+            xe = centre + 2.0 * (centre - x[-1])
+            fe = f(xe)
+            x[-1], fx[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < fx[-2]:
+            x[-1], fx[-1] = xr, fr
+        else:
+            outside = fr < fx[-1]
+            xc = centre + 0.5 * ((xr if outside else x[-1]) - centre)
+            fc = f(xc)
+            if fc < (fr if outside else fx[-1]):
+                x[-1], fx[-1] = xc, fc
+            else:  # shrink towards the best vertex
+                x[1:] = x[0] + 0.5 * (x[1:] - x[0])
+                fx[1:] = [f(v) for v in x[1:]]
+    return x[int(np.argmin(fx))]
+
+
 def _refine_plane(
     curves: NDArray, offsets: NDArray, z_ref: NDArray, xs: NDArray, ys: NDArray, p0: NDArray
 ) -> NDArray:
     """Continuous maximisation of the summed tile scores over the plane (Nelder–Mead)."""
-    from scipy.optimize import minimize
-
     h = float(offsets[1] - offsets[0])
     r = max(float(np.max(np.abs(np.concatenate([xs, ys])))), 1.0)
     scale = np.array([h, h / r, h / r])
@@ -230,13 +268,7 @@ def _refine_plane(
     def neg(v: NDArray) -> float:
         return -_plane_score(curves, offsets, z_ref, xs, ys, p0 + v * scale)
 
-    res = minimize(
-        neg,
-        np.zeros(3),
-        method="Nelder-Mead",
-        options={"xatol": 0.02, "fatol": 1e-3, "initial_simplex": np.eye(4, 3) * 1.0},
-    )
-    return p0 + res.x * scale
+    return p0 + _nelder_mead(neg, np.eye(4, 3), xatol=0.02, fatol=1e-3) * scale
 
 
 def _interp_linear(curves: NDArray, offsets: NDArray, q: NDArray) -> NDArray:
@@ -255,6 +287,14 @@ def _interp_linear(curves: NDArray, offsets: NDArray, q: NDArray) -> NDArray:
     return v
 
 
+def _max_filter(curves: NDArray, half: int) -> NDArray:
+    """Running maximum of each row over ±``half`` samples (zeros beyond the ends)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    padded = np.pad(curves, ((0, 0), (half, half)))
+    return sliding_window_view(padded, 2 * half + 1, axis=1).max(axis=2)
+
+
 def _search_plane(
     curves: NDArray,
     offsets: NDArray,
@@ -270,14 +310,12 @@ def _search_plane(
     defocus step (so no peak falls between grid points), then the next level searches a finer
     grid around the best plane.
     """
-    from scipy.ndimage import maximum_filter1d
-
     h = float(offsets[1] - offsets[0])
     r = max(float(np.max(np.hypot(xs, ys))), 1.0)
     best = np.array([d_centre, 0.0, 0.0])
     span_g, span_d = max_grad, 6.0 * 2.0 * h
     for step_h in (8.0, 2.0):
-        wide = maximum_filter1d(curves, size=int(2 * step_h) + 1, axis=1, mode="constant")
+        wide = _max_filter(curves, int(step_h))
         dg = step_h * h / r
         ng = int(np.ceil(span_g / dg))
         gv = np.arange(-ng, ng + 1) * dg
@@ -769,7 +807,7 @@ def _tiles_for_band(
         extent = box * apix
         z = max(glob.params.defocus_u, 1000.0)
         k_sample = extent / (6.0 * optics.wavelength * z)
-        k_max = min(1.0 / settings.max_res, k_sample, 1.0 / LOCAL_RES)
+        k_max = min(1.0 / settings.max_res, k_sample, _k_rings(glob))
         if k_max <= 0.8 * 0.25 / apix:
             a = np.asarray(image)
             h, w = ny // 2, nx // 2
