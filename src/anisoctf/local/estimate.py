@@ -166,6 +166,15 @@ class LocalEstimate:
         return d + h, d - h, self.angle_deg
 
 
+def _k_window(optics: Optics, defocus: float, extent: float) -> float:
+    """Highest frequency whose ring oscillation a tile of ``extent`` Å still sees: the
+    oscillation at ``k`` pairs image points ``τ = 2λzk`` apart (the CTF's delocalisation), and
+    a tapered tile keeps ``R(τ)/R(0)`` of them (modelled in the profiles); beyond
+    ``τ = 0.6 extent`` that is below about a third. On the pixel grid this is finer than two
+    pixels per ring period: binning by exact phase does not mind."""
+    return 0.3 * extent / (optics.wavelength * max(defocus, 1000.0))
+
+
 def _k_rings(glob: CTFEstimate) -> float:
     """Highest frequency with rings worth fitting: a little beyond the global fit resolution,
     but never below ``1/LOCAL_RES``: the global fit's resolution understates a tilted
@@ -178,13 +187,12 @@ def _k_rings(glob: CTFEstimate) -> float:
 def _local_band(
     settings: FitSettings, glob: CTFEstimate, tiles: TileSpectra, optics: Optics
 ) -> tuple[float, float]:
-    """Band of the tile profiles: the fit band, cut where one tile's spectrum can no longer
-    sample the rings (≥ 3 pixels per ring period) and where the global fit lost them (but not
-    before ``LOCAL_RES``)."""
+    """Band of the tile profiles: the fit band, cut where a tile no longer sees the rings
+    (:func:`_k_window`) and where the global fit lost them (but not before ``LOCAL_RES``)."""
     k_min = 1.0 / settings.min_res
     z = max(glob.params.defocus_u, 1000.0)
     step = 1.0 / (tiles.box * tiles.pixel_size)
-    k_sample = 1.0 / (2.0 * optics.wavelength * z * 3.0 * step)
+    k_sample = _k_window(optics, z, 1.0 / step)
     k_max = min(1.0 / settings.max_res, k_sample, _k_rings(glob), 0.5 / tiles.pixel_size)
     if k_max < 2.0 * k_min:
         k_max = min(2.0 * k_min, 0.5 / tiles.pixel_size)
@@ -806,7 +814,7 @@ def _tiles_for_band(
     if settings.fit_pixel_size is None and box >= 256:
         extent = box * apix
         z = max(glob.params.defocus_u, 1000.0)
-        k_sample = extent / (6.0 * optics.wavelength * z)
+        k_sample = _k_window(optics, z, extent)
         k_max = min(1.0 / settings.max_res, k_sample, _k_rings(glob))
         if k_max <= 0.8 * 0.25 / apix:
             a = np.asarray(image)
