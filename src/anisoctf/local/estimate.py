@@ -184,6 +184,23 @@ def _k_rings(glob: CTFEstimate) -> float:
     return max(k_fit, 1.0 / LOCAL_RES)
 
 
+def _k_pass2(glob: CTFEstimate, plane: NDArray, xs: NDArray, ys: NDArray, lam: float) -> float:
+    """Band limit of the final pass: a little beyond the global fit resolution, unless the
+    plane's defocus spread over the image would by itself have blurred the whole-image rings
+    near there (phase spread ≥ 1 rad); then the tiles, each nearly at one defocus, are trusted
+    further (no limit here)."""
+    res = glob.fit_resolution
+    if not (np.isfinite(res) and res > 0):
+        return np.inf
+    k_fit = 1.1 / res
+    ramp = plane[1] * xs + plane[2] * ys
+    spread = float(np.ptp(ramp)) if ramp.size else 0.0
+    if spread <= 0:
+        return k_fit
+    k_tilt = np.sqrt(2.0 / (np.pi * lam * spread))  # π λ k² spread / 2 = 1
+    return k_fit if k_fit < 0.8 * k_tilt else np.inf
+
+
 def _local_band(
     settings: FitSettings, glob: CTFEstimate, tiles: TileSpectra, optics: Optics
 ) -> tuple[float, float]:
@@ -615,7 +632,11 @@ def fit_local(
         plane = _refine_plane(curves * keep[:, None], offsets, z_ref, xs, ys, plane)
         cap = cap * keep
 
-    # pass 2: profiles around the plane, with the ramp's blur across each tile in the model
+    # pass 2: profiles around the plane, with the ramp's blur across each tile in the model,
+    # over a band that ends where the global fit lost the rings, unless the tilt itself (the
+    # defocus spread across the whole image) is what blurred them there
+    k_max = min(k_max, _k_pass2(glob, plane, xs, ys, lam))
+    h = 0.125 / (np.pi * lam * k_max * k_max)
     for _ in range(1):
         z_ref = plane[0] + plane[1] * xs + plane[2] * ys
         side = tiles.tile * apix * 0.9  # the taper shortens the tile a little
