@@ -611,7 +611,7 @@ def fit_local(
     reach = min(reach, 0.9 * z_glob)
     offsets = np.arange(-np.ceil(reach / h1), np.ceil(reach / h1) + 1) * h1
     z_ref = np.full(tiles.n_tiles, z_glob)
-    prof = tile_profiles(tiles, opt, p, z_ref, k_min, k_max1, apix)
+    prof = tile_profiles(tiles, opt, p, z_ref, k_min, k_max1, apix, row_stride=2)
     curves = score_curves(prof, opt, offsets, phase) * w[:, None]
     peaks = curves.max(axis=1) - np.median(curves, axis=1)
     if not np.any(peaks > MIN_PEAK_SCORE):
