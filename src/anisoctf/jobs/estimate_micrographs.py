@@ -334,21 +334,7 @@ def _resolve_star(
             )
         optics = {g: _optics(apix, kv, cs, ac) for g in sorted({e.optics_group for e in entries})}
     else:
-        overrides = {
-            k: v
-            for k, v in (
-                ("pixel_size", apix),
-                ("voltage_kv", kv),
-                ("cs_mm", cs),
-                ("amplitude_contrast", ac),
-            )
-            if v is not None
-        }
-        if overrides:
-            try:
-                optics = {g: replace(o, **overrides) for g, o in optics.items()}
-            except ValueError as exc:
-                raise UsageError(f"bad optics: {exc}") from None
+        optics = _override_optics(optics, apix, kv, cs, ac)
     paths = [str(e.path) for e in entries]
     stems = _unique_stems(paths)
     tasks = [
@@ -358,11 +344,15 @@ def _resolve_star(
     return ResolvedInputs(tasks=tasks, optics=optics, optics_names=names)
 
 
-def _resolve_cs(
-    path: str, apix: float | None, kv: float | None, cs: float | None, ac: float | None
-) -> ResolvedInputs:
-    """Micrographs (or particle stacks) and optics of a cryoSPARC exposures/particles file."""
-    found = read_cs_micrographs(path)
+def _override_optics(
+    optics: dict[int, Optics],
+    apix: float | None,
+    kv: float | None,
+    cs: float | None,
+    ac: float | None,
+) -> dict[int, Optics]:
+    """``optics`` with the command line's ``--apix/--kv/--cs/--ac`` (those given) replacing the
+    file's values in every group."""
     overrides = {
         k: v
         for k, v in (
@@ -373,12 +363,20 @@ def _resolve_cs(
         )
         if v is not None
     }
-    optics = found.optics
-    if overrides:
-        try:
-            optics = {g: replace(o, **overrides) for g, o in optics.items()}
-        except ValueError as exc:
-            raise UsageError(f"bad optics: {exc}") from None
+    if not overrides:
+        return optics
+    try:
+        return {g: replace(o, **overrides) for g, o in optics.items()}
+    except ValueError as exc:
+        raise UsageError(f"bad optics: {exc}") from None
+
+
+def _resolve_cs(
+    path: str, apix: float | None, kv: float | None, cs: float | None, ac: float | None
+) -> ResolvedInputs:
+    """Micrographs (or particle stacks) and optics of a cryoSPARC exposures/particles file."""
+    found = read_cs_micrographs(path)
+    optics = _override_optics(found.optics, apix, kv, cs, ac)
     paths = [str(m.path) for m in found.micrographs]
     stems = _unique_stems(paths)
     tasks = [

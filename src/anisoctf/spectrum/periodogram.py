@@ -29,6 +29,7 @@ __all__ = [
     "outlier_tile_weights",
     "stack_periodogram",
     "taper_window",
+    "tile_layout",
     "tile_periodogram",
     "tile_starts",
 ]
@@ -126,6 +127,37 @@ def _crop_half_plane(f: NDArray, box: int) -> NDArray:
     return np.concatenate([f[..., :h, : h + 1], f[..., -h:, : h + 1]], axis=-2)
 
 
+def tile_layout(
+    shape: tuple[int, ...],
+    pixel_size: float,
+    box: int,
+    overlap: float,
+    fit_pixel_size: float | None,
+) -> tuple[bool, int, NDArray[np.int64], NDArray[np.float32], float]:
+    """The tile grid of an image: ``(crop, tile, origins, window, norm)``.
+
+    ``tile`` is the tile side in image pixels (larger than ``box`` when Fourier cropping to
+    ``fit_pixel_size``), ``origins`` the (row, col) corner of each tile, ``window`` the taper and
+    ``norm`` the periodogram normalisation (the window's energy, scaled when cropping keeps
+    ``|F|²`` of a tile of ``tile²`` pixels). Raises :class:`InputError` when no tile fits.
+    """
+    crop = fit_pixel_size is not None and fit_pixel_size > pixel_size * (1 + 1e-6)
+    tile = int(round(box * fit_pixel_size / pixel_size / 2)) * 2 if crop else int(box)
+    ny, nx = shape
+    if ny < tile or nx < tile:
+        raise InputError(
+            f"image of {nx}x{ny} px is smaller than one {tile}-px tile; use a smaller --box"
+        )
+    rows = tile_starts(ny, tile, overlap)
+    cols = tile_starts(nx, tile, overlap)
+    origins = np.array([(r, c) for r in rows for c in cols], dtype=np.int64)
+    win = taper_window(tile)
+    norm = float(np.sum(win.astype(np.float64) ** 2))
+    if crop:
+        norm *= (tile / box) ** 2
+    return crop, tile, origins, win, norm
+
+
 def tile_periodogram(
     image: NDArray,
     pixel_size: float,
@@ -166,21 +198,11 @@ def tile_periodogram(
     img = np.asarray(image)
     if img.ndim != 2:
         raise InputError(f"expected a 2D image, got an array of shape {img.shape}")
-    crop = fit_pixel_size is not None and fit_pixel_size > pixel_size * (1 + 1e-6)
-    tile = int(round(box * fit_pixel_size / pixel_size / 2)) * 2 if crop else box
+    crop, tile, origins, win, norm = tile_layout(
+        img.shape, pixel_size, box, overlap, fit_pixel_size
+    )
     out_apix = pixel_size * tile / box
     ny, nx = img.shape
-    if ny < tile or nx < tile:
-        raise InputError(
-            f"image of {nx}x{ny} px is smaller than one {tile}-px tile; use a smaller --box"
-        )
-    rows = tile_starts(ny, tile, overlap)
-    cols = tile_starts(nx, tile, overlap)
-    origins = np.array([(r, c) for r in rows for c in cols], dtype=np.int64)
-    win = taper_window(tile)
-    norm = float(np.sum(win.astype(np.float64) ** 2))
-    if crop:
-        norm *= (tile / box) ** 2  # cropping keeps |F|^2 of a tile of tile^2 pixels
     mean = float(np.mean(img, dtype=np.float64))
 
     nt = len(origins)

@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 
 from anisoctf.errors import InputError
 from anisoctf.spectrum._rfft import rfft2
-from anisoctf.spectrum.periodogram import _robust_weights, taper_window, tile_starts
+from anisoctf.spectrum.periodogram import _robust_weights, tile_layout
 
 __all__ = ["TileSpectra", "tile_spectra"]
 
@@ -97,21 +97,11 @@ def tile_spectra(
     img = np.asarray(image)
     if img.ndim != 2:
         raise InputError(f"expected a 2D image, got an array of shape {img.shape}")
-    crop = fit_pixel_size is not None and fit_pixel_size > pixel_size * (1 + 1e-6)
-    tile = int(round(box * fit_pixel_size / pixel_size / 2)) * 2 if crop else int(box)
+    crop, tile, origins, win, norm = tile_layout(
+        img.shape, pixel_size, box, overlap, fit_pixel_size
+    )
     ny, nx = img.shape
-    if ny < tile or nx < tile:
-        raise InputError(
-            f"image of {nx}x{ny} px is smaller than one {tile}-px tile; use a smaller --box"
-        )
-    rows = tile_starts(ny, tile, overlap)
-    cols = tile_starts(nx, tile, overlap)
-    origins = np.array([(r, c) for r in rows for c in cols], dtype=np.int64)
     nt = len(origins)
-    win = taper_window(tile)
-    norm = float(np.sum(win.astype(np.float64) ** 2))
-    if crop:
-        norm *= (tile / box) ** 2
     h = box // 2
     power = np.empty((nt, box, h + 1), dtype=np.float32)
     feats = np.zeros((nt, 2))
