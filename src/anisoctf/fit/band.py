@@ -14,6 +14,11 @@ from numpy.typing import NDArray
 from anisoctf.optics.ctf import FrequencyFeatures, Optics, frequency_features
 from anisoctf.spectrum.periodogram import Spectrum
 
+try:  # the compiled pixel loop of compressed_zone (optional: see _accumulate_cells)
+    from anisoctf.fit import _cells
+except ImportError:  # pragma: no cover - built without a C compiler
+    _cells = None
+
 __all__ = [
     "Band",
     "binned_power",
@@ -354,6 +359,12 @@ def polar_compress(
     )
 
 
+#: fewest angular sectors (over 180°) of cells that follow elliptical rings: a cell keeps the
+#: information of its pixels' spread in direction only when that spread is small (the
+#: astigmatism derivatives ∝ cos 2θ, sin 2θ vary across it); 48 sectors lose < 0.2 % of it
+ELLIPTICAL_MIN_SECTORS = 48
+
+
 def compressed_zone(
     spectrum: Spectrum,
     optics: Optics,
@@ -365,6 +376,7 @@ def compressed_zone(
     dchi: float = 0.4,
     row_stride: int = 1,
     chunk: int = 1 << 16,
+    astig: tuple[float, float] | None = None,
 ) -> Band:
     """:func:`make_band` followed by :func:`polar_compress`, in one pass without per-pixel
     feature arrays (the cells only need sums of a few products of ``kx``, ``ky``).
@@ -373,9 +385,16 @@ def compressed_zone(
     spacing varies by at most √2 from uniform, well inside the margin of the cell-width rule.
     The pixels are visited in runs of whole rows of about ``chunk`` pixels, so every
     intermediate array stays in the processor's cache; the cell sums accumulate across runs.
+
+    Without ``astig`` the cells are uniform in ``|k_true|²`` (circles) and must be narrow
+    enough in angle that an astigmatism ``half_astig`` changes the phase by less than ``dchi``
+    across one. With ``astig = (a1, a2)`` (the current estimate's Cartesian astigmatism, Å)
+    the cells follow its elliptical rings instead: uniform in the defocus phase
+    ``z k² + a1 c2 + a2 s2`` of that estimate, so ``half_astig`` is only how far the fitted
+    astigmatism may still move from it, and cells can be far wider in angle (a fraction of the
+    cells for an astigmatic micrograph, with the same phase width).
     """
     power, kx1, ky1 = binned_power(spectrum, bin_factor)
-    ncol = power.shape[1]
     m = optics.M if optics.has_anisomag else None
     gram = np.eye(2) if m is None else m.T @ m
     rows_used = np.arange(0, ky1.size, max(1, int(row_stride)))
@@ -384,70 +403,39 @@ def compressed_zone(
         return make_band(spectrum, optics, k_min, k_max, bin_factor, row_stride)
     seg_row = rows_used[seg_row]
     lam = optics.wavelength
-    scale = np.pi * lam * max(defocus, 1.0) / dchi
-    r0 = int(np.floor(k_min * k_min * scale))
-    n_r = int(np.floor(k_max * k_max * scale * (1 + 1e-12))) - r0 + 2  # with a margin
+    z_ref = max(defocus, 1.0)
+    scale = np.pi * lam * z_ref / dchi
+    # elliptical cells: u = k² + (a1 c2 + a2 s2) / z lies within k² (1 ± h / z)
+    ell = 0.0 if astig is None else float(np.hypot(*astig)) / z_ref
+    if ell >= 0.5:  # rings far from elliptical (an axis near focus): circular cells
+        astig, ell = None, 0.0
+    ca1 = 0.0 if astig is None else float(astig[0]) / z_ref
+    ca2 = 0.0 if astig is None else 2.0 * float(astig[1]) / z_ref
+    r0 = int(np.floor(k_min * k_min * (1.0 - ell) * scale))
+    n_r = int(np.floor(k_max * k_max * (1.0 + ell) * scale * (1 + 1e-12))) - r0 + 2
     n_ang = int(
         np.clip(
             np.ceil(np.pi * 2 * np.pi * lam * (abs(half_astig) + 100.0) * k_max**2 / dchi),
-            16,
+            16 if astig is None else ELLIPTICAL_MIN_SECTORS,
             1440,
         )
     )
-    n_cells = n_r * n_ang + 1
-    dump = n_cells - 1  # pixels outside the band go here and are dropped
+    n_cells = n_r * n_ang + 1  # the last cell takes the pixels outside the band (dropped)
     lo2, hi2 = k_min * k_min, k_max * k_max
-    flat_power = power.ravel()
-    ends = np.cumsum(seg_len)
-    n_sums = 5 if m is None else 6
-    acc = np.zeros((n_sums, n_cells))
-    cnt = np.zeros(n_cells)
-    i0 = 0
-    while i0 < seg_len.size:
-        i1 = max(int(np.searchsorted(ends, ends[i0] - seg_len[i0] + chunk, "right")), i0 + 1)
-        lens = seg_len[i0:i1]
-        n = int(lens.sum())
-        rr = np.repeat(seg_row[i0:i1], lens)
-        cc = np.arange(n, dtype=np.int64)
-        cc -= np.repeat(np.cumsum(lens) - lens - seg_start[i0:i1], lens)
-        kx, ky = kx1[cc], ky1[rr]
-        if m is None:
-            kxt, kyt = kx, ky
-        else:
-            kxt = m[0, 0] * kx + m[0, 1] * ky
-            kyt = m[1, 0] * kx + m[1, 1] * ky
-        x2, y2, xy = kxt * kxt, kyt * kyt, kxt * kyt
-        k2 = x2 + y2
-        out = (k2 < lo2) | (k2 > hi2)
-        if bin_factor == 1:  # kx = 0 holds +ky and -ky, the same point: keep one
-            out |= (cc == 0) & (ky < 0)
-        r_idx = (k2 * scale).astype(np.int64)  # k2 >= 0: truncation is the floor
-        r_idx -= r0
-        np.maximum(r_idx, 0, out=r_idx)
-        # direction folded to the upper half plane, then the pseudo-angle 1 - x / (|x| + y)
-        flip = kyt < 0
-        ux = np.where(flip, -kxt, kxt)
-        den = np.abs(ux)
-        den += np.abs(kyt)
-        np.maximum(den, 1e-300, out=den)
-        pa = np.divide(ux, den, out=ux)
-        pa *= -0.5 * n_ang
-        pa += 0.5 * n_ang
-        a_idx = pa.astype(np.int64)
-        np.minimum(a_idx, n_ang - 1, out=a_idx)
-        r_idx *= n_ang
-        r_idx += a_idx
-        cell = r_idx
-        cell[out] = dump
-        cnt += np.bincount(cell, minlength=n_cells)
-        acc[0] += np.bincount(cell, weights=flat_power[rr * ncol + cc], minlength=n_cells)
-        acc[1] += np.bincount(cell, weights=x2, minlength=n_cells)
-        acc[2] += np.bincount(cell, weights=y2, minlength=n_cells)
-        acc[3] += np.bincount(cell, weights=xy, minlength=n_cells)
-        acc[4] += np.bincount(cell, weights=k2 * k2, minlength=n_cells)
-        if m is not None:
-            acc[5] += np.bincount(cell, weights=kx * kx + ky * ky, minlength=n_cells)
-        i0 = i1
+    acc, cnt = _accumulate_cells(
+        power,
+        (seg_row, seg_start, seg_len),
+        kx1,
+        ky1,
+        m,
+        (lo2, hi2, scale, ca1, ca2),
+        astig is not None,
+        r0,
+        n_ang,
+        n_cells,
+        bin_factor == 1,
+        chunk,
+    )
     used = np.flatnonzero(cnt[:-1])
     if used.size == 0:
         return make_band(spectrum, optics, k_min, k_max, bin_factor, row_stride)
@@ -487,6 +475,128 @@ def compressed_zone(
         pixel_step=bin_factor / (spectrum.box * spectrum.pixel_size),
         grid_shape=(0, 0),
     )
+
+
+def _accumulate_cells(
+    power: NDArray,
+    segments: tuple[NDArray, NDArray, NDArray],
+    kx1: NDArray,
+    ky1: NDArray,
+    m: NDArray | None,
+    bounds: tuple[float, float, float, float, float],
+    elliptical: bool,
+    r0: int,
+    n_ang: int,
+    n_cells: int,
+    bin1: bool,
+    chunk: int,
+    compiled: bool | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per-cell sums of the pixels of ``segments`` (rows, first columns, lengths): the count,
+    and the power, ``x²``, ``y²``, ``xy``, ``k⁴`` (and ``|k_obs|²`` with ``m``) of the true-frame
+    frequency ``(x, y) = M k``. ``bounds`` holds ``k_min²``, ``k_max²``, the radial scale
+    (cells per unit of ``k²``) and the ellipse coefficients ``a1 / z``, ``2 a2 / z``.
+
+    The compiled loop (:mod:`anisoctf.fit._cells`, built with the package when a C compiler
+    is there) and the numpy one give the same cells; ``compiled`` picks one (None: the
+    compiled loop when it was built).
+    """
+    seg_row, seg_start, seg_len = segments
+    lo2, hi2, scale, ca1, ca2 = bounds
+    ncol = power.shape[1]
+    n_sums = 5 if m is None else 6
+    acc = np.zeros((n_sums, n_cells))
+    cnt = np.zeros(n_cells)
+    if compiled is None:
+        compiled = _cells is not None
+    if compiled:
+        if _cells is None:
+            raise RuntimeError("the compiled cell loop (anisoctf.fit._cells) is not built")
+        bad = _cells.accumulate(
+            np.ascontiguousarray(power, dtype=np.float32),
+            int(ncol),
+            np.ascontiguousarray(seg_row, dtype=np.int64),
+            np.ascontiguousarray(seg_start, dtype=np.int64),
+            np.ascontiguousarray(seg_len, dtype=np.int64),
+            np.ascontiguousarray(kx1, dtype=np.float64),
+            np.ascontiguousarray(ky1, dtype=np.float64),
+            np.zeros(0) if m is None else np.ascontiguousarray(m, dtype=np.float64).ravel(),
+            float(lo2),
+            float(hi2),
+            float(scale),
+            float(ca1),
+            float(ca2),
+            int(elliptical),
+            int(r0),
+            int(n_ang),
+            int(n_cells),
+            int(bin1),
+            acc,
+            cnt,
+        )
+        if bad:
+            raise ValueError(f"{bad} band pixels fell outside the phase cells")
+        return acc, cnt
+    dump = n_cells - 1  # pixels outside the band go here and are dropped
+    flat_power = power.ravel()
+    ends = np.cumsum(seg_len)
+    i0 = 0
+    while i0 < seg_len.size:
+        i1 = max(int(np.searchsorted(ends, ends[i0] - seg_len[i0] + chunk, "right")), i0 + 1)
+        lens = seg_len[i0:i1]
+        n = int(lens.sum())
+        rr = np.repeat(seg_row[i0:i1], lens)
+        cc = np.arange(n, dtype=np.int64)
+        cc -= np.repeat(np.cumsum(lens) - lens - seg_start[i0:i1], lens)
+        kx, ky = kx1[cc], ky1[rr]
+        if m is None:
+            kxt, kyt = kx, ky
+        else:
+            kxt = m[0, 0] * kx + m[0, 1] * ky
+            kyt = m[1, 0] * kx + m[1, 1] * ky
+        x2, y2, xy = kxt * kxt, kyt * kyt, kxt * kyt
+        k2 = x2 + y2
+        out = (k2 < lo2) | (k2 > hi2)
+        if bin1:  # kx = 0 holds +ky and -ky, the same point: keep one
+            out |= (cc == 0) & (ky < 0)
+        if not elliptical:
+            r_idx = (k2 * scale).astype(np.int64)  # k2 >= 0: truncation is the floor
+        else:  # u >= k2 (1 - ell) >= 0: truncation is the floor
+            u = x2 - y2
+            u *= ca1
+            u += k2
+            u += ca2 * xy
+            u *= scale
+            r_idx = u.astype(np.int64)
+        r_idx -= r0
+        np.maximum(r_idx, 0, out=r_idx)
+        # direction folded to the upper half plane, then the pseudo-angle 1 - x / (|x| + y)
+        flip = kyt < 0
+        ux = np.where(flip, -kxt, kxt)
+        den = np.abs(ux)
+        den += np.abs(kyt)
+        np.maximum(den, 1e-300, out=den)
+        pa = np.divide(ux, den, out=ux)
+        pa *= -0.5 * n_ang
+        pa += 0.5 * n_ang
+        a_idx = pa.astype(np.int64)
+        np.minimum(a_idx, n_ang - 1, out=a_idx)
+        r_idx *= n_ang
+        r_idx += a_idx
+        cell = r_idx
+        cell[out] = dump
+        cnt += np.bincount(cell, minlength=n_cells)
+        acc[0] += np.bincount(cell, weights=flat_power[rr * ncol + cc], minlength=n_cells)
+        acc[1] += np.bincount(cell, weights=x2, minlength=n_cells)
+        acc[2] += np.bincount(cell, weights=y2, minlength=n_cells)
+        acc[3] += np.bincount(cell, weights=xy, minlength=n_cells)
+        acc[4] += np.bincount(cell, weights=k2 * k2, minlength=n_cells)
+        if m is not None:
+            acc[5] += np.bincount(cell, weights=kx * kx + ky * ky, minlength=n_cells)
+        i0 = i1
+    cnt[dump] = 0.0  # as the compiled loop, which never counts them
+    acc[:, dump] = 0.0
+    return acc, cnt
 
 
 def radial_basis(

@@ -106,12 +106,15 @@ def _mixed_band(
     half_astig: float = 0.0,
     min_period: float = 6.0,
     max_pixels: int | None = None,
+    astig: tuple[float, float] | None = None,
 ) -> Band:
     """Each radial zone binned as coarsely as its Thon rings allow (≥ ``min_period`` pixels of
     the finest grid per ring period for every binned pixel), and nothing beyond where the
     spectrum can no longer resolve the rings (2.5 pixels per period). Zones with many pixels
     are gathered straight into cells of equal phase (:func:`compressed_zone`); with ``max_pixels``,
-    zones are row-subsampled to about that many pixels first."""
+    zones are row-subsampled to about that many pixels first. With ``astig`` (the current
+    estimate's ``(a1, a2)``) the cells follow its elliptical rings and ``half_astig`` is how far
+    the astigmatism may still move; without it, ``half_astig`` is the astigmatism itself."""
     step = 1.0 / (spectrum.box * spectrum.pixel_size)
     # radial frequency at which the ring period is p fine pixels
     lam = optics.wavelength
@@ -132,7 +135,15 @@ def _mixed_band(
             if est / stride >= 20000 and defocus > 0:  # many pixels: straight into phase cells
                 bands.append(
                     compressed_zone(
-                        spectrum, optics, lo, hi, b, defocus, half_astig, row_stride=stride
+                        spectrum,
+                        optics,
+                        lo,
+                        hi,
+                        b,
+                        defocus,
+                        half_astig,
+                        row_stride=stride,
+                        astig=astig,
                     )
                 )
             else:
@@ -237,6 +248,14 @@ def _same_basin(cand: tuple[float, float, float, float], r: RefineResult, step: 
     return (dz + da) < SAME_BASIN_STEPS * step and abs(cand[3] - r.phase_deg) < 30.0
 
 
+def _astig_margin(top: RefineResult, other: RefineResult, n_sd: float = 4.0) -> float:
+    """How far (Å, in ``(a1, a2)``) the astigmatism refined from ``other`` may end up from
+    ``top``'s: their distance plus ``n_sd`` standard errors of ``top``'s astigmatism."""
+    cov = np.asarray(top.covariance)
+    sd = float(np.sqrt(max(cov[1, 1], 0.0) + max(cov[2, 2], 0.0))) if cov.shape[0] > 2 else 0.0
+    return float(np.hypot(other.a1 - top.a1, other.a2 - top.a2)) + n_sd * sd
+
+
 def refine_spectrum(
     spectrum: Spectrum,
     optics: Optics,
@@ -251,8 +270,19 @@ def refine_spectrum(
     bin_ = _bin_factor(spectrum, settings.box)
     z_far = max(abs(r.z) + np.hypot(r.a1, r.a2) for r in found.stage1)
     top = found.stage1[0]
-    z0, h0 = top.z, float(np.hypot(top.a1, top.a2))
-    band = _mixed_band(spectrum, opt, k_min, k_max, bin_, z_far, z0, h0)
+    # cells follow the best candidate's elliptical rings, wide enough in angle for the
+    # astigmatism still to move by a few standard errors or to reach any other candidate's
+    band = _mixed_band(
+        spectrum,
+        opt,
+        k_min,
+        k_max,
+        bin_,
+        z_far,
+        top.z,
+        max(_astig_margin(top, r) for r in found.stage1),
+        astig=(top.a1, top.a2),
+    )
     best: RefineResult | None = None
     for r1 in found.stage1:
         try:
@@ -302,10 +332,11 @@ def refine_spectrum(
             nyq,
             bin_,
             z_far,
-            params.mean_defocus,
-            0.5 * params.astigmatism,
+            best.z,
+            _astig_margin(best, best),
             min_period=3.0,
             max_pixels=100_000,
+            astig=(best.a1, best.a2),
         ),
         params,
         opt,
@@ -452,6 +483,8 @@ def estimate_ctf(
     diagnostics: bool = True,
     workers: int = 1,
     name: str | None = None,
+    *,
+    check: bool = True,
 ) -> CTFEstimate:
     """Estimate the CTF of one micrograph.
 
@@ -471,6 +504,10 @@ def estimate_ctf(
         Threads for the FFTs.
     name
         File name for error messages.
+    check
+        Run :func:`check_image` first (one pass over the image). False only for an image that
+        has passed the same checks already, as every image from
+        :func:`anisoctf.io.read_micrograph` has.
 
     Returns
     -------
@@ -490,7 +527,8 @@ def estimate_ctf(
     >>> est.params.defocus_u, est.params.defocus_v, est.params.angle_deg  # doctest: +SKIP
     """
     settings = settings or FitSettings()
-    check_image(image, name)
+    if check:
+        check_image(image, name)
     try:
         spectrum = micrograph_spectrum(
             image,

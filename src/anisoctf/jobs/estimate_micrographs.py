@@ -81,6 +81,7 @@ from anisoctf.jobs.batch_state import (
     write_record,
 )
 from anisoctf.jobs.local_step import LocalOutcome, run_local_step
+from anisoctf.jobs.process_memory import keep_freed_memory
 from anisoctf.local.estimate import LocalSettings
 from anisoctf.magnification.matrix import MagMat
 from anisoctf.optics.ctf import Optics
@@ -639,6 +640,7 @@ def process_one(
     RowResult | str
         The result, or a one-line failure message naming the micrograph.
     """
+    keep_freed_memory()  # the next micrograph reuses this one's pages (see process_memory)
     t0 = time.perf_counter()
     path = str(path)
     stem = stem or Path(path).stem
@@ -650,9 +652,15 @@ def process_one(
             if local is not None:
                 lo = LocalOutcome(None, "", (), ("local defocus needs a micrograph, not a stack",))
         else:
-            image = read_micrograph(path).data
+            image = read_micrograph(path).data  # checked there: finite, not blank
             est = estimate_ctf(
-                image, optics, settings, diagnostics=True, workers=fft_workers, name=path
+                image,
+                optics,
+                settings,
+                diagnostics=True,
+                workers=fft_workers,
+                name=path,
+                check=False,
             )
             if local is not None:
                 lo = run_local_step(
