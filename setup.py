@@ -1,8 +1,11 @@
-"""Build of the one optional compiled module (everything else is in pyproject.toml).
+"""Build of the two optional compiled modules (everything else is in pyproject.toml).
 
-``anisoctf.fit._cells`` is the pixel loop of :func:`anisoctf.fit.band.compressed_zone` in C
-(Python headers only, no numpy headers). It is optional: where no C compiler is found the build
-goes on without it and the package uses the numpy version of the same loop.
+* ``anisoctf.fit._cells``: the pixel loop of :func:`anisoctf.fit.band.compressed_zone`;
+* ``anisoctf.spectrum._power``: the periodogram's power and its 2×2 binning in one pass.
+
+Both are plain C on Python's headers (no numpy headers). They are optional: where no C compiler
+is found the build goes on without them and the package uses the numpy versions of the same
+loops, which give the same numbers (``tests/test_spectrum.py``).
 """
 
 import os
@@ -18,6 +21,12 @@ setup(
             ["src/anisoctf/fit/_cells.c"],
             extra_compile_args=flags,
             optional=True,
-        )
+        ),
+        Extension(
+            "anisoctf.spectrum._power",
+            ["src/anisoctf/spectrum/_power.c"],
+            extra_compile_args=flags,
+            optional=True,
+        ),
     ]
 )

@@ -200,11 +200,16 @@ def test_failure_while_writing_removes_temp_file(tmp_path, monkeypatch):
     out = tmp_path / "m_ctf.png"
     out.write_bytes(b"previous")
 
+    import anisoctf.io.atomic as atomic_mod
+    from anisoctf.jobs.batch_state import _TMP_NAME
+
     def broken_replace(src, dst):
-        assert Path(src).name == ".m_ctf.png.tmp" and Path(src).stat().st_size > 1000
+        # a temporary name that a later run recognises (and removes if a kill left it)
+        assert _TMP_NAME.match(Path(src).name) and Path(src).name.startswith(".m_ctf.png.")
+        assert Path(src).stat().st_size > 1000
         raise OSError("disk full")
 
-    monkeypatch.setattr(dmod.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic_mod.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         render_diagnostic(synthetic_estimate(box=128), out)
     assert [p.name for p in tmp_path.iterdir()] == ["m_ctf.png"]

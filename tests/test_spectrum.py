@@ -388,18 +388,40 @@ def test_rfft2_matches_scipy(dtype: type, shape: tuple[int, int]) -> None:
     assert _rfft._R2C[0] is not None  # scipy's compiled transform was loaded on its own
 
 
-def test_power_in_place_is_the_squared_modulus() -> None:
-    from anisoctf.spectrum.periodogram import _power_in_place
+@pytest.mark.parametrize("compiled", [True, False])
+def test_power_in_place_is_the_squared_modulus(monkeypatch, compiled: bool) -> None:
+    """The power over F's own memory, and with the compiled loop its 2×2 binning made in the
+    same pass, equal to the numpy binning of the fit (fit.band._bin_half_plane) bit for bit."""
+    from anisoctf.fit.band import _bin_half_plane
+    from anisoctf.spectrum import periodogram
 
+    if compiled and periodogram._power is None:
+        pytest.skip("anisoctf.spectrum._power was not built (no C compiler at install)")
+    if not compiled:
+        monkeypatch.setattr(periodogram, "_power", None)
     rng = np.random.default_rng(10)
-    for rows in (1, 2, 3, 130):
+    for rows in (1, 2, 3, 130, 128):
         f = (rng.standard_normal((rows, 33)) + 1j * rng.standard_normal((rows, 33))).astype(
             np.complex64
         )
         want = (np.abs(f.astype(np.complex128)) ** 2 * 0.25).astype(np.float32)
-        got = _power_in_place(f.copy(), np.float32(0.25))
+        bin2 = rows % 4 == 0
+        got, binned = periodogram._power_in_place(f.copy(), np.float32(0.25), bin2)
         assert got.shape == f.shape and got.flags.c_contiguous
         np.testing.assert_allclose(got, want, rtol=1e-6)
+        if compiled and bin2:
+            assert binned is not None and binned.shape == (rows // 2, 17)
+            np.testing.assert_array_equal(binned, _bin_half_plane(got, 2))
+        else:
+            assert binned is None
+
+
+def test_full_periodogram_leaves_the_2x2_binning_the_fit_would_make(noise: np.ndarray) -> None:
+    from anisoctf.fit.band import _bin_half_plane, binned_power
+
+    sp = full_periodogram(noise, 1.0)
+    p2 = binned_power(sp, 2)[0]
+    np.testing.assert_array_equal(p2, _bin_half_plane(sp.power, 2))
 
 
 def test_grid_tile_features_match_each_tile(noise: np.ndarray) -> None:

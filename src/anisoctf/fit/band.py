@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anisoctf.optics.ctf import FrequencyFeatures, Optics, frequency_features
-from anisoctf.spectrum.periodogram import Spectrum
+from anisoctf.spectrum.periodogram import POWER_BIN2, Spectrum
 
 try:  # the compiled pixel loop of compressed_zone (optional: see _accumulate_cells)
     from anisoctf.fit import _cells
@@ -104,6 +104,8 @@ def binned_power(spectrum: Spectrum, factor: int) -> tuple[NDArray, NDArray, NDA
             raise ValueError(f"spectrum of shape {spectrum.shape} cannot be binned by {factor}")
         if factor % 4 == 0:  # bin the half-binned spectrum (cached too): far less to read
             p = _bin_half_plane(binned_power(spectrum, factor // 2)[0], 2)
+        elif factor == 2 and POWER_BIN2 in cache:  # made with the power (full_periodogram)
+            p = cache.pop(POWER_BIN2)
         else:
             p = _bin_half_plane(spectrum.power, factor)
     # mean frequency of the fine pixels in each bin (FFT order is contiguous within a bin)

@@ -57,7 +57,7 @@ def _final_mode(target: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], durable: bool = True) -> Iterator[Path]:
     """Give a temporary path that replaces ``path`` when the block succeeds.
 
     Use this for libraries that insist on opening the file themselves (e.g. ``mrcfile.new``).
@@ -67,6 +67,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     ----------
     path
         The file to create or replace. Its directory must exist.
+    durable
+        fsync the file (and its directory) so that it survives a crash of the machine, not
+        only of the process. False for files that are cheap to make again (pictures): the
+        rename is still atomic, so no reader ever sees a partial file.
 
     Yields
     ------
@@ -86,20 +90,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        # make sure the bytes are on disk before the rename makes them visible
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:  # make sure the bytes are on disk before the rename makes them visible
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.chmod(tmp, _final_mode(target))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_directory(directory)
+    if durable:
+        _fsync_directory(directory)
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+def atomic_write(
+    path: str | os.PathLike[str], mode: str = "w", durable: bool = True
+) -> Iterator[IO[Any]]:
     """Open a file for writing so that it appears only once it is complete.
 
     Parameters
@@ -108,6 +115,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
         The file to create or replace. Its directory must exist.
     mode
         ``"w"`` or ``"wt"`` for UTF-8 text with ``"\\n"`` line endings, ``"wb"`` for bytes.
+    durable
+        See :func:`atomic_path`.
 
     Yields
     ------
@@ -126,7 +135,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
     """
     if mode not in _ALLOWED_MODES:
         raise ValueError(f"atomic_write mode must be one of {sorted(_ALLOWED_MODES)}, got {mode!r}")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable) as tmp:
         if "b" in mode:
             with open(tmp, "wb") as fh:
                 yield fh
@@ -151,7 +160,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         fh.write(text)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically.
 
     Parameters
@@ -160,6 +169,8 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         Target file.
     data
         The complete new contents.
+    durable
+        See :func:`atomic_path`.
     """
-    with atomic_write(path, "wb") as fh:
+    with atomic_write(path, "wb", durable) as fh:
         fh.write(data)

@@ -36,6 +36,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
 from anisoctf.fit.result import CTFEstimate, FitDiagnostics
+from anisoctf.io.atomic import write_bytes_atomic
 
 __all__ = ["render_diagnostic"]
 
@@ -81,9 +82,9 @@ _MIN_TICK_GAP = 40  # px between x tick labels
 def render_diagnostic(estimate: CTFEstimate, path: str | Path, title: str = "") -> None:
     """Write the diagnostic picture of a CTF fit as a PNG.
 
-    The file is written atomically: the picture goes to ``.<name>.tmp`` in the same directory,
-    which is then renamed over ``path``; on any error the temporary file is removed and
-    ``path`` is left as it was.
+    The file is written atomically (:func:`anisoctf.io.atomic.write_bytes_atomic`): the picture
+    goes to a hidden temporary file in the same directory, which is then renamed over ``path``;
+    on any error the temporary file is removed and ``path`` is left as it was.
 
     Parameters
     ----------
@@ -102,16 +103,9 @@ def render_diagnostic(estimate: CTFEstimate, path: str | Path, title: str = "") 
         If the file cannot be written.
     """
     data = encode_png(np.asarray(_compose(estimate, title)))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    # a picture is cheap to make again: atomic (a hidden temporary renamed into place, which a
+    # killed run's successor removes), but not fsynced
+    write_bytes_atomic(path, data, durable=False)
 
 
 def encode_png(rgb: NDArray[np.uint8]) -> bytes:

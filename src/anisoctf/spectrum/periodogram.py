@@ -20,6 +20,11 @@ from anisoctf._lazy import lazy
 from anisoctf.errors import InputError
 from anisoctf.spectrum._rfft import rfft2
 
+try:  # the compiled power and 2×2 binning (optional: see _power_in_place)
+    from anisoctf.spectrum import _power
+except ImportError:  # pragma: no cover - built without a C compiler
+    _power = None
+
 sfft = lazy("scipy.fft")  # imported on first use (see anisoctf.spectrum._rfft)
 
 __all__ = [
@@ -495,8 +500,9 @@ def full_periodogram(
             norm *= (ny * nx) / (cy * cx)
             apix = pixel_size * ny / cy  # == pixel_size * nx / cx exactly
             ny, nx = cy, cx
-    power = _power_in_place(np.ascontiguousarray(f), np.float32(1.0 / norm))
-    return Spectrum(
+    bin2 = ny % 4 == 0 and nx % 4 == 0  # the fit will bin it 2×2 (fit.band.binned_power)
+    power, binned = _power_in_place(np.ascontiguousarray(f), np.float32(1.0 / norm), bin2)
+    out = Spectrum(
         power=power,
         pixel_size=apix,
         n_eff=1.0,
@@ -504,6 +510,9 @@ def full_periodogram(
         tile_origins=np.array([[oy, ox]], dtype=np.int64),
         shape=(ny, nx),
     )
+    if binned is not None:
+        out.cache[POWER_BIN2] = binned
+    return out
 
 
 _WORK = threading.local()
@@ -519,8 +528,17 @@ def _work_buffer(shape: tuple[int, int]) -> NDArray[np.float32]:
     return buf
 
 
-def _power_in_place(f: NDArray[np.complex64], scale: np.float32) -> NDArray[np.float32]:
-    """``scale * |f|^2`` written over the first half of ``f``'s own memory (no new array).
+#: key of :attr:`Spectrum.cache` under which :func:`full_periodogram` leaves the power binned
+#: 2×2 (as :func:`anisoctf.fit.band.binned_power` bins it), when it was made in the same pass
+POWER_BIN2 = "power_bin2"
+
+
+def _power_in_place(
+    f: NDArray[np.complex64], scale: np.float32, bin2: bool = False
+) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
+    """``scale * |f|^2`` written over the first half of ``f``'s own memory (no new array), and,
+    with ``bin2`` and the compiled loop (:mod:`anisoctf.spectrum._power`), its 2×2 binning made
+    in the same pass (else None: the fit bins it when it needs it).
 
     Row block ``[r0, r1)`` of the result occupies the floats ``[r0 n, r1 n)`` and is computed
     from those of ``f``'s rows, ``[2 r0 n, 2 r1 n)``: at or after what it overwrites, so
@@ -529,6 +547,10 @@ def _power_in_place(f: NDArray[np.complex64], scale: np.float32) -> NDArray[np.f
     rows, n = f.shape
     flat = f.reshape(-1).view(np.float32)  # (re, im) pairs, row after row
     out = flat[: rows * n].reshape(rows, n)
+    if _power is not None and f.dtype == np.complex64 and f.flags.c_contiguous:
+        binned = np.empty((rows // 2, (n - 1) // 2 + 1), np.float32) if bin2 else np.zeros(0)
+        _power.power_bin2(flat, rows, n, float(scale), binned)
+        return out, (binned if bin2 else None)
     first = np.abs(f[0]) ** 2  # row 0 overlaps itself: a small copy
     out[0] = first * scale
     r0 = 1
@@ -540,7 +562,7 @@ def _power_in_place(f: NDArray[np.complex64], scale: np.float32) -> NDArray[np.f
         dst += src[:, :, 1] * src[:, :, 1]
         dst *= scale
         r0 = r1
-    return out
+    return out, None
 
 
 def micrograph_spectrum(
