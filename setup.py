@@ -1,7 +1,8 @@
 """Build of the two optional compiled modules (everything else is in pyproject.toml).
 
 * ``anisoctf.fit._cells``: the pixel loop of :func:`anisoctf.fit.band.compressed_zone`;
-* ``anisoctf.spectrum._power``: the periodogram's power and its 2×2 binning in one pass.
+* ``anisoctf.spectrum._kernels``: the periodogram's power and its 2×2 binning in one pass,
+  and the block sums of the outlier-tile statistics.
 
 Both are plain C on Python's headers (no numpy headers). They are optional: where no C compiler
 is found the build goes on without them and the package uses the numpy versions of the same
@@ -23,8 +24,8 @@ setup(
             optional=True,
         ),
         Extension(
-            "anisoctf.spectrum._power",
-            ["src/anisoctf/spectrum/_power.c"],
+            "anisoctf.spectrum._kernels",
+            ["src/anisoctf/spectrum/_kernels.c"],
             extra_compile_args=flags,
             optional=True,
         ),

@@ -395,10 +395,10 @@ def test_power_in_place_is_the_squared_modulus(monkeypatch, compiled: bool) -> N
     from anisoctf.fit.band import _bin_half_plane
     from anisoctf.spectrum import periodogram
 
-    if compiled and periodogram._power is None:
-        pytest.skip("anisoctf.spectrum._power was not built (no C compiler at install)")
+    if compiled and periodogram._kernels is None:
+        pytest.skip("anisoctf.spectrum._kernels was not built (no C compiler at install)")
     if not compiled:
-        monkeypatch.setattr(periodogram, "_power", None)
+        monkeypatch.setattr(periodogram, "_kernels", None)
     rng = np.random.default_rng(10)
     for rows in (1, 2, 3, 130, 128):
         f = (rng.standard_normal((rows, 33)) + 1j * rng.standard_normal((rows, 33))).astype(
@@ -424,9 +424,15 @@ def test_full_periodogram_leaves_the_2x2_binning_the_fit_would_make(noise: np.nd
     np.testing.assert_array_equal(p2, _bin_half_plane(sp.power, 2))
 
 
-def test_grid_tile_features_match_each_tile(noise: np.ndarray) -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_grid_tile_features_match_each_tile(monkeypatch, noise: np.ndarray, compiled) -> None:
+    from anisoctf.spectrum import periodogram
     from anisoctf.spectrum.periodogram import _grid_tile_features
 
+    if compiled and periodogram._kernels is None:
+        pytest.skip("anisoctf.spectrum._kernels was not built (no C compiler at install)")
+    if not compiled:
+        monkeypatch.setattr(periodogram, "_kernels", None)
     img = noise.copy()
     img[100:400, 600:1000] += 7.0  # something to tell tiles apart
     tile, b, step = 256, 8, 4
@@ -438,6 +444,16 @@ def test_grid_tile_features_match_each_tile(noise: np.ndarray) -> None:
         small = t.reshape(nb, b // step, nb, b).mean(axis=(1, 3))
         want = (small.mean(), np.mean(t * t) - small.mean() ** 2, small.var())
         np.testing.assert_allclose(got[i], want, rtol=1e-5)
+    # a grid of 3 × 2 tiles in the corner of a larger image: only those pixels count
+    wide = np.zeros((1024 + 37, 1024 + 50), dtype=img.dtype)
+    wide[:1024, :1024] = img
+    wide[768:, :] = 1e6  # below the 3 tile rows used
+    wide[:, 512:] += 5.0  # right of the 2 tile columns used
+    np.testing.assert_allclose(
+        _grid_tile_features(wide, 3, 2, tile, b, step),
+        got.reshape(4, 4, 3)[:3, :2].reshape(6, 3),
+        rtol=1e-5,  # the numpy path centres in float32 on the mean of the tiles used
+    )
 
 
 @pytest.mark.parametrize("mag", [None, MAG])

@@ -21,9 +21,9 @@ from anisoctf.errors import InputError
 from anisoctf.spectrum._rfft import rfft2
 
 try:  # the compiled power and 2×2 binning (optional: see _power_in_place)
-    from anisoctf.spectrum import _power
+    from anisoctf.spectrum import _kernels
 except ImportError:  # pragma: no cover - built without a C compiler
-    _power = None
+    _kernels = None
 
 sfft = lazy("scipy.fft")  # imported on first use (see anisoctf.spectrum._rfft)
 
@@ -398,22 +398,30 @@ def _grid_tile_features(
     """(mean, pixel variance, variance of the b×b block means) of the tiles of a regular grid
     of ``nty × ntx`` adjacent tiles from the corner, from every ``step``-th row, in a few
     whole-image passes (row-major order of tiles, as :func:`tile_starts` gives them)."""
-    s = img[: nty * tile : step, : ntx * tile]  # (rows sampled, columns)
     hb, wb = nty * tile // b, ntx * tile // b  # blocks
     rb = b // step  # sampled rows per block
     per_block = rb * b
+    if _kernels is not None and img.dtype == np.float32 and img.flags.c_contiguous:
+        # one pass, float64 sums and sums of squares of each block's sampled pixels
+        s1, s2 = np.empty((hb, wb)), np.empty((hb, wb))
+        _kernels.block_moments(img, img.shape[1], nty * tile, ntx * tile, step, b, s1, s2)
+        small = s1 / per_block  # block means
+        mean0 = float(small.mean())
+        sq = s2 - (2.0 * mean0) * s1 + per_block * mean0 * mean0  # Σ (x - mean0)²
+    else:
+        s = img[: nty * tile : step, : ntx * tile]  # (rows sampled, columns)
 
-    def block_sums(a: NDArray) -> NDArray[np.float64]:
-        rows = a[0::rb].copy()  # the few rows of a block: plain float32 adds (fast, exact
-        for i in range(1, rb):  # enough for 4 terms), then float64 across the columns
-            rows += a[i::rb]
-        return rows.reshape(hb, wb, b).sum(axis=2, dtype=np.float64)
+        def block_sums(a: NDArray) -> NDArray[np.float64]:
+            rows = a[0::rb].copy()  # the few rows of a block: plain float32 adds (fast,
+            for i in range(1, rb):  # exact enough for 4 terms), then float64 across columns
+                rows += a[i::rb]
+            return rows.reshape(hb, wb, b).sum(axis=2, dtype=np.float64)
 
-    small = block_sums(s) / per_block  # block means
-    mean0 = float(small.mean())
-    d = s - np.float32(mean0)  # centred, so the float32 squares lose nothing that matters
-    d *= d
-    sq = block_sums(d)
+        small = block_sums(s) / per_block  # block means
+        mean0 = float(small.mean())
+        d = s - np.float32(mean0)  # centred, so the float32 squares lose nothing that matters
+        d *= d
+        sq = block_sums(d)
     nb = tile // b
     small_t = small.reshape(nty, nb, ntx, nb).transpose(0, 2, 1, 3).reshape(nty * ntx, -1)
     sq_t = sq.reshape(nty, nb, ntx, nb).transpose(0, 2, 1, 3).reshape(nty * ntx, -1)
@@ -537,7 +545,7 @@ def _power_in_place(
     f: NDArray[np.complex64], scale: np.float32, bin2: bool = False
 ) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
     """``scale * |f|^2`` written over the first half of ``f``'s own memory (no new array), and,
-    with ``bin2`` and the compiled loop (:mod:`anisoctf.spectrum._power`), its 2×2 binning made
+    with ``bin2`` and the compiled loop (:mod:`anisoctf.spectrum._kernels`), its 2×2 binning made
     in the same pass (else None: the fit bins it when it needs it).
 
     Row block ``[r0, r1)`` of the result occupies the floats ``[r0 n, r1 n)`` and is computed
@@ -547,9 +555,9 @@ def _power_in_place(
     rows, n = f.shape
     flat = f.reshape(-1).view(np.float32)  # (re, im) pairs, row after row
     out = flat[: rows * n].reshape(rows, n)
-    if _power is not None and f.dtype == np.complex64 and f.flags.c_contiguous:
+    if _kernels is not None and f.dtype == np.complex64 and f.flags.c_contiguous:
         binned = np.empty((rows // 2, (n - 1) // 2 + 1), np.float32) if bin2 else np.zeros(0)
-        _power.power_bin2(flat, rows, n, float(scale), binned)
+        _kernels.power_bin2(flat, rows, n, float(scale), binned)
         return out, (binned if bin2 else None)
     first = np.abs(f[0]) ** 2  # row 0 overlaps itself: a small copy
     out[0] = first * scale
