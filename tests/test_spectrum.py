@@ -489,16 +489,20 @@ def test_compressed_zone_keeps_every_pixel_once(mag, factor: int, stride: int) -
 @pytest.mark.parametrize("mag", [None, MAG])
 @pytest.mark.parametrize(("factor", "stride"), [(1, 1), (2, 1), (1, 3)])
 @pytest.mark.parametrize("astig", [None, (900.0, -600.0)])
-def test_compiled_cell_loop_matches_numpy(monkeypatch, mag, factor: int, stride: int, astig):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_cell_loop_matches_numpy(
+    monkeypatch, mag, factor: int, stride: int, astig, dtype
+):
     """The C loop (anisoctf.fit._cells) and the numpy loop put every pixel in the same cell
-    and give the same sums (to rounding: they only add in another order)."""
+    and give the same sums (to rounding: they only add in another order), for micrograph
+    (float32) and tile or stack (float64) spectra alike."""
     from anisoctf.fit import band as band_mod
 
     if band_mod._cells is None:
         pytest.skip("anisoctf.fit._cells was not built (no C compiler at install)")
     rng = np.random.default_rng(5)
     apix = 1.1
-    sp = _spectrum(rng.exponential(size=(512, 257)).astype(np.float32) * 3.0, apix)
+    sp = _spectrum(rng.exponential(size=(512, 257)).astype(dtype) * 3.0, apix)
     optics = Optics(pixel_size=apix) if mag is None else Optics(pixel_size=apix, mag_matrix=mag)
     args = (sp, optics, 0.1, 0.42, factor, 15000.0, 120.0)
     compiled = band_mod.compressed_zone(*args, row_stride=stride, astig=astig)
@@ -515,6 +519,22 @@ def test_compiled_cell_loop_matches_numpy(monkeypatch, mag, factor: int, stride:
     for name in ("k2", "c2", "s2", "k4"):
         a, b = getattr(compiled.feats, name), getattr(plain.feats, name)
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_nearly_astigmatic_to_focus_falls_back_to_circular_cells() -> None:
+    """Astigmatism of half the defocus or more: circular cells, sized for that astigmatism
+    plus the margin (not for the margin alone)."""
+    from anisoctf.fit.band import compressed_zone
+
+    rng = np.random.default_rng(6)
+    apix = 1.1
+    sp = _spectrum(rng.exponential(size=(512, 257)) * 3.0, apix)
+    optics = Optics(pixel_size=apix)
+    got = compressed_zone(sp, optics, 0.1, 0.42, 1, 15000.0, 100.0, astig=(7000.0, 3000.0))
+    want = compressed_zone(sp, optics, 0.1, 0.42, 1, 15000.0, 100.0 + np.hypot(7000.0, 3000.0))
+    assert got.size == want.size
+    np.testing.assert_array_equal(got.weights, want.weights)
+    np.testing.assert_array_equal(got.values, want.values)
 
 
 def test_compiled_cell_loop_rejects_bad_segments() -> None:

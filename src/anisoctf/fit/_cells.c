@@ -29,20 +29,21 @@ static void release(buf_t *bufs, int n) {
     }
 }
 
-/* accumulate(power, ncol, seg_row, seg_start, seg_len, kx1, ky1, mag, lo2, hi2, scale, ca1,
- *            ca2, use_astig, r0, n_ang, n_cells, bin1, acc, cnt) -> number of pixels whose
+/* accumulate(power, itemsize, ncol, seg_row, seg_start, seg_len, kx1, ky1, mag, lo2, hi2,
+ *            scale, ca1, ca2, use_astig, r0, n_ang, n_cells, bin1, acc, cnt) -> number of pixels whose
  * cell fell outside [0, n_cells - 1) (always 0 unless the caller's bounds are wrong).
  *
- * power: float32 (rows * ncol); seg_*: int64; kx1, ky1: float64; mag: 0 or 4 float64 (row-major
+ * power: float32 (itemsize 4) or float64 (itemsize 8), rows * ncol, in its own precision; seg_*: int64; kx1, ky1: float64; mag: 0 or 4 float64 (row-major
  * M); acc: float64 (n_sums * n_cells) with n_sums 5, or 6 with mag; cnt: float64 (n_cells).
  */
 static PyObject *accumulate(PyObject *self, PyObject *args) {
     buf_t bufs[10] = {{{0}}};
-    Py_ssize_t ncol;
+    Py_ssize_t itemsize, ncol;
     double lo2, hi2, scale, ca1, ca2;
     int use_astig, bin1;
     long long r0, n_ang, n_cells;
-    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*y*y*dddddiLLLiw*w*", &bufs[0].b, &ncol, &bufs[1].b,
+    if (!PyArg_ParseTuple(args, "y*nny*y*y*y*y*y*dddddiLLLiw*w*", &bufs[0].b, &itemsize, &ncol,
+                          &bufs[1].b,
                           &bufs[2].b, &bufs[3].b, &bufs[4].b, &bufs[5].b, &bufs[6].b, &lo2, &hi2,
                           &scale, &ca1, &ca2, &use_astig, &r0, &n_ang, &n_cells, &bin1,
                           &bufs[7].b, &bufs[8].b)) {
@@ -50,7 +51,9 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     }
     for (int i = 0; i < 9; i++) bufs[i].held = 1;
 
-    const float *power = (const float *)bufs[0].b.buf;
+    const float *power_f = (const float *)bufs[0].b.buf;
+    const double *power_d = (const double *)bufs[0].b.buf;
+    const int is_double = itemsize == 8;
     const int64_t *seg_row = (const int64_t *)bufs[1].b.buf;
     const int64_t *seg_start = (const int64_t *)bufs[2].b.buf;
     const int64_t *seg_len = (const int64_t *)bufs[3].b.buf;
@@ -60,7 +63,7 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     double *acc = (double *)bufs[7].b.buf;
     double *cnt = (double *)bufs[8].b.buf;
 
-    Py_ssize_t n_power = bufs[0].b.len / (Py_ssize_t)sizeof(float);
+    Py_ssize_t n_power = (itemsize == 4 || itemsize == 8) ? bufs[0].b.len / itemsize : 0;
     Py_ssize_t n_seg = bufs[1].b.len / (Py_ssize_t)sizeof(int64_t);
     Py_ssize_t n_kx = bufs[4].b.len / (Py_ssize_t)sizeof(double);
     Py_ssize_t n_ky = bufs[5].b.len / (Py_ssize_t)sizeof(double);
@@ -69,6 +72,7 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
 
     if (bufs[2].b.len != bufs[1].b.len || bufs[3].b.len != bufs[1].b.len ||
         (bufs[6].b.len != 0 && !has_mag) || n_cells < 1 || n_ang < 1 || ncol < 1 ||
+        (itemsize != 4 && itemsize != 8) ||
         bufs[8].b.len != n_cells * (Py_ssize_t)sizeof(double) ||
         bufs[7].b.len != n_sums * n_cells * (Py_ssize_t)sizeof(double)) {
         release(bufs, 10);
@@ -98,7 +102,7 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n_seg; i++) {
         const int64_t rr = seg_row[i];
         const double ky = ky1[rr];
-        const float *prow = power + rr * (int64_t)ncol;
+        const int64_t row0 = rr * (int64_t)ncol;
         const int64_t c1 = seg_start[i] + seg_len[i];
         for (int64_t cc = seg_start[i]; cc < c1; cc++) {
             const double kx = kx1[cc];
@@ -138,7 +142,7 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
                 continue;
             }
             cnt[cell] += 1.0;
-            a_pow[cell] += (double)prow[cc];
+            a_pow[cell] += is_double ? power_d[row0 + cc] : (double)power_f[row0 + cc];
             a_x2[cell] += x2;
             a_y2[cell] += y2;
             a_xy[cell] += xy;

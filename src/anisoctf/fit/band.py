@@ -409,7 +409,8 @@ def compressed_zone(
     scale = np.pi * lam * z_ref / dchi
     # elliptical cells: u = k² + (a1 c2 + a2 s2) / z lies within k² (1 ± h / z)
     ell = 0.0 if astig is None else float(np.hypot(*astig)) / z_ref
-    if ell >= 0.5:  # rings far from elliptical (an axis near focus): circular cells
+    if ell >= 0.5:  # rings far from elliptical (an axis near focus): circular cells, narrow
+        half_astig = abs(half_astig) + float(np.hypot(*astig))  # enough for the astigmatism
         astig, ell = None, 0.0
     ca1 = 0.0 if astig is None else float(astig[0]) / z_ref
     ca2 = 0.0 if astig is None else 2.0 * float(astig[1]) / z_ref
@@ -514,8 +515,13 @@ def _accumulate_cells(
     if compiled:
         if _cells is None:
             raise RuntimeError("the compiled cell loop (anisoctf.fit._cells) is not built")
+        # the power in its own precision (float32 from micrographs, float64 from tile and
+        # stack periodograms): no copy, and the same sums as the numpy loop
+        dtype = power.dtype if power.dtype in (np.float32, np.float64) else np.float64
+        power_c = np.ascontiguousarray(power, dtype=dtype)
         bad = _cells.accumulate(
-            np.ascontiguousarray(power, dtype=np.float32),
+            power_c,
+            power_c.itemsize,
             int(ncol),
             np.ascontiguousarray(seg_row, dtype=np.int64),
             np.ascontiguousarray(seg_start, dtype=np.int64),
