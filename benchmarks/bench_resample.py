@@ -32,8 +32,8 @@ import tracemalloc
 import numpy as np
 import scipy.fft as sfft
 
-from anisoctf.magnification.matrix import MagMat
 from anisoctf.magnification.resample import METHODS, correct_image, image_centre, sampling_matrix
+from anisoctf.optics.magmat import MagMat
 
 
 def render(n: int, centres: np.ndarray, widths: np.ndarray, amps: np.ndarray, b: np.ndarray):

@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from anisoctf import CTFParams, MicrographSpec, Optics, estimate_ctf, simulate_micrograph
 from anisoctf.cli.main import app
 from anisoctf.io.mrc import read_mrc_header, read_stack, write_mrc
-from anisoctf.magnification.matrix import MagMat
 from anisoctf.magnification.resample import (
     DEFAULT_METHOD,
     METHODS,
@@ -31,7 +30,8 @@ from anisoctf.magnification.resample import (
     pixel_matrix,
     sampling_matrix,
 )
-from anisoctf.magnification.transform import defocus_table_to_true, defocus_to_observed
+from anisoctf.optics.frames import defocus_table_to_true, defocus_to_observed
+from anisoctf.optics.magmat import MagMat
 
 runner = CliRunner()
 

@@ -21,8 +21,8 @@ from anisoctf.io.cryosparc_ctf import (
 from anisoctf.io.star import MicrographCTFRow, read_micrographs_ctf_star
 from anisoctf.jobs.estimate_micrographs import CS_NAME, run_estimate
 from anisoctf.jobs.simulate_micrographs import SimulationOptions, run_simulate
-from anisoctf.magnification.matrix import from_cryosparc_anisomag
 from anisoctf.optics.ctf import Optics
+from anisoctf.optics.magmat import from_cryosparc_anisomag
 
 
 def test_real_particles_cs_gives_stacks_and_optics(shared_real: Path) -> None:

@@ -15,9 +15,9 @@ from anisoctf.io.particles import parse_image_name, read_particles
 from anisoctf.io.star import read_star_blocks
 from anisoctf.jobs.refine_particles import OUT_STAR, run_refine
 from anisoctf.jobs.simulate_particles import run_simulate_particles
-from anisoctf.magnification.matrix import MagMat
-from anisoctf.magnification.transform import defocus_table_to_observed
 from anisoctf.optics.ctf import Optics
+from anisoctf.optics.frames import defocus_table_to_observed
+from anisoctf.optics.magmat import MagMat
 from anisoctf.refine.agreement import compare_matrices
 from anisoctf.refine.group import RefineSettings, refine_group
 from anisoctf.refine.projection import FourierProjector
@@ -118,7 +118,7 @@ def test_per_particle_defocus_is_recovered(projector) -> None:
     """Known matrix, per-micrograph start: per-particle heights (SD 200 Å) found to < 5 Å."""
     spec, sim = _noiseless(projector, n=40, height=200.0, seed=7)
     u, v, a = (np.asarray(x) for x in (sim.obs_u, sim.obs_v, sim.obs_angle))
-    from anisoctf.magnification.transform import defocus_table_to_true
+    from anisoctf.optics.frames import defocus_table_to_true
 
     tu, tv, ta = defocus_table_to_true(u, v, a, spec.mag.array)
     res = _refine(sim, projector, m0=spec.mag.array, u=tu, v=tv, a=ta, fit_anisomag=False, rounds=1)

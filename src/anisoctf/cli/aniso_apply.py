@@ -52,7 +52,6 @@ from anisoctf.io.star_patch import (
     star_layout,
     write_patched_star,
 )
-from anisoctf.magnification.matrix import RELION_MAGMAT_LABELS, MagMat
 from anisoctf.magnification.tables import (
     CRYOSPARC_ANISOMAG_FIELD,
     RELION_ASTIGMATISM_COLUMN,
@@ -63,6 +62,7 @@ from anisoctf.magnification.tables import (
     relion_row_groups,
     resolve_relion_mags,
 )
+from anisoctf.optics.magmat import RELION_MAGMAT_LABELS, MagMat
 
 __all__ = ["apply_command", "load_detect_json", "run_apply"]
 

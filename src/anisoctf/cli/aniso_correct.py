@@ -29,8 +29,8 @@ from anisoctf.cli.aniso_apply import load_detect_json
 from anisoctf.cli.options import FromJsonOption, MagMatrixOption
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.jobs.correct_images import CorrectSummary, run_correct
-from anisoctf.magnification.matrix import MagMat
 from anisoctf.magnification.resample import DEFAULT_METHOD, METHODS
+from anisoctf.optics.magmat import MagMat
 
 __all__ = ["correct_command"]
 

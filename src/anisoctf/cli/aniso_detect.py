@@ -39,8 +39,8 @@ from anisoctf.magnification.detect import (
     plot_detection,
     write_detection_json,
 )
-from anisoctf.magnification.matrix import MagMat
-from anisoctf.magnification.transform import defocus_table_to_observed
+from anisoctf.optics.frames import defocus_table_to_observed
+from anisoctf.optics.magmat import MagMat
 
 __all__ = ["CTFTable", "detect_command", "load_ctf_table"]
 

@@ -24,7 +24,7 @@ types of the real files in ``shared/data/real/cryodrgn`` (``ctf/type`` ``|S9``,
 ``ctf/trefoil_A`` ``<f4 (2,)``; ``ctf/tetra_A``, ``ctf/anisomag`` ``<f4 (4,)``), plus
 ``ctf/ctf_fit_to_A`` (fit resolution, Å). ``df1_A``/``df2_A``/``df_angle_rad`` are RELION's
 DefocusU/DefocusV/DefocusAngle (angle in radians); ``ctf/anisomag`` is ``M^-1 - I`` row-major
-(:func:`~anisoctf.magnification.matrix.to_cryosparc_anisomag`). The uid of an input row is
+(:func:`~anisoctf.optics.magmat.to_cryosparc_anisomag`). The uid of an input row is
 kept; otherwise the uid is the first 8 bytes of the SHA-256 of the micrograph name.
 """
 
@@ -42,8 +42,8 @@ import numpy as np
 from anisoctf.errors import InputError
 from anisoctf.io.cryosparc import read_cs, write_cs
 from anisoctf.io.star import MicrographCTFRow
-from anisoctf.magnification.matrix import to_cryosparc_anisomag
 from anisoctf.optics.ctf import Optics
+from anisoctf.optics.magmat import to_cryosparc_anisomag
 
 __all__ = [
     "CTF_FIELDS",

@@ -22,7 +22,7 @@ STAR bookkeeping, per optics group:
 * the matrix is the given one; without one, the group's own ``_rlnMagMat``. A group that already
   carries a different non-identity ``_rlnMagMat`` is refused;
 * defocus (``_rlnDefocusU/V/Angle``, ``_rlnCtfAstigmatism``) is transformed with
-  :func:`~anisoctf.magnification.transform.defocus_table_to_true` only when the group had no
+  :func:`~anisoctf.optics.frames.defocus_table_to_true` only when the group had no
   ``_rlnMagMat`` (RELION's defocus of a group with a matrix is already a true-frame value);
 * pixel sizes (``_rlnImagePixelSize``, ``_rlnMicrographPixelSize``,
   ``_rlnMicrographOriginalPixelSize``) become ``p / sqrt(det M)`` (unchanged with
@@ -55,7 +55,6 @@ from anisoctf._lazy import pandas as pd
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.io.atomic import atomic_path
 from anisoctf.io.mrc import read_mrc_header, read_stack, write_mrc
-from anisoctf.magnification.matrix import RELION_MAGMAT_LABELS, MagMat, from_relion_row
 from anisoctf.magnification.resample import (
     DEFAULT_METHOD,
     METHODS,
@@ -64,7 +63,8 @@ from anisoctf.magnification.resample import (
     correct_shifts,
     corrected_pixel_size,
 )
-from anisoctf.magnification.transform import defocus_table_to_true
+from anisoctf.optics.frames import defocus_table_to_true
+from anisoctf.optics.magmat import RELION_MAGMAT_LABELS, MagMat, from_relion_row
 
 __all__ = ["CorrectSummary", "FileTask", "correct_file", "run_correct"]
 

@@ -83,8 +83,8 @@ from anisoctf.jobs.batch_state import (
 from anisoctf.jobs.local_step import LocalOutcome, run_local_step
 from anisoctf.jobs.process_memory import keep_freed_memory
 from anisoctf.local.estimate import LocalSettings
-from anisoctf.magnification.matrix import MagMat
 from anisoctf.optics.ctf import Optics
+from anisoctf.optics.magmat import MagMat
 from anisoctf.report.diagnostic import full_plane, render_diagnostic
 from anisoctf.spectrum.periodogram import stack_periodogram
 

@@ -41,7 +41,7 @@ from anisoctf.io.star_patch import (
     star_layout,
     write_patched_star,
 )
-from anisoctf.magnification.matrix import RELION_MAGMAT_LABELS
+from anisoctf.optics.magmat import RELION_MAGMAT_LABELS
 from anisoctf.refine.group import GroupResult, RefineSettings, refine_group
 from anisoctf.refine.projection import FourierProjector
 

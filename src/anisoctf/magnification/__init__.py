@@ -1,8 +1,8 @@
 """Anisotropic magnification: the matrix ``M`` (``k_true = M k_obs``) and its effect on defocus.
 
-:mod:`~anisoctf.magnification.matrix` holds :class:`MagMat` (anisotropy, axis, scale, polar
+:mod:`~anisoctf.optics.magmat` holds :class:`MagMat` (anisotropy, axis, scale, polar
 decomposition) and the converters to and from RELION, cryoSPARC, cisTEM and MotionCor2;
-:mod:`~anisoctf.magnification.transform` moves defocus between the observed and the true frame
+:mod:`~anisoctf.optics.frames` moves defocus between the observed and the true frame
 and predicts the astigmatism that anisomag alone produces; :mod:`~anisoctf.magnification.detect`
 estimates ``M`` from many micrographs' astigmatism against defocus;
 :mod:`~anisoctf.magnification.tables` rewrites RELION and cryoSPARC tables into the true
@@ -16,7 +16,17 @@ from anisoctf.magnification.detect import (
     residual_report,
     write_detection_json,
 )
-from anisoctf.magnification.matrix import (
+from anisoctf.optics.frames import (
+    apparent_astigmatism,
+    defocus_table_to_observed,
+    defocus_table_to_true,
+    defocus_to_observed,
+    defocus_to_true,
+    isotropic_scale,
+    transform_defocus_matrix,
+    true_pixel_size,
+)
+from anisoctf.optics.magmat import (
     RELION_MAGMAT_LABELS,
     MagMat,
     as_matrix,
@@ -31,16 +41,6 @@ from anisoctf.magnification.matrix import (
     to_cryosparc_anisomag,
     to_motioncor2,
     to_relion,
-)
-from anisoctf.magnification.transform import (
-    apparent_astigmatism,
-    defocus_table_to_observed,
-    defocus_table_to_true,
-    defocus_to_observed,
-    defocus_to_true,
-    isotropic_scale,
-    transform_defocus_matrix,
-    true_pixel_size,
 )
 
 __all__ = [

@@ -38,7 +38,7 @@ What is fitted and reported (:func:`detect_anisomag`):
   rotates ``A`` with it) and up to an isotropic scale (which multiplies every ``z_i``); the
   symmetric, unit-determinant choice is reported. Anisotropy and axis then follow exactly:
   ``anisotropy % = 200 (1 - sqrt(1 - |g|²)) / |g| ≈ 100 |g|`` and
-  ``axis = atan2(g2, g1) / 2`` (:class:`~anisoctf.magnification.matrix.MagMat`);
+  ``axis = atan2(g2, g1) / 2`` (:class:`~anisoctf.optics.magmat.MagMat`);
 * the real astigmatism: the weighted mean of every used micrograph's astigmatism moved to the
   true frame with that ``M`` (``D_true = M^-T D_obs M^-1``);
 * uncertainty: a bootstrap over micrographs (default 400 resamples, fixed seed), each resample
@@ -82,8 +82,8 @@ from numpy.typing import ArrayLike, NDArray
 from anisoctf._lazy import lazy
 from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_bytes_atomic, write_text_atomic
-from anisoctf.magnification.matrix import MagMat, to_relion
-from anisoctf.magnification.transform import defocus_table_to_true
+from anisoctf.optics.frames import defocus_table_to_true
+from anisoctf.optics.magmat import MagMat, to_relion
 
 special = lazy("scipy.special")  # imported on first use (a second off every start-up)
 

@@ -1,7 +1,7 @@
 """Resample recorded images, particle coordinates and shifts into the true (corrected) frame.
 
 Geometry (``docs/correction.md`` has the derivation). With ``k_true = M k_obs`` (RELION's
-``_rlnMagMat``, :mod:`anisoctf.magnification.matrix`), a plane wave is the same physical wave in
+``_rlnMagMat``, :mod:`anisoctf.optics.magmat`), a plane wave is the same physical wave in
 both frames when ``k_true · x_true = k_obs · x_obs``, hence for positions in Å
 
     x_true = M^-T x_obs.
@@ -16,7 +16,7 @@ The corrected image has pixel size ``p_c`` (``p`` is the recorded image's). Posi
 
 Either way the corrected image is a true-frame image (``M = I`` at pixel size ``p_c``): its CTF is
 the true-frame CTF, with ``D_true = M^-T D_obs M^-1`` in Å
-(:func:`~anisoctf.magnification.transform.defocus_table_to_true`).
+(:func:`~anisoctf.optics.frames.defocus_table_to_true`).
 
 The corrected image is ``O(u) = I(c + A (u - c))`` with the *sampling matrix* ``A = N^T`` (output
 pixel → input position), vectors ``(x, y)`` = (column, row) and the centre ``c = (nx // 2,
@@ -63,7 +63,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from anisoctf._lazy import lazy
-from anisoctf.magnification.matrix import MagMat, as_matrix
+from anisoctf.optics.magmat import MagMat, as_matrix
 
 ndi = lazy("scipy.ndimage")
 sfft = lazy("scipy.fft")

@@ -3,7 +3,7 @@
 A CTF fitted on the recorded image without knowledge of the anisotropic magnification is an
 *observed*-frame CTF: ``D_obs``. Programs that know the matrix evaluate the CTF at the true
 frequency ``k_true = M k_obs`` and therefore want the *true*-frame defocus
-``D_true = M^-T D_obs M^-1`` together with ``M`` (:mod:`anisoctf.magnification.transform`). The
+``D_true = M^-T D_obs M^-1`` together with ``M`` (:mod:`anisoctf.optics.frames`). The
 functions here make that change on every row of a table at once and store ``M`` where each
 program expects it; the ``undo_*`` functions are their exact inverses.
 
@@ -17,7 +17,7 @@ RELION (3.1 and later)
     values are already in the true frame, and applying a second matrix on top would need a
     composition rule (``M_new @ M_old`` with the defocus transformed by ``M_new`` only) that this
     module does not guess. Defocus is written with ``U >= V`` and the angle in [0, 180) degrees
-    (the normalisation of :func:`~anisoctf.magnification.transform.defocus_table_to_true`);
+    (the normalisation of :func:`~anisoctf.optics.frames.defocus_table_to_true`);
     ``_rlnCtfAstigmatism`` is recomputed as ``U - V`` when the column exists. Every other column
     and every row of another optics group is returned exactly as it was (same values, same
     dtype, same column order). New ``_rlnMagMat`` columns go at the end of the optics table,
@@ -43,7 +43,7 @@ cryoSPARC
     (-90°, 90°) angles as negative radians, the imported ones [0, 180°); df1 >= df2 in every row
     of all three real files. Rewritten rows get ``df1 >= df2`` and the angle in [0, π) (before
     rounding to float32). ``ctf/anisomag`` holds ``(M^-1 - I)`` row-major
-    (:func:`~anisoctf.magnification.matrix.to_cryosparc_anisomag`), one per row; all zeros means
+    (:func:`~anisoctf.optics.magmat.to_cryosparc_anisomag`), one per row; all zeros means
     no matrix. By analogy with RELION (cryoSPARC is closed source) the defocus of a row with a
     non-zero anisomag is taken to be in the true frame, so such rows are refused. A dataset
     without the field gets it (zeros for rows not rewritten), placed after its last ``ctf/``
@@ -71,14 +71,14 @@ from numpy.typing import ArrayLike, NDArray
 
 from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
-from anisoctf.magnification.matrix import (
+from anisoctf.optics.frames import defocus_table_to_observed, defocus_table_to_true
+from anisoctf.optics.magmat import (
     RELION_MAGMAT_LABELS,
     MagMat,
     from_relion_row,
     matrices_from_cryosparc_anisomag,
     to_cryosparc_anisomag,
 )
-from anisoctf.magnification.transform import defocus_table_to_observed, defocus_table_to_true
 
 __all__ = [
     "CRYOSPARC_ANISOMAG_FIELD",

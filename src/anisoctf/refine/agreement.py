@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from anisoctf.errors import InputError
-from anisoctf.magnification.matrix import MagMat
+from anisoctf.optics.magmat import MagMat
 
 __all__ = ["compare_matrices", "load_matrix_json"]
 

@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from anisoctf._lazy import lazy
-from anisoctf.magnification.matrix import MagMat
+from anisoctf.optics.magmat import MagMat
 from anisoctf.refine.projection import image_frequencies, real_positions
 
 #: scipy.fft costs 0.1–0.3 s to import; only the commands that need it pay for it

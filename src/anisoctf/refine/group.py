@@ -28,9 +28,9 @@ from numpy.typing import NDArray
 
 from anisoctf._lazy import lazy
 from anisoctf.errors import FitError
-from anisoctf.magnification.matrix import MagMat
-from anisoctf.magnification.transform import defocus_table_to_true
 from anisoctf.optics.ctf import Optics, frequency_features
+from anisoctf.optics.frames import defocus_table_to_true
+from anisoctf.optics.magmat import MagMat
 from anisoctf.refine.anisomag import (
     MagEquations,
     accumulate_band,

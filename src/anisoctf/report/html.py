@@ -152,7 +152,7 @@ def _histograms(rows: list[MicrographCTFRow]) -> str:
 def _anisomag_plot(data: ReportData) -> tuple[str | None, str]:
     """The anisomag plot (data URI) and a one-line verdict, or None and the reason."""
     from anisoctf.magnification.detect import detect_anisomag, plot_detection
-    from anisoctf.magnification.transform import defocus_table_to_observed
+    from anisoctf.optics.frames import defocus_table_to_observed
 
     groups: dict[int, list[MicrographCTFRow]] = {}
     for r in data.rows:

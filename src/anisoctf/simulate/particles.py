@@ -29,9 +29,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anisoctf._lazy import lazy
-from anisoctf.magnification.matrix import MagMat
-from anisoctf.magnification.transform import defocus_table_to_observed
 from anisoctf.optics.ctf import Optics
+from anisoctf.optics.frames import defocus_table_to_observed
+from anisoctf.optics.magmat import MagMat
 from anisoctf.refine.model import batch_ctf, grid_features, uva_to_zaa, zaa_to_uva
 from anisoctf.refine.projection import FourierProjector, centre_shift_phase, euler_to_matrix
 

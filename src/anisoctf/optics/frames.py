@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from anisoctf.magnification.matrix import MagMat, as_matrix
 from anisoctf.optics.ctf import CTFParams, params_from_astig
+from anisoctf.optics.magmat import MagMat, as_matrix
 
 __all__ = [
     "apparent_astigmatism",
