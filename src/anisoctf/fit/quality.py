@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from anisoctf.fit.band import Band
 from anisoctf.optics.ctf import CTFParams, Optics, chi
+from anisoctf.optics.kernel import ctf2_from_chi, ctf_constants
 
 __all__ = ["RingStats", "equiphase_radius", "ring_statistics"]
 
@@ -162,16 +163,8 @@ def ring_statistics(band: Band, params: CTFParams, optics: Optics, t_min: float 
 
 
 def optics_ctf2(band: Band, params: CTFParams, optics: Optics) -> NDArray:
-    """CTF² (no envelope) at the band's pixels."""
-    x = chi(band.feats, params, optics)
-    w = optics.amplitude_contrast
-    # (sqrt(1 - w^2) sin x + w cos x)^2 = sin^2(x + alpha) = (1 - cos 2(x + alpha)) / 2
-    x += np.arctan2(w, np.sqrt(1 - w * w))
-    x *= 2.0
-    c2 = np.cos(x)
-    c2 *= -0.5
-    c2 += 0.5
-    return c2
+    """CTF² (no envelope) at the band's pixels (:func:`anisoctf.optics.kernel.ctf2_from_chi`)."""
+    return ctf2_from_chi(chi(band.feats, params, optics), ctf_constants(optics), overwrite=True)
 
 
 def equiphase_radius(band: Band, params: CTFParams, optics: Optics) -> NDArray:

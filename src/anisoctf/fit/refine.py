@@ -23,6 +23,12 @@ from numpy.typing import NDArray
 
 from anisoctf.fit.band import Band, radial_basis
 from anisoctf.optics.ctf import Optics
+from anisoctf.optics.kernel import (
+    chi_rad,
+    ctf2_from_chi_fast,
+    ctf_constants,
+    defocus_phase_rad,
+)
 
 __all__ = ["RefineResult", "background_only_nll", "refine_ml"]
 
@@ -44,26 +50,11 @@ class RefineResult:
 
 
 def _ctf_terms(band: Band, optics: Optics, z: float, a1: float, a2: float, ph: float):
-    lam = optics.wavelength
-    f = band.feats
-    x = (
-        np.pi * lam * (z * f.k2 + a1 * f.c2 + a2 * f.s2)
-        - 0.5 * np.pi * optics.cs_angstrom * lam**3 * f.k4
-        + ph
-    )
-    # CTF = -(sqrt(1 - w^2) sin x + w cos x) = -sin(x + alpha): CTF^2 = (1 - cos y) / 2 and
-    # d(CTF^2)/d(chi) = sin y with y = 2 (x + alpha). One float64 cosine for the likelihood;
-    # the derivative only feeds the information matrix (float32 anyway), so its sine is float32
-    # (an order of magnitude faster) after an exact reduction of y to [-pi, pi].
-    w = optics.amplitude_contrast
-    y = x
-    y += np.arctan2(w, np.sqrt(1 - w * w))
-    y *= 2.0
-    c2 = np.cos(y)
-    c2 *= -0.5
-    c2 += 0.5
-    y -= (2 * np.pi) * np.round(y * (0.5 / np.pi))
-    return c2, np.sin(y.astype(np.float32))  # CTF^2 and d(CTF^2)/d(chi)
+    """CTF² and d(CTF²)/d(chi) at the band's pixels (the kernel's fast path: a float64 cosine
+    for the likelihood, a float32 sine for the information matrix)."""
+    consts = ctf_constants(optics)
+    x = chi_rad(band.feats, consts, z, a1, a2, ph)
+    return ctf2_from_chi_fast(x, consts, derivative=True)
 
 
 def _solve_normal(x: NDArray, y: NDArray) -> NDArray:
@@ -114,9 +105,9 @@ def refine_ml(
     nu = band.weights
     snu = np.sqrt(nu)
     nu_mean = nu / nu.sum()
-    lam = optics.wavelength
     f = band.feats
-    dchi = [np.pi * lam * f.k2, np.pi * lam * f.c2, np.pi * lam * f.s2]
+    # d(chi)/d(z, a1, a2) = pi lambda (k2, c2, s2): the kernel's defocus phase of each form
+    dchi = [defocus_phase_rad(q, optics.wavelength) for q in (f.k2, f.c2, f.s2)]
     if fit_phase:
         dchi.append(np.ones_like(f.k2))
     nt = len(dchi)

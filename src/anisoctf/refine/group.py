@@ -30,6 +30,7 @@ from anisoctf._lazy import lazy
 from anisoctf.errors import FitError
 from anisoctf.optics.ctf import Optics, frequency_features
 from anisoctf.optics.frames import defocus_table_to_true
+from anisoctf.optics.kernel import ctf_constants
 from anisoctf.optics.magmat import MagMat
 from anisoctf.refine.anisomag import (
     MagEquations,
@@ -403,7 +404,7 @@ def refine_group(
             t0, c0 = time.perf_counter(), time.process_time()
             # only the band's pixels enter the correlation: project and model just those
             gb = band_features(m)
-            asin_w = np.arcsin(optics.amplitude_contrast)
+            asin_w = ctf_constants(optics).amplitude_phase_rad
 
             def defocus_chunk(
                 ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=z, a1=a1, a2=a2, asin_w=asin_w
@@ -438,7 +439,7 @@ def refine_group(
         if st.fit_astigmatism:
             t0 = time.perf_counter()
             g = grid_features(box, apix, m)
-            asin_w = np.arcsin(optics.amplitude_contrast)
+            asin_w = ctf_constants(optics).amplitude_phase_rad
             nm = int(mic.max()) + 1
             total = np.zeros((nm, 2))
             for half, stp in ((st.astig_search, st.astig_step), (st.astig_step, st.astig_step / 5)):
