@@ -57,6 +57,54 @@ def _ctf_terms(band: Band, optics: Optics, z: float, a1: float, a2: float, ph: f
     return ctf2_from_chi_fast(x, consts, derivative=True)
 
 
+@dataclass(frozen=True)
+class _Jacobian:
+    """The constant parts of the transposed Jacobian, as float32 rows (one contiguous row per
+    parameter): ``d(chi)/d(theta)``, background and envelope bases, ``sqrt(weights)``."""
+
+    dchi_t: NDArray[np.float32]
+    phi_t: NDArray[np.float32]
+    psi_t: NDArray[np.float32]
+    snu: NDArray[np.float64]
+
+    @classmethod
+    def build(cls, dchi: list[NDArray], phi: NDArray, psi: NDArray, snu: NDArray) -> _Jacobian:
+        return cls(
+            dchi_t=np.array(dchi, dtype=np.float32),
+            phi_t=np.ascontiguousarray(phi.T, dtype=np.float32),
+            psi_t=np.ascontiguousarray(psi.T, dtype=np.float32),
+            snu=snu,
+        )
+
+    def transposed(self, m_: NDArray, env_: NDArray, c2_: NDArray, dc2_: NDArray) -> NDArray:
+        """Transposed weighted Jacobian ``(n_par, N)``; float32 is ample: rounding stays far
+        below the statistical noise of the sums."""
+        nt, nb = self.dchi_t.shape[0], self.phi_t.shape[0]
+        n_par = nt + nb + self.psi_t.shape[0]
+        inv_ = (self.snu / m_).astype(np.float32)
+        j_ = np.empty((n_par, m_.size), dtype=np.float32)
+        a_ = (env_ * dc2_).astype(np.float32)
+        a_ *= inv_
+        np.multiply(self.dchi_t, a_, out=j_[:nt])
+        np.multiply(self.phi_t, inv_, out=j_[nt : nt + nb])
+        b_ = c2_.astype(np.float32)
+        b_ *= inv_
+        np.multiply(self.psi_t, b_, out=j_[nt + nb :])
+        return j_
+
+
+def _covariance(j: NDArray, n_eff: float, restr: float, nt: int) -> NDArray[np.float64]:
+    """Covariance of the CTF parameters from the Fisher information at the optimum."""
+    fisher = max(n_eff, 1.0) * (j @ j.T).astype(np.float64)
+    if restr:
+        fisher[1, 1] += restr * max(n_eff, 1.0)
+        fisher[2, 2] += restr * max(n_eff, 1.0)
+    try:
+        return np.linalg.inv(fisher)[:nt, :nt]
+    except np.linalg.LinAlgError:
+        return np.full((nt, nt), np.inf)
+
+
 def _solve_normal(x: NDArray, y: NDArray) -> NDArray:
     """Least squares by the normal equations (the bases here are well conditioned; they only
     give starting values, so the products are formed in float32, the solve in float64)."""
@@ -131,25 +179,8 @@ def refine_ml(
     total_w = float(nu.sum())
     fisher_scale = max(n_eff, 1.0) * total_w
 
-    # the Jacobian is built transposed (one contiguous row per parameter) from float32 copies
-    dchi_t = np.array(dchi, dtype=np.float32)
-    phi_t = np.ascontiguousarray(phi.T, dtype=np.float32)
-    psi_t = np.ascontiguousarray(psi.T, dtype=np.float32)
-    n_par = nt + phi_t.shape[0] + psi_t.shape[0]
-
-    def jacobian(m_: NDArray, env_: NDArray, c2_: NDArray, dc2_: NDArray) -> NDArray:
-        """Transposed weighted Jacobian ``(n_par, N)``; float32 is ample: rounding stays far
-        below the statistical noise of the sums."""
-        inv_ = (snu / m_).astype(np.float32)
-        j_ = np.empty((n_par, m_.size), dtype=np.float32)
-        a_ = (env_ * dc2_).astype(np.float32)
-        a_ *= inv_
-        np.multiply(dchi_t, a_, out=j_[:nt])
-        np.multiply(phi_t, inv_, out=j_[nt : nt + nb])
-        b_ = c2_.astype(np.float32)
-        b_ *= inv_
-        np.multiply(psi_t, b_, out=j_[nt + nb :])
-        return j_
+    jac = _Jacobian.build(dchi, phi, psi, snu)
+    dchi_t, psi_t, jacobian = jac.dchi_t, jac.psi_t, jac.transposed
 
     def evaluate(t: NDArray, lin_: NDArray):
         c2_, dc2_ = _ctf_terms(band, optics, *unpack(t))
@@ -217,16 +248,7 @@ def refine_ml(
         if np.all(np.abs(step[:nt]) < tol * sd):
             break
 
-    # covariance from the Fisher information at the optimum
-    j = jacobian(m, env, c2, dc2)
-    fisher = max(n_eff, 1.0) * (j @ j.T).astype(np.float64)
-    if restr:
-        fisher[1, 1] += restr * max(n_eff, 1.0)
-        fisher[2, 2] += restr * max(n_eff, 1.0)
-    try:
-        cov = np.linalg.inv(fisher)[:nt, :nt]
-    except np.linalg.LinAlgError:
-        cov = np.full((nt, nt), np.inf)
+    cov = _covariance(jacobian(m, env, c2, dc2), n_eff, restr, nt)
     return RefineResult(
         z=float(theta[0]),
         a1=float(theta[1]),
