@@ -68,8 +68,7 @@ class RingStats:
 
 
 def _chi_eff(band: Band, params: CTFParams, optics: Optics) -> NDArray:
-    w = optics.amplitude_contrast
-    return chi(band.feats, params, optics) + np.arctan2(w, np.sqrt(1 - w * w))
+    return chi(band.feats, params, optics) + ctf_constants(optics).amplitude_phase_rad
 
 
 def ring_statistics(band: Band, params: CTFParams, optics: Optics, t_min: float = 3.0) -> RingStats:
@@ -170,12 +169,11 @@ def optics_ctf2(band: Band, params: CTFParams, optics: Optics) -> NDArray:
 def equiphase_radius(band: Band, params: CTFParams, optics: Optics) -> NDArray:
     """Equivalent isotropic frequency of each pixel: the |k| at which a CTF without astigmatism
     (mean defocus) has the same phase. Averaging along it is an equiphase average (EPA)."""
-    lam = optics.wavelength
-    cs = optics.cs_angstrom
+    consts = ctf_constants(optics)
     x = chi(band.feats, params, optics) - np.deg2rad(params.phase_shift_deg)
-    z = params.mean_defocus
-    a = 0.5 * np.pi * cs * lam**3
-    b = np.pi * lam * z
+    # solve chi_iso(k) = x for k^2: a k^4 - b k^2 + x = 0 with the kernel's constants
+    a = consts.cs_coef_rad
+    b = consts.defocus_coef_rad * params.mean_defocus
     if a <= 0:
         return np.sqrt(np.maximum(x / b, 0.0))
     disc = b * b - 4 * a * x
