@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anisoctf.optics.ctf import FrequencyFeatures, Optics, frequency_features
-from anisoctf.optics.kernel import true_frequencies
+from anisoctf.optics.kernel import defocus_phase_rad, true_frequencies
 from anisoctf.spectrum.periodogram import POWER_BIN2, Spectrum
 
 try:  # the compiled pixel loop of compressed_zone (optional: see _accumulate_cells)
@@ -323,7 +323,7 @@ def polar_compress(
         return band
     lam = optics.wavelength
     q = band.feats.k2
-    r_idx = np.floor(np.pi * lam * defocus * q / dchi).astype(np.int64)
+    r_idx = np.floor(defocus_phase_rad(defocus, lam) * q / dchi).astype(np.int64)
     r_idx -= r_idx.min()
     kmax2 = float(q.max())
     n_ang = int(
@@ -408,7 +408,7 @@ def compressed_zone(
     seg_row = rows_used[seg_row]
     lam = optics.wavelength
     z_ref = max(defocus, 1.0)
-    scale = np.pi * lam * z_ref / dchi
+    scale = defocus_phase_rad(z_ref, lam) / dchi
     # elliptical cells: u = k² + (a1 c2 + a2 s2) / z lies within k² (1 ± h / z)
     ell = 0.0 if astig is None else float(np.hypot(*astig)) / z_ref
     if ell >= 0.5:  # rings far from elliptical (an axis near focus): circular cells, narrow
