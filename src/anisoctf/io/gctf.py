@@ -31,6 +31,7 @@ import numpy as np
 
 from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
+from anisoctf.io import labels as L
 from anisoctf.io.star import MicrographCTFRow, read_micrographs_ctf_star, read_star_blocks
 from anisoctf.optics.ctf import Optics
 
@@ -160,11 +161,11 @@ def read_gctf_star(
     if rows and all(math.isnan(r.max_resolution) for r in rows):
         blocks = read_star_blocks(path)
         for df in blocks.values():
-            if isinstance(df, pd.DataFrame) and "rlnFinalResolution" in df.columns:
-                if "rlnMicrographName" not in df.columns or len(df) != len(rows):
+            if isinstance(df, pd.DataFrame) and L.FINAL_RESOLUTION in df.columns:
+                if L.MICROGRAPH_NAME not in df.columns or len(df) != len(rows):
                     continue
                 res = np.asarray(
-                    pd.to_numeric(df["rlnFinalResolution"], errors="coerce"), dtype=float
+                    pd.to_numeric(df[L.FINAL_RESOLUTION], errors="coerce"), dtype=float
                 )
                 rows = [replace(r, max_resolution=float(x)) for r, x in zip(rows, res, strict=True)]
                 break
