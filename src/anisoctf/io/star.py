@@ -56,6 +56,8 @@ __all__ = [
     "read_optics_group_names",
     "read_optics_star",
     "read_star_blocks",
+    "relion_micrograph_columns",
+    "relion_micrograph_row",
     "write_micrographs_ctf_star",
 ]
 
@@ -217,6 +219,69 @@ def _nan_if_none(v: float | None) -> float:
     return float("nan") if v is None else float(v)
 
 
+def relion_micrograph_columns(rows: Sequence[MicrographCTFRow]) -> list[str]:
+    """The ``data_micrographs`` labels of a ``micrographs_ctf.star`` holding ``rows``.
+
+    ``_rlnCtfImage`` when any row has one, ``_rlnPhaseShift`` when any row has one, the tilt,
+    thickness and surface columns when any row has them.
+    """
+    m_cols = [L.MICROGRAPH_NAME, L.OPTICS_GROUP]
+    m_cols += [L.CTF_IMAGE] if any(r.ctf_image for r in rows) else []
+    m_cols += [
+        L.DEFOCUS_U,
+        L.DEFOCUS_V,
+        L.ASTIGMATISM,
+        L.DEFOCUS_ANGLE,
+        L.FIGURE_OF_MERIT,
+        L.MAX_RESOLUTION,
+    ]
+    m_cols += [L.PHASE_SHIFT] if any(r.phase_shift is not None for r in rows) else []
+    m_cols += list(_TILT_COLUMNS) if any(r.tilt_angle is not None for r in rows) else []
+    m_cols += [L.ICE_THICKNESS] if any(r.thickness is not None for r in rows) else []
+    m_cols += [L.DEFOCUS_SURFACE] if any(r.surface for r in rows) else []
+    return m_cols
+
+
+def relion_micrograph_row(r: MicrographCTFRow, columns: Sequence[str]) -> list[str]:
+    """The cells of one micrograph's row of ``micrographs_ctf.star`` (``columns`` from
+    :func:`relion_micrograph_columns`): shortest exact float text, ``nan`` for unknown values,
+    0 for a row without a phase shift in a table with one, ``None`` for a missing surface.
+
+    Raises
+    ------
+    ValueError
+        A defocus value is not finite, or a name is empty or contains whitespace.
+    """
+    checks = (
+        ("defocus U", r.defocus_u),
+        ("defocus V", r.defocus_v),
+        ("angle", r.defocus_angle),
+    )
+    for label, v in checks:
+        if not math.isfinite(v):
+            raise ValueError(f"{r.name}: {label} is {v}; only finite values can be written")
+    line = [star_token(r.name, "micrograph name"), str(int(r.optics_group))]
+    if L.CTF_IMAGE in columns:
+        line.append(star_token(r.ctf_image, f"{r.name}: CTF image"))
+    line += [
+        fmt_float(r.defocus_u),
+        fmt_float(r.defocus_v),
+        fmt_float(r.astigmatism),
+        fmt_float(r.defocus_angle),
+        fmt_float(r.figure_of_merit),
+        fmt_float(r.max_resolution),
+    ]
+    if L.PHASE_SHIFT in columns:
+        line.append(fmt_float(0.0 if r.phase_shift is None else r.phase_shift))
+    if L.TILT_ANGLE in columns:
+        line += [fmt_float(_nan_if_none(r.tilt_angle)), fmt_float(_nan_if_none(r.tilt_axis))]
+    if L.ICE_THICKNESS in columns:
+        line.append(fmt_float(_nan_if_none(r.thickness)))
+    if L.DEFOCUS_SURFACE in columns:
+        line.append(star_token(r.surface, f"{r.name}: surface file") if r.surface else "None")
+    return line
+
+
 def write_micrographs_ctf_star(
     path: str | os.PathLike[str],
     rows: Sequence[MicrographCTFRow],
@@ -282,55 +347,8 @@ def write_micrographs_ctf_star(
             row += [fmt_float(v) for r in o.mag_matrix for v in r]
         o_rows.append(row)
 
-    with_image = any(r.ctf_image for r in rows)
-    with_phase = any(r.phase_shift is not None for r in rows)
-    m_cols = [L.MICROGRAPH_NAME, L.OPTICS_GROUP]
-    m_cols += [L.CTF_IMAGE] if with_image else []
-    m_cols += [
-        L.DEFOCUS_U,
-        L.DEFOCUS_V,
-        L.ASTIGMATISM,
-        L.DEFOCUS_ANGLE,
-        L.FIGURE_OF_MERIT,
-        L.MAX_RESOLUTION,
-    ]
-    m_cols += [L.PHASE_SHIFT] if with_phase else []
-    with_tilt = any(r.tilt_angle is not None for r in rows)
-    with_thick = any(r.thickness is not None for r in rows)
-    with_surface = any(r.surface for r in rows)
-    m_cols += list(_TILT_COLUMNS) if with_tilt else []
-    m_cols += [L.ICE_THICKNESS] if with_thick else []
-    m_cols += [L.DEFOCUS_SURFACE] if with_surface else []
-    m_rows: list[list[str]] = []
-    for r in rows:
-        checks = (
-            ("defocus U", r.defocus_u),
-            ("defocus V", r.defocus_v),
-            ("angle", r.defocus_angle),
-        )
-        for label, v in checks:
-            if not math.isfinite(v):
-                raise ValueError(f"{r.name}: {label} is {v}; only finite values can be written")
-        line = [star_token(r.name, "micrograph name"), str(int(r.optics_group))]
-        if with_image:
-            line.append(star_token(r.ctf_image, f"{r.name}: CTF image"))
-        line += [
-            fmt_float(r.defocus_u),
-            fmt_float(r.defocus_v),
-            fmt_float(r.astigmatism),
-            fmt_float(r.defocus_angle),
-            fmt_float(r.figure_of_merit),
-            fmt_float(r.max_resolution),
-        ]
-        if with_phase:
-            line.append(fmt_float(0.0 if r.phase_shift is None else r.phase_shift))
-        if with_tilt:
-            line += [fmt_float(_nan_if_none(r.tilt_angle)), fmt_float(_nan_if_none(r.tilt_axis))]
-        if with_thick:
-            line.append(fmt_float(_nan_if_none(r.thickness)))
-        if with_surface:
-            line.append(star_token(r.surface, f"{r.name}: surface file") if r.surface else "None")
-        m_rows.append(line)
+    m_cols = relion_micrograph_columns(rows)
+    m_rows = [relion_micrograph_row(r, m_cols) for r in rows]
 
     lines = format_loop("optics", o_cols, o_rows) + format_loop("micrographs", m_cols, m_rows)
     text = "\n".join(lines) + "\n"

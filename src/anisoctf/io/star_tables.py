@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,8 +22,14 @@ from anisoctf.errors import InputError
 from anisoctf.io import labels as L
 from anisoctf.io.atomic import atomic_path
 
+if TYPE_CHECKING:
+    from pandas import DataFrame as StarTable
+else:
+    StarTable = Any  # a parsed STAR table (``pandas.DataFrame``), for type hints outside io
+
 __all__ = [
     "STAR_VERSION",
+    "StarTable",
     "column_list",
     "find_block",
     "find_table",

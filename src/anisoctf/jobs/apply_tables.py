@@ -25,7 +25,6 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -58,7 +57,7 @@ from anisoctf.io.relion_defocus import (
     optics_groups as optics_table_groups,
 )
 from anisoctf.io.star_patch import patch_defocus_star
-from anisoctf.io.star_tables import read_star_blocks
+from anisoctf.io.star_tables import StarTable, read_star_blocks
 from anisoctf.magnification.tables import (
     Mags,
     as_magmat,
@@ -73,9 +72,6 @@ from anisoctf.optics.magmat import (
     matrices_from_cryosparc_anisomag,
     to_cryosparc_anisomag,
 )
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 __all__ = [
     "CRYOSPARC_ANISOMAG_FIELD",
@@ -109,8 +105,8 @@ CRYOSPARC_ANISOMAG_FIELD = L.CS_ANISOMAG
 
 # ============================================================================ RELION tables
 def resolve_relion_mags(
-    optics: pd.DataFrame | None,
-    table: pd.DataFrame,
+    optics: StarTable | None,
+    table: StarTable,
     mags: Mags,
     *,
     optics_groups: Collection[int] | None = None,
@@ -122,7 +118,7 @@ def resolve_relion_mags(
     return resolve_group_mags(row_groups, known, mags, optics_groups=optics_groups)
 
 
-def _refuse_existing(optics: pd.DataFrame | None, groups: Collection[int]) -> None:
+def _refuse_existing(optics: StarTable | None, groups: Collection[int]) -> None:
     existing = existing_relion_mags(optics)
     carrying = [g for g in sorted(groups) if g in existing and not existing[g].is_identity]
     if carrying:
@@ -135,12 +131,12 @@ def _refuse_existing(optics: pd.DataFrame | None, groups: Collection[int]) -> No
 
 
 def _rewrite_table(
-    table: pd.DataFrame,
+    table: StarTable,
     row_groups: np.ndarray,
     mats_by_group: dict[int, MagMat],
     to: str,
     shared: bool,
-) -> pd.DataFrame:
+) -> StarTable:
     mask = group_mask(row_groups, mats_by_group)
     if not mask.any():
         return table.copy()
@@ -155,13 +151,13 @@ def _rewrite_table(
 
 
 def apply_to_relion(
-    optics: pd.DataFrame | None,
-    table: pd.DataFrame,
+    optics: StarTable | None,
+    table: StarTable,
     mags: Mags,
     *,
     shared_astigmatism: bool = False,
     optics_groups: Collection[int] | None = None,
-) -> tuple[pd.DataFrame | None, pd.DataFrame]:
+) -> tuple[StarTable | None, StarTable]:
     """Rewrite a RELION table's defocus into the true frame and store ``M`` per optics group.
 
     Parameters
@@ -208,13 +204,13 @@ def apply_to_relion(
 
 
 def undo_relion(
-    optics: pd.DataFrame | None,
-    table: pd.DataFrame,
+    optics: StarTable | None,
+    table: StarTable,
     mags: Mags | None = None,
     *,
     optics_groups: Collection[int] | None = None,
     drop_identity_columns: bool = True,
-) -> tuple[pd.DataFrame | None, pd.DataFrame]:
+) -> tuple[StarTable | None, StarTable]:
     """The exact inverse of :func:`apply_to_relion` (true frame → observed, matrix removed).
 
     Parameters
