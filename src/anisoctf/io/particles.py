@@ -28,7 +28,7 @@ from anisoctf.errors import InputError
 from anisoctf.io import labels as L
 from anisoctf.io.mrc import read_mrc_header, read_stack
 from anisoctf.io.star_optics import optics_from_table, per_row_optics
-from anisoctf.io.star_tables import read_star_blocks
+from anisoctf.io.star_tables import find_block, read_star_blocks
 from anisoctf.optics.ctf import Optics
 
 __all__ = ["ParticleSet", "parse_image_name", "read_particles"]
@@ -221,14 +221,8 @@ def read_particles(path: str | os.PathLike[str], *, check_stacks: bool = True) -
     """
     p = Path(path)
     blocks = read_star_blocks(p)
-    key = next(
-        (
-            k
-            for k in ("particles", "", *blocks)
-            if k in blocks and L.IMAGE_NAME in blocks[k].columns
-        ),
-        None,
-    )
+    hits = find_block(blocks, L.IMAGE_NAME, ("particles", ""))
+    key = hits[0] if hits else None
     if key is None:
         raise InputError(
             "no _rlnImageName column: not a particle STAR file; give the particles STAR of an "

@@ -124,14 +124,12 @@ def is_table(block: object) -> bool:
 
 
 # ============================================================================ finding tables
-def find_block(
-    blocks: Mapping[str, pd.DataFrame], column: str, prefer: Sequence[str] = ()
-) -> list[str]:
-    """Names of the blocks (never ``data_optics``) with ``column``: ``prefer`` first, then the
-    others in file order."""
+def find_block(blocks: Mapping[str, Any], column: str, prefer: Sequence[str] = ()) -> list[str]:
+    """Names of the tables (never ``data_optics``) with ``column``: ``prefer`` first, then the
+    others in file order. Simple blocks of :func:`read_star_raw` (dicts) are skipped."""
     order = [k for k in prefer if k != "optics"]
     order += [k for k in blocks if k not in order and k != "optics"]
-    return [k for k in order if k in blocks and column in blocks[k].columns]
+    return [k for k in order if k in blocks and is_table(blocks[k]) and column in blocks[k].columns]
 
 
 def find_table(

@@ -18,7 +18,7 @@ from anisoctf.errors import InputError
 from anisoctf.io import labels as L
 from anisoctf.io.mrc import read_mrc_header
 from anisoctf.io.star_optics import from_relion_row
-from anisoctf.io.star_tables import is_table, numeric_column, read_star_raw
+from anisoctf.io.star_tables import find_block, is_table, numeric_column, read_star_raw
 from anisoctf.jobs.correct_plan import (
     CorrectPlan,
     FileTask,
@@ -186,13 +186,11 @@ def _read_star_input(star: Path, mag: MagMat | None, project: Path) -> _StarInpu
     """Read a particles or micrographs STAR file and the matrix of each optics group."""
     blocks = read_star_raw(star)
     kind = "particles"
-    key = next((k for k, b in blocks.items() if is_table(b) and L.IMAGE_NAME in b.columns), None)
-    if key is None:
+    hits = find_block(blocks, L.IMAGE_NAME)
+    if not hits:
         kind = "micrographs"
-        key = next(
-            (k for k, b in blocks.items() if is_table(b) and L.MICROGRAPH_NAME in b.columns),
-            None,
-        )
+        hits = find_block(blocks, L.MICROGRAPH_NAME)
+    key = hits[0] if hits else None
     if key is None:
         raise InputError(
             "no _rlnImageName or _rlnMicrographName column: give a particles or micrographs "
