@@ -50,6 +50,7 @@ def main() -> None:
 
     from anisoctf.magnification.detect import detect_anisomag
     from anisoctf.optics.ctf import Optics
+    from anisoctf.records.particles import ParticleBatch
     from anisoctf.refine.agreement import compare_matrices
     from anisoctf.refine.group import RefineSettings, refine_group
     from anisoctf.refine.projection import FourierProjector
@@ -67,18 +68,16 @@ def main() -> None:
         t_fft = time.perf_counter() - t0
         optics = Optics(spec.apix, spec.kv, spec.cs, spec.ac)
         t0 = time.perf_counter()
-        res = refine_group(
-            lambda r: sim.images[r],
-            spec.n,
-            sim.angles,
-            sim.origins,
-            sim.obs_u,
-            sim.obs_v,
-            sim.obs_angle,
-            optics,
-            spec.box,
-            {0: projector},
+        particles = ParticleBatch(
+            angles=sim.angles,
+            origins_angst=sim.origins,
+            defocus_u=sim.obs_u,
+            defocus_v=sim.obs_v,
+            defocus_angle=sim.obs_angle,
             bfactor=np.full(spec.n, spec.bfactor),
+        )
+        res = refine_group(
+            lambda r: sim.images[r], particles, optics, spec.box, {0: projector},
             settings=RefineSettings(),
         )
         t_ref = time.perf_counter() - t0

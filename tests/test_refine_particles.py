@@ -18,6 +18,7 @@ from anisoctf.jobs.simulate_particles import run_simulate_particles
 from anisoctf.optics.ctf import Optics
 from anisoctf.optics.frames import defocus_table_to_observed
 from anisoctf.optics.magmat import MagMat
+from anisoctf.records.particles import ParticleBatch
 from anisoctf.refine.agreement import compare_matrices
 from anisoctf.refine.group import RefineSettings, refine_group
 from anisoctf.refine.projection import FourierProjector
@@ -40,20 +41,22 @@ def _noiseless(projector, n=60, height=0.0, seed=1):
 def _refine(sim, projector, m0=None, **kw):
     spec = sim.spec
     optics = Optics(APIX, spec.kv, spec.cs, spec.ac, mag_matrix=np.eye(2) if m0 is None else m0)
+    particles = ParticleBatch(
+        angles=sim.angles,
+        origins_angst=sim.origins,
+        defocus_u=kw.pop("u", sim.obs_u),
+        defocus_v=kw.pop("v", sim.obs_v),
+        defocus_angle=kw.pop("a", sim.obs_angle),
+        bfactor=np.full(spec.n, spec.bfactor),
+        micrograph=sim.micrograph,
+    )
     return refine_group(
         lambda r: sim.images[r],
-        spec.n,
-        sim.angles,
-        sim.origins,
-        kw.pop("u", sim.obs_u),
-        kw.pop("v", sim.obs_v),
-        kw.pop("a", sim.obs_angle),
+        particles,
         optics,
         BOX,
         {0: projector},
-        bfactor=np.full(spec.n, spec.bfactor),
         settings=RefineSettings(whiten=False, **kw),
-        micrograph=sim.micrograph,
     )
 
 

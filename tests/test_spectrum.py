@@ -547,7 +547,8 @@ def test_compiled_cell_loop_rejects_bad_segments() -> None:
     with pytest.raises(ValueError, match="segment outside"):
         band_mod._accumulate_cells(
             power, (seg, seg * 0, seg * 0 + 2), np.arange(5.0), np.arange(8.0), None,
-            (0.0, 100.0, 1.0, 0.0, 0.0), False, 0, 16, 10, True, 1 << 16, compiled=True,
+            band_mod.CellLayout((0.0, 100.0, 1.0, 0.0, 0.0), False, 0, 16, 10), True, 1 << 16,
+            compiled=True,
         )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anisoctf.optics.ctf import FrequencyFeatures, Optics, frequency_features
+from anisoctf.optics.kernel import true_frequencies
 from anisoctf.spectrum.periodogram import POWER_BIN2, Spectrum
 
 try:  # the compiled pixel loop of compressed_zone (optional: see _accumulate_cells)
@@ -21,6 +22,7 @@ except ImportError:  # pragma: no cover - built without a C compiler
 
 __all__ = [
     "Band",
+    "CellLayout",
     "binned_power",
     "compressed_zone",
     "concat_bands",
@@ -431,11 +433,7 @@ def compressed_zone(
         kx1,
         ky1,
         m,
-        (lo2, hi2, scale, ca1, ca2),
-        astig is not None,
-        r0,
-        n_ang,
-        n_cells,
+        CellLayout((lo2, hi2, scale, ca1, ca2), astig is not None, r0, n_ang, n_cells),
         bin_factor == 1,
         chunk,
     )
@@ -480,32 +478,55 @@ def compressed_zone(
     )
 
 
+@dataclass(frozen=True)
+class CellLayout:
+    """The phase cells of :func:`compressed_zone`.
+
+    Attributes
+    ----------
+    bounds
+        ``k_min²``, ``k_max²``, the radial scale (cells per unit of ``k²``) and the ellipse
+        coefficients ``a1 / z``, ``2 a2 / z``.
+    elliptical
+        Cells follow the elliptical rings (else circular).
+    r0
+        Index of the first radial cell.
+    n_ang
+        Number of angular sectors.
+    n_cells
+        Number of cells, the last one taking the pixels outside the band (dropped).
+    """
+
+    bounds: tuple[float, float, float, float, float]
+    elliptical: bool
+    r0: int
+    n_ang: int
+    n_cells: int
+
+
 def _accumulate_cells(
     power: NDArray,
     segments: tuple[NDArray, NDArray, NDArray],
     kx1: NDArray,
     ky1: NDArray,
     m: NDArray | None,
-    bounds: tuple[float, float, float, float, float],
-    elliptical: bool,
-    r0: int,
-    n_ang: int,
-    n_cells: int,
+    cells: CellLayout,
     bin1: bool,
     chunk: int,
     compiled: bool | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Per-cell sums of the pixels of ``segments`` (rows, first columns, lengths): the count,
     and the power, ``x²``, ``y²``, ``xy``, ``k⁴`` (and ``|k_obs|²`` with ``m``) of the true-frame
-    frequency ``(x, y) = M k``. ``bounds`` holds ``k_min²``, ``k_max²``, the radial scale
-    (cells per unit of ``k²``) and the ellipse coefficients ``a1 / z``, ``2 a2 / z``.
+    frequency ``(x, y) = M k`` (:func:`anisoctf.optics.kernel.true_frequencies`; the compiled
+    loop writes the same two lines). ``cells`` is the layout of the phase cells.
 
     The compiled loop (:mod:`anisoctf.fit._cells`, built with the package when a C compiler
     is there) and the numpy one give the same cells; ``compiled`` picks one (None: the
     compiled loop when it was built).
     """
     seg_row, seg_start, seg_len = segments
-    lo2, hi2, scale, ca1, ca2 = bounds
+    lo2, hi2, scale, ca1, ca2 = cells.bounds
+    elliptical, r0, n_ang, n_cells = cells.elliptical, cells.r0, cells.n_ang, cells.n_cells
     ncol = power.shape[1]
     n_sums = 5 if m is None else 6
     acc = np.zeros((n_sums, n_cells))
@@ -557,11 +578,7 @@ def _accumulate_cells(
         cc = np.arange(n, dtype=np.int64)
         cc -= np.repeat(np.cumsum(lens) - lens - seg_start[i0:i1], lens)
         kx, ky = kx1[cc], ky1[rr]
-        if m is None:
-            kxt, kyt = kx, ky
-        else:
-            kxt = m[0, 0] * kx + m[0, 1] * ky
-            kyt = m[1, 0] * kx + m[1, 1] * ky
+        kxt, kyt = true_frequencies(kx, ky, m)
         x2, y2, xy = kxt * kxt, kyt * kyt, kxt * kyt
         k2 = x2 + y2
         out = (k2 < lo2) | (k2 > hi2)

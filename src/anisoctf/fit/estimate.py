@@ -38,6 +38,7 @@ from anisoctf.optics.ctf import (
     frequency_features,
     params_from_astig,
 )
+from anisoctf.optics.kernel import ctf_constants, ctf_from_chi
 from anisoctf.spectrum.periodogram import Spectrum, micrograph_spectrum
 
 __all__ = ["check_image", "estimate_ctf", "fit_spectrum"]
@@ -459,9 +460,7 @@ def _diagnostics(
     kc = 0.5 * (edges[1:] + edges[:-1])
     feats = frequency_features(kc, np.zeros_like(kc))
     iso = CTFParams(params.mean_defocus, params.mean_defocus, 0.0, params.phase_shift_deg)
-    x = chi(feats, iso, optics)
-    wc = optics.amplitude_contrast
-    fit1d = (-np.sqrt(1 - wc * wc) * np.sin(x) - wc * np.cos(x)) ** 2
+    fit1d = ctf_from_chi(chi(feats, iso, optics), ctf_constants(optics)) ** 2
     quality = np.interp(kc, rings.k[order], np.clip(rings.r[order], -1, 1))
     keep = cnt > 0
     return FitDiagnostics(

@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from anisoctf.fit.band import Band
 from anisoctf.optics.ctf import CTFParams, Optics, chi
+from anisoctf.optics.kernel import ctf2_from_chi, ctf_constants
 
 __all__ = ["RingStats", "equiphase_radius", "ring_statistics"]
 
@@ -67,8 +68,7 @@ class RingStats:
 
 
 def _chi_eff(band: Band, params: CTFParams, optics: Optics) -> NDArray:
-    w = optics.amplitude_contrast
-    return chi(band.feats, params, optics) + np.arctan2(w, np.sqrt(1 - w * w))
+    return chi(band.feats, params, optics) + ctf_constants(optics).amplitude_phase_rad
 
 
 def ring_statistics(band: Band, params: CTFParams, optics: Optics, t_min: float = 3.0) -> RingStats:
@@ -162,27 +162,18 @@ def ring_statistics(band: Band, params: CTFParams, optics: Optics, t_min: float 
 
 
 def optics_ctf2(band: Band, params: CTFParams, optics: Optics) -> NDArray:
-    """CTF² (no envelope) at the band's pixels."""
-    x = chi(band.feats, params, optics)
-    w = optics.amplitude_contrast
-    # (sqrt(1 - w^2) sin x + w cos x)^2 = sin^2(x + alpha) = (1 - cos 2(x + alpha)) / 2
-    x += np.arctan2(w, np.sqrt(1 - w * w))
-    x *= 2.0
-    c2 = np.cos(x)
-    c2 *= -0.5
-    c2 += 0.5
-    return c2
+    """CTF² (no envelope) at the band's pixels (:func:`anisoctf.optics.kernel.ctf2_from_chi`)."""
+    return ctf2_from_chi(chi(band.feats, params, optics), ctf_constants(optics), overwrite=True)
 
 
 def equiphase_radius(band: Band, params: CTFParams, optics: Optics) -> NDArray:
     """Equivalent isotropic frequency of each pixel: the |k| at which a CTF without astigmatism
     (mean defocus) has the same phase. Averaging along it is an equiphase average (EPA)."""
-    lam = optics.wavelength
-    cs = optics.cs_angstrom
+    consts = ctf_constants(optics)
     x = chi(band.feats, params, optics) - np.deg2rad(params.phase_shift_deg)
-    z = params.mean_defocus
-    a = 0.5 * np.pi * cs * lam**3
-    b = np.pi * lam * z
+    # solve chi_iso(k) = x for k^2: a k^4 - b k^2 + x = 0 with the kernel's constants
+    a = consts.cs_coef_rad
+    b = consts.defocus_coef_rad * params.mean_defocus
     if a <= 0:
         return np.sqrt(np.maximum(x / b, 0.0))
     disc = b * b - 4 * a * x

@@ -23,6 +23,12 @@ from numpy.typing import NDArray
 
 from anisoctf.fit.band import Band, radial_basis
 from anisoctf.optics.ctf import Optics
+from anisoctf.optics.kernel import (
+    chi_rad,
+    ctf2_from_chi_fast,
+    ctf_constants,
+    defocus_phase_rad,
+)
 
 __all__ = ["RefineResult", "background_only_nll", "refine_ml"]
 
@@ -44,26 +50,59 @@ class RefineResult:
 
 
 def _ctf_terms(band: Band, optics: Optics, z: float, a1: float, a2: float, ph: float):
-    lam = optics.wavelength
-    f = band.feats
-    x = (
-        np.pi * lam * (z * f.k2 + a1 * f.c2 + a2 * f.s2)
-        - 0.5 * np.pi * optics.cs_angstrom * lam**3 * f.k4
-        + ph
-    )
-    # CTF = -(sqrt(1 - w^2) sin x + w cos x) = -sin(x + alpha): CTF^2 = (1 - cos y) / 2 and
-    # d(CTF^2)/d(chi) = sin y with y = 2 (x + alpha). One float64 cosine for the likelihood;
-    # the derivative only feeds the information matrix (float32 anyway), so its sine is float32
-    # (an order of magnitude faster) after an exact reduction of y to [-pi, pi].
-    w = optics.amplitude_contrast
-    y = x
-    y += np.arctan2(w, np.sqrt(1 - w * w))
-    y *= 2.0
-    c2 = np.cos(y)
-    c2 *= -0.5
-    c2 += 0.5
-    y -= (2 * np.pi) * np.round(y * (0.5 / np.pi))
-    return c2, np.sin(y.astype(np.float32))  # CTF^2 and d(CTF^2)/d(chi)
+    """CTF² and d(CTF²)/d(chi) at the band's pixels (the kernel's fast path: a float64 cosine
+    for the likelihood, a float32 sine for the information matrix)."""
+    consts = ctf_constants(optics)
+    x = chi_rad(band.feats, consts, z, a1, a2, ph)
+    return ctf2_from_chi_fast(x, consts, derivative=True)
+
+
+@dataclass(frozen=True)
+class _Jacobian:
+    """The constant parts of the transposed Jacobian, as float32 rows (one contiguous row per
+    parameter): ``d(chi)/d(theta)``, background and envelope bases, ``sqrt(weights)``."""
+
+    dchi_t: NDArray[np.float32]
+    phi_t: NDArray[np.float32]
+    psi_t: NDArray[np.float32]
+    snu: NDArray[np.float64]
+
+    @classmethod
+    def build(cls, dchi: list[NDArray], phi: NDArray, psi: NDArray, snu: NDArray) -> _Jacobian:
+        return cls(
+            dchi_t=np.array(dchi, dtype=np.float32),
+            phi_t=np.ascontiguousarray(phi.T, dtype=np.float32),
+            psi_t=np.ascontiguousarray(psi.T, dtype=np.float32),
+            snu=snu,
+        )
+
+    def transposed(self, m_: NDArray, env_: NDArray, c2_: NDArray, dc2_: NDArray) -> NDArray:
+        """Transposed weighted Jacobian ``(n_par, N)``; float32 is ample: rounding stays far
+        below the statistical noise of the sums."""
+        nt, nb = self.dchi_t.shape[0], self.phi_t.shape[0]
+        n_par = nt + nb + self.psi_t.shape[0]
+        inv_ = (self.snu / m_).astype(np.float32)
+        j_ = np.empty((n_par, m_.size), dtype=np.float32)
+        a_ = (env_ * dc2_).astype(np.float32)
+        a_ *= inv_
+        np.multiply(self.dchi_t, a_, out=j_[:nt])
+        np.multiply(self.phi_t, inv_, out=j_[nt : nt + nb])
+        b_ = c2_.astype(np.float32)
+        b_ *= inv_
+        np.multiply(self.psi_t, b_, out=j_[nt + nb :])
+        return j_
+
+
+def _covariance(j: NDArray, n_eff: float, restr: float, nt: int) -> NDArray[np.float64]:
+    """Covariance of the CTF parameters from the Fisher information at the optimum."""
+    fisher = max(n_eff, 1.0) * (j @ j.T).astype(np.float64)
+    if restr:
+        fisher[1, 1] += restr * max(n_eff, 1.0)
+        fisher[2, 2] += restr * max(n_eff, 1.0)
+    try:
+        return np.linalg.inv(fisher)[:nt, :nt]
+    except np.linalg.LinAlgError:
+        return np.full((nt, nt), np.inf)
 
 
 def _solve_normal(x: NDArray, y: NDArray) -> NDArray:
@@ -114,9 +153,9 @@ def refine_ml(
     nu = band.weights
     snu = np.sqrt(nu)
     nu_mean = nu / nu.sum()
-    lam = optics.wavelength
     f = band.feats
-    dchi = [np.pi * lam * f.k2, np.pi * lam * f.c2, np.pi * lam * f.s2]
+    # d(chi)/d(z, a1, a2) = pi lambda (k2, c2, s2): the kernel's defocus phase of each form
+    dchi = [defocus_phase_rad(q, optics.wavelength) for q in (f.k2, f.c2, f.s2)]
     if fit_phase:
         dchi.append(np.ones_like(f.k2))
     nt = len(dchi)
@@ -140,25 +179,8 @@ def refine_ml(
     total_w = float(nu.sum())
     fisher_scale = max(n_eff, 1.0) * total_w
 
-    # the Jacobian is built transposed (one contiguous row per parameter) from float32 copies
-    dchi_t = np.array(dchi, dtype=np.float32)
-    phi_t = np.ascontiguousarray(phi.T, dtype=np.float32)
-    psi_t = np.ascontiguousarray(psi.T, dtype=np.float32)
-    n_par = nt + phi_t.shape[0] + psi_t.shape[0]
-
-    def jacobian(m_: NDArray, env_: NDArray, c2_: NDArray, dc2_: NDArray) -> NDArray:
-        """Transposed weighted Jacobian ``(n_par, N)``; float32 is ample: rounding stays far
-        below the statistical noise of the sums."""
-        inv_ = (snu / m_).astype(np.float32)
-        j_ = np.empty((n_par, m_.size), dtype=np.float32)
-        a_ = (env_ * dc2_).astype(np.float32)
-        a_ *= inv_
-        np.multiply(dchi_t, a_, out=j_[:nt])
-        np.multiply(phi_t, inv_, out=j_[nt : nt + nb])
-        b_ = c2_.astype(np.float32)
-        b_ *= inv_
-        np.multiply(psi_t, b_, out=j_[nt + nb :])
-        return j_
+    jac = _Jacobian.build(dchi, phi, psi, snu)
+    dchi_t, psi_t, jacobian = jac.dchi_t, jac.psi_t, jac.transposed
 
     def evaluate(t: NDArray, lin_: NDArray):
         c2_, dc2_ = _ctf_terms(band, optics, *unpack(t))
@@ -226,16 +248,7 @@ def refine_ml(
         if np.all(np.abs(step[:nt]) < tol * sd):
             break
 
-    # covariance from the Fisher information at the optimum
-    j = jacobian(m, env, c2, dc2)
-    fisher = max(n_eff, 1.0) * (j @ j.T).astype(np.float64)
-    if restr:
-        fisher[1, 1] += restr * max(n_eff, 1.0)
-        fisher[2, 2] += restr * max(n_eff, 1.0)
-    try:
-        cov = np.linalg.inv(fisher)[:nt, :nt]
-    except np.linalg.LinAlgError:
-        cov = np.full((nt, nt), np.inf)
+    cov = _covariance(jacobian(m, env, c2, dc2), n_eff, restr, nt)
     return RefineResult(
         z=float(theta[0]),
         a1=float(theta[1]),

@@ -20,6 +20,12 @@ from numpy.typing import NDArray
 
 from anisoctf.fit.band import Band, radial_basis
 from anisoctf.optics.ctf import Optics
+from anisoctf.optics.kernel import (
+    FrequencyFeatures,
+    chi_rad,
+    ctf2_from_chi_fast,
+    ctf_constants,
+)
 
 __all__ = ["SearchResult", "coarse_search", "profile_scores"]
 
@@ -36,22 +42,11 @@ class SearchResult:
 
 
 def _ctf2_1d(k: NDArray, df: NDArray, phase_rad: NDArray, optics: Optics) -> NDArray:
-    """CTF² on a (candidates × k) grid."""
-    lam = optics.wavelength
-    cs = optics.cs_angstrom
-    w = optics.amplitude_contrast
+    """CTF² on a (candidates × k) grid (the kernel's float32 fast path: a coarse score table)."""
     k2 = k * k
-    x = np.pi * lam * df[:, None] * k2[None, :] - 0.5 * np.pi * cs * lam**3 * (k2 * k2)[None, :]
-    x = x + phase_rad[:, None]
-    # CTF^2 = sin^2(x + alpha) = (1 - cos 2(x + alpha)) / 2; a coarse score table needs no
-    # more than float32 after an exact reduction of the angle to [-pi, pi]
-    x += np.arctan2(w, np.sqrt(1 - w * w))
-    x *= 2.0
-    x -= (2 * np.pi) * np.round(x * (0.5 / np.pi))
-    c2 = np.cos(x.astype(np.float32))
-    c2 *= np.float32(-0.5)
-    c2 += np.float32(0.5)
-    return c2.astype(np.float64)
+    feats = FrequencyFeatures(k2=k2, c2=k2, s2=k2, k4=k2 * k2)  # c2, s2 unused: no astigmatism
+    x = chi_rad(feats, ctf_constants(optics), df, phase_shift_rad=phase_rad)
+    return ctf2_from_chi_fast(x, ctf_constants(optics))
 
 
 def profile_scores(

@@ -32,6 +32,7 @@ from anisoctf.io.mrc import read_mrc_header, read_stack
 from anisoctf.io.particles import ParticleSet, read_particles
 from anisoctf.io.star_patch import patch_defocus_star, star_layout
 from anisoctf.io.star_tables import read_star_blocks
+from anisoctf.records.particles import ParticleBatch
 from anisoctf.refine.group import GroupResult, RefineSettings, refine_group
 from anisoctf.refine.projection import FourierProjector
 from anisoctf.report.refine_plots import plot_refined_group
@@ -193,24 +194,19 @@ def run_refine(
         def images(r: np.ndarray, rows: np.ndarray = rows) -> np.ndarray:
             return ps.images(rows[r])
 
-        res = refine_group(
-            images,
-            rows.size,
-            ps.angles[rows],  # type: ignore[index]
-            ps.origins[rows],
-            ps.defocus_u[rows],
-            ps.defocus_v[rows],
-            ps.defocus_angle[rows],
-            optics,
-            box,
-            projectors,
-            which=which,
+        particles = ParticleBatch(
+            angles=ps.angles[rows],  # type: ignore[index]
+            origins_angst=ps.origins[rows],
+            defocus_u=ps.defocus_u[rows],
+            defocus_v=ps.defocus_v[rows],
+            defocus_angle=ps.defocus_angle[rows],
             phase_shift=ps.phase_shift[rows],
             bfactor=ps.bfactor[rows],
-            settings=st,
-            group=g,
-            log=say,
             micrograph=np.asarray(ps.micrograph, dtype=object)[rows].astype(str),
+            which=which,
+        )
+        res = refine_group(
+            images, particles, optics, box, projectors, settings=st, group=g, log=say
         )
         report.groups.append(res)
         summary = res.summary()

@@ -36,6 +36,7 @@ from numpy.typing import NDArray
 
 from anisoctf.fit.band import radial_basis
 from anisoctf.optics.ctf import CTFParams, Optics, frequency_features
+from anisoctf.optics.kernel import chi_from_form_rad, ctf2_from_chi, ctf_constants
 from anisoctf.spectrum.tiles import TileSpectra
 
 __all__ = [
@@ -225,16 +226,11 @@ def _ctf2(
     mod: NDArray,
 ) -> NDArray:
     """CTF² (candidates × bins) of tile ``t`` for defocus ``z_ref + offsets``."""
-    lam = optics.wavelength
-    w = optics.amplitude_contrast
-    alpha = np.arctan2(w, np.sqrt(1.0 - w * w))  # CTF = -sin(chi + alpha)
-    x = (
-        np.pi * lam * (prof.z_ref[t] * prof.u[t] + offsets[:, None] * prof.k2[t])
-        - 0.5 * np.pi * optics.cs_angstrom * lam**3 * prof.k4[t]
-        + np.deg2rad(phase_deg)
-        + alpha
-    )
-    return 0.5 - 0.5 * np.cos(2.0 * x) * (mod * prof.window[t])
+    consts = ctf_constants(optics)
+    # k^T D k of each candidate: the tile's reference form plus the offset's isotropic part
+    form = prof.z_ref[t] * prof.u[t] + offsets[:, None] * prof.k2[t]
+    x = chi_from_form_rad(form, prof.k4[t], consts, np.deg2rad(phase_deg))
+    return ctf2_from_chi(x, consts, modulation=mod * prof.window[t], overwrite=True)
 
 
 def score_curves(

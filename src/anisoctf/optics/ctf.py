@@ -1,23 +1,34 @@
 """The contrast transfer function, with the magnification matrix built in.
 
-Every other part of anisoctf (simulation, micrograph and patch fitting, particle refinement)
-evaluates the CTF through this module, so the conventions live in one place
-(see ``docs/conventions.md``):
+The optics records (:class:`Optics`, :class:`CTFParams`) and the grid-level CTF
+(:func:`ctf_2d`, :func:`ctf_1d`, :func:`chi`). The formulas themselves are written once, in
+:mod:`anisoctf.optics.kernel`, which every part of anisoctf (simulation, micrograph and patch
+fitting, particle refinement) calls (see ``docs/conventions.md``):
 
 * defocus in Å, underfocus positive;
 * the U axis angle is measured from +x (array columns) towards +y (array rows), in degrees;
 * ``chi(k) = pi*lam*k^T D k - pi/2*Cs*lam^3*|k|^4 + phase_shift`` with ``k`` the *true* frequency;
-* ``CTF = -sqrt(1-w^2) sin(chi) - w cos(chi)``, times ``exp(-B |k|^2 / 4)``;
+* ``CTF = -sqrt(1-w^2) sin(chi) - w cos(chi) = -sin(chi + asin w)``, times
+  ``exp(-B |k|^2 / 4)`` (the sign is :data:`anisoctf.optics.kernel.CTF_SIGN`);
 * the magnification matrix ``M`` maps observed-image frequency to true frequency,
   ``k_true = M k_obs`` (RELION's ``_rlnMagMat``); so ``D_obs = M^T D_true M``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from anisoctf.optics.kernel import (
+    FrequencyFeatures,
+    chi_rad,
+    ctf_constants,
+    ctf_from_chi,
+    frequency_features,
+)
+from anisoctf.optics.magmat import MagMat
 
 __all__ = [
     "CTFParams",
@@ -73,6 +84,9 @@ class Optics:
         Amplitude contrast fraction ``w`` (0.07–0.1 for ice).
     mag_matrix
         2×2 matrix ``M`` with ``k_true = M k_obs``; identity when there is no anisomag.
+        Validated by :class:`~anisoctf.optics.magmat.MagMat` (finite, positive determinant: a
+        mirror is refused); anything ``MagMat`` accepts, a ``MagMat`` included. Stored as
+        nested tuples of floats; :attr:`M` is the array, :attr:`magmat` the ``MagMat``.
     """
 
     pixel_size: float
@@ -88,11 +102,10 @@ class Optics:
             raise ValueError(f"voltage must be a positive number of kV, got {self.voltage_kv}")
         if not (0.0 <= self.amplitude_contrast < 1.0):
             raise ValueError(f"amplitude contrast must be in [0, 1), got {self.amplitude_contrast}")
-        m = np.asarray(self.mag_matrix, dtype=float)
-        if m.shape != (2, 2) or not np.all(np.isfinite(m)) or abs(np.linalg.det(m)) < 1e-6:
-            raise ValueError(f"magnification matrix must be an invertible 2x2 matrix, got {m}")
+        raw = self.mag_matrix
+        mm = raw if isinstance(raw, MagMat) else MagMat(raw)  # the one validation of a matrix
         # store as nested tuples of floats so the dataclass stays hashable
-        object.__setattr__(self, "mag_matrix", tuple(tuple(float(x) for x in row) for row in m))
+        object.__setattr__(self, "mag_matrix", mm.matrix)
 
     @property
     def wavelength(self) -> float:
@@ -108,6 +121,11 @@ class Optics:
     def M(self) -> NDArray[np.float64]:  # noqa: N802 - the physics name
         """The magnification matrix as an array."""
         return np.asarray(self.mag_matrix, dtype=float)
+
+    @property
+    def magmat(self) -> MagMat:
+        """The magnification matrix as a :class:`~anisoctf.optics.magmat.MagMat`."""
+        return MagMat(self.mag_matrix)
 
     @property
     def has_anisomag(self) -> bool:
@@ -223,59 +241,20 @@ def frequency_grid(
     return kx, ky
 
 
-@dataclass(frozen=True)
-class FrequencyFeatures:
-    """Quadratic and quartic forms of true-frame frequencies used by every CTF evaluation.
-
-    With ``k = M k_obs``: ``k2 = |k|^2``, ``c2 = kx^2 - ky^2``, ``s2 = 2 kx ky``, ``k4 = |k|^4``,
-    so that ``k^T D k = z*k2 + a1*c2 + a2*s2`` for mean defocus ``z`` and Cartesian astigmatism
-    ``(a1, a2)``. Precompute once per grid and reuse across parameter evaluations.
-    """
-
-    k2: NDArray[np.float64]
-    c2: NDArray[np.float64]
-    s2: NDArray[np.float64]
-    k4: NDArray[np.float64] = field(repr=False)
-
-
-def frequency_features(
-    kx: ArrayLike, ky: ArrayLike, mag_matrix: ArrayLike | None = None
-) -> FrequencyFeatures:
-    """True-frame frequency features for observed frequencies ``(kx, ky)``.
-
-    Parameters
-    ----------
-    kx, ky
-        Observed-frame frequencies in Å⁻¹ (any broadcastable shapes).
-    mag_matrix
-        ``M`` with ``k_true = M k_obs``; identity if None.
-    """
-    kx = np.asarray(kx, dtype=float)
-    ky = np.asarray(ky, dtype=float)
-    kx, ky = np.broadcast_arrays(kx, ky)
-    if mag_matrix is not None:
-        m = np.asarray(mag_matrix, dtype=float)
-        kx, ky = m[0, 0] * kx + m[0, 1] * ky, m[1, 0] * kx + m[1, 1] * ky
-    k2 = kx * kx + ky * ky
-    return FrequencyFeatures(k2=k2, c2=kx * kx - ky * ky, s2=2.0 * kx * ky, k4=k2 * k2)
-
-
 def chi(features: FrequencyFeatures, params: CTFParams, optics: Optics) -> NDArray[np.float64]:
-    """Phase aberration ``chi`` (radians) at precomputed true-frame frequency features."""
-    lam = optics.wavelength
-    z = params.mean_defocus
+    """Phase aberration ``chi`` (radians) at precomputed true-frame frequency features.
+
+    :func:`anisoctf.optics.kernel.chi_rad` for one parameter set.
+    """
     a1, a2 = params.astig_components
-    quad = z * features.k2 + a1 * features.c2 + a2 * features.s2
-    return (
-        np.pi * lam * quad
-        - 0.5 * np.pi * optics.cs_angstrom * lam**3 * features.k4
-        + np.deg2rad(params.phase_shift_deg)
+    return chi_rad(
+        features,
+        ctf_constants(optics),
+        params.mean_defocus,
+        a1,
+        a2,
+        np.deg2rad(params.phase_shift_deg),
     )
-
-
-def _ctf_from_chi(x: NDArray[np.float64], amplitude_contrast: float) -> NDArray[np.float64]:
-    w = amplitude_contrast
-    return -np.sqrt(1.0 - w * w) * np.sin(x) - w * np.cos(x)
 
 
 def ctf_2d(
@@ -298,7 +277,7 @@ def ctf_2d(
     """
     kx, ky = frequency_grid(shape, optics.pixel_size, rfft=rfft)
     feats = frequency_features(kx, ky, optics.M if optics.has_anisomag else None)
-    out = _ctf_from_chi(chi(feats, params, optics), optics.amplitude_contrast)
+    out = ctf_from_chi(chi(feats, params, optics), ctf_constants(optics))
     if params.bfactor:
         out = out * np.exp(-0.25 * params.bfactor * feats.k2)
     return out
@@ -311,9 +290,9 @@ def ctf_1d(
     k = np.asarray(k, dtype=float)
     k2 = k * k
     feats = FrequencyFeatures(k2=k2, c2=np.zeros_like(k2), s2=np.zeros_like(k2), k4=k2 * k2)
-    out = _ctf_from_chi(
+    out = ctf_from_chi(
         chi(feats, CTFParams(defocus, defocus, 0.0, phase_shift_deg), optics),
-        optics.amplitude_contrast,
+        ctf_constants(optics),
     )
     if bfactor:
         out = out * np.exp(-0.25 * bfactor * k2)

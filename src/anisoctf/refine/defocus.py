@@ -4,19 +4,23 @@ For particle ``p`` with observed spectrum ``X`` (origin at pixel 0), reference s
 weights ``w(k)``, envelope ``E`` and CTF phase ``φ₀(k) = chi(k) + asin(w_ac)`` at its current
 defocus, a mean-defocus offset ``Δz`` adds ``δ(k) = π λ Δz |M k|²`` to the phase and
 
-    CC(Δz) = Σ w Re(X̄ Q) C(Δz) / sqrt(Σ w |Q|² C(Δz)²),   C = −E sin(φ₀ + δ)
+    CC(Δz) = Σ w Re(X̄ Q) C(Δz) / sqrt(Σ w |Q|² C(Δz)²),   C = CTF_SIGN E sin(φ₀ + δ)
 
 is the correlation of the data with the scaled prediction (the likelihood with a free scale).
 Because ``sin(φ₀ + δ) = sin φ₀ cos δ + cos φ₀ sin δ`` and ``δ`` depends on the pixel and
 ``Δz`` only, every candidate of every particle comes from five matrix products
 ``(P × pixels) @ (pixels × candidates)``: a coarse grid over the search range, a fine grid
-around the best, then a parabola through the best three.
+around the best, then a parabola through the best three. ``CTF_SIGN`` (−1) and the phase
+``π λ Δz |k|²`` are :mod:`anisoctf.optics.kernel`'s; the split of the sine is this module's fast
+path (pinned against the kernel in ``tests/test_optics_kernel.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
+
+from anisoctf.optics.kernel import CTF_SIGN, defocus_phase_rad
 
 __all__ = ["defocus_offsets"]
 
@@ -25,7 +29,7 @@ def _scores(
     qs: NDArray, qc: NDArray, es: NDArray, esc: NDArray, ec: NDArray, delta: NDArray
 ) -> NDArray[np.float64]:
     cd, sd = np.cos(delta), np.sin(delta)
-    num = -(qs @ cd + qc @ sd)
+    num = CTF_SIGN * (qs @ cd + qc @ sd)  # C = CTF_SIGN E sin(phi0 + delta)
     den = es @ (cd * cd) + 2.0 * (esc @ (cd * sd)) + ec @ (sd * sd)
     return num / np.sqrt(np.maximum(den, 1e-300))
 
@@ -70,7 +74,7 @@ def _scores_sc(
     sin 2δ`` (with ``s0 = sin φ₀``, ``c0 = cos φ₀``): four matrix products instead of five.
     """
     cd, sd, c2d, s2d = tables[:4]
-    num = -((qn * s0).astype(dtype) @ cd + (qn * c0).astype(dtype) @ sd)
+    num = CTF_SIGN * ((qn * s0).astype(dtype) @ cd + (qn * c0).astype(dtype) @ sd)
     half = 0.5 * en
     den = (
         np.sum(half, axis=1, dtype=np.float64)[:, None].astype(dtype)
@@ -125,7 +129,7 @@ def defocus_offsets(
     w, k2 = w[keep], k2[keep]
     qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
     en = w * (qs_.real**2 + qs_.imag**2) * env * env
-    a = np.pi * wavelength * k2
+    a = defocus_phase_rad(k2, wavelength)  # d(chi)/d(z)
 
     coarse = np.arange(-search, search + 0.5 * step, step)
     tables = _coarse_tables(a, coarse)
@@ -191,5 +195,7 @@ def astigmatism_scores(
     mats = (qn * s0, qn * c0, en * s0 * s0, en * s0 * c0, en * c0 * c0)
     mats = tuple(np.ascontiguousarray(m, dtype=np.float64) for m in mats)
     cand = np.asarray(candidates, dtype=np.float64).reshape(-1, 2)
-    delta = np.pi * wavelength * (c2[:, None] * cand[None, :, 0] + s2[:, None] * cand[None, :, 1])
+    delta = defocus_phase_rad(
+        c2[:, None] * cand[None, :, 0] + s2[:, None] * cand[None, :, 1], wavelength
+    )
     return _scores(*mats, delta)

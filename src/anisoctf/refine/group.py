@@ -30,7 +30,9 @@ from anisoctf._lazy import lazy
 from anisoctf.errors import FitError
 from anisoctf.optics.ctf import Optics, frequency_features
 from anisoctf.optics.frames import defocus_table_to_true
+from anisoctf.optics.kernel import ctf_constants
 from anisoctf.optics.magmat import MagMat
+from anisoctf.records.particles import ParticleBatch
 from anisoctf.refine.anisomag import (
     MagEquations,
     accumulate_band,
@@ -58,7 +60,7 @@ from anisoctf.refine.projection import (
 #: scipy.fft costs 0.1–0.3 s to import; only the commands that need it pay for it
 sfft = lazy("scipy.fft")
 
-__all__ = ["MAX_STEP", "GroupResult", "RefineSettings", "refine_group"]
+__all__ = ["MAX_STEP", "GroupResult", "ParticleBatch", "RefineSettings", "refine_group"]
 
 T = TypeVar("T")
 
@@ -169,57 +171,151 @@ def _radial_noise(x: NDArray[np.complexfloating], box: int) -> NDArray[np.float6
     return prof[r]
 
 
-def refine_group(
+@dataclass(frozen=True)
+class _Setup:
+    """What stays fixed while one group is refined: band, weights, chunks, readers."""
+
+    images: Callable[[NDArray[np.int64]], NDArray[np.floating]]
+    particles: ParticleBatch
+    optics: Optics
+    box: int
+    projectors: Mapping[int, FourierProjector]
+    st: RefineSettings
+    group: int
+    say: Callable[[str], None]
+    rots: NDArray[np.float64]
+    shift: NDArray[np.float64]
+    k_lo: float
+    k_hi: float
+    kx: NDArray[np.float64]
+    ky: NDArray[np.float64]
+    band: NDArray[np.bool_]
+    bidx: NDArray[np.int64]
+    weight: NDArray[np.float64]
+    chunks: list[NDArray[np.int64]]
+    first_rows: NDArray[np.int64]
+    mic: NDArray[np.int64]
+    keep_spectra: bool
+    n_threads: int
+    spectra_cache: dict[int, NDArray[np.complex64]] = field(default_factory=dict)
+    read_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def n(self) -> int:
+        return self.particles.n
+
+    @property
+    def apix(self) -> float:
+        return self.optics.pixel_size
+
+    @property
+    def w_band(self) -> NDArray[np.float64]:
+        return self.weight[self.band]
+
+    def batch(self, rows: NDArray[np.int64], mcur: NDArray[np.float64]):
+        """Observed spectra (origin at pixel 0) and reference slices of ``rows``, whole grid."""
+        imgs = np.asarray(self.images(rows), dtype=np.float32)
+        x = sfft.rfft2(imgs, workers=-1)
+        x0 = x * np.conj(centre_shift_phase(self.box, self.shift[rows])).astype(np.complex64)
+        proj = self.projectors[int(self.particles.which[rows[0]])]
+        q = proj.slices(self.rots[rows], self.box, self.apix, mcur, band=None)
+        return x0, q
+
+    def over_chunks(self, work: Callable[[int, NDArray[np.int64]], T]) -> list[T]:
+        """``work(ci, rows)`` for every chunk, in order; on ``n_threads`` threads (numpy, the
+        FFTs and the gathers release the GIL), each chunk's result kept apart so that the sums
+        taken afterwards do not depend on the scheduling."""
+        if self.n_threads == 1:
+            return [work(ci, rows) for ci, rows in enumerate(self.chunks)]
+        with ThreadPoolExecutor(self.n_threads) as ex:
+            return list(ex.map(work, range(len(self.chunks)), self.chunks))
+
+    def spectra(self, ci: int, rows: NDArray[np.int64]) -> NDArray[np.complex64]:
+        """Observed spectra of chunk ``ci`` on the band's pixels, origin moved to pixel 0."""
+        hit = self.spectra_cache.get(ci)
+        if hit is not None:
+            return hit
+        with self.read_lock:  # the reader need not be thread-safe
+            imgs = np.asarray(self.images(rows), dtype=np.float32)
+        fft_workers = 1 if self.n_threads > 1 else -1
+        x = sfft.rfft2(imgs, workers=fft_workers).reshape(len(rows), -1)[:, self.bidx]
+        ph = centre_shift_phase(self.box, self.shift[rows]).reshape(len(rows), -1)[:, self.bidx]
+        x *= np.conj(ph)
+        if self.keep_spectra:
+            self.spectra_cache[ci] = x
+        return x
+
+    def project(
+        self, rows: NDArray[np.int64], mcur: NDArray[np.float64], pixels: NDArray[np.bool_] | None
+    ) -> NDArray[np.complex64]:
+        proj = self.projectors[int(self.particles.which[rows[0]])]
+        return proj.slices(self.rots[rows], self.box, self.apix, mcur, band=pixels)
+
+    def band_features(self, mcur: NDArray[np.float64]) -> GridFeatures:
+        """The band's pixels as a (1, n_band) grid: batch_chi gives (P, 1, n_band)."""
+        kxb, kyb = self.kx[self.band][None], self.ky[self.band][None]
+        return GridFeatures(
+            box=self.box,
+            pixel_size=self.apix,
+            kx=kxb,
+            ky=kyb,
+            feats=frequency_features(kxb / self.apix, kyb / self.apix, mcur),
+        )
+
+
+@dataclass
+class _State:
+    """What one group's refinement changes: matrix, defocus, scores, history, timings."""
+
+    m: NDArray[np.float64]
+    z: NDArray[np.float64]
+    a1: NDArray[np.float64]
+    a2: NDArray[np.float64]
+    change: NDArray[np.float64]
+    score: NDArray[np.float64]
+    sign: float = 1.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    evidence: list[dict[str, float]] = field(default_factory=list)
+    cov: NDArray[np.float64] | None = None
+    first_eqs: MagEquations | None = None
+    first_m: NDArray[np.float64] | None = None
+    t_mag: float = 0.0
+    t_def: float = 0.0
+    t_ast: float = 0.0
+    c_mag: float = 0.0
+    c_def: float = 0.0
+    n_mag: int = 0
+    n_def: int = 0
+
+
+def _scales(x0, q, c, w) -> NDArray[np.float64]:
+    """Least-squares scale of each particle; the pixels are the trailing axes."""
+    cq = c * q
+    axes = tuple(range(1, cq.ndim))
+    num = np.sum(w * (x0.real * cq.real + x0.imag * cq.imag), axis=axes)
+    den = np.sum(w * (cq.real**2 + cq.imag**2), axis=axes)
+    return num / np.maximum(den, 1e-300)
+
+
+def _setup(
     images: Callable[[NDArray[np.int64]], NDArray[np.floating]],
-    n_particles: int,
-    angles: NDArray[np.float64],
-    origins_angst: NDArray[np.float64],
-    defocus_u: NDArray[np.float64],
-    defocus_v: NDArray[np.float64],
-    defocus_angle: NDArray[np.float64],
+    particles: ParticleBatch,
     optics: Optics,
     box: int,
     projectors: Mapping[int, FourierProjector],
-    which: NDArray[np.int64] | None = None,
-    phase_shift: NDArray[np.float64] | None = None,
-    bfactor: NDArray[np.float64] | None = None,
-    settings: RefineSettings | None = None,
-    group: int = 1,
-    log: Callable[[str], None] | None = None,
-    micrograph: NDArray[np.int64] | None = None,
-) -> GroupResult:
-    """Refine the magnification matrix and per-particle defocus of one optics group.
-
-    Parameters
-    ----------
-    images
-        ``images(rows)`` returns the images of particle rows ``rows`` (0-based, this group).
-    angles, origins_angst
-        ``(P, 3)`` rot/tilt/psi (deg) and ``(P, 2)`` RELION origins (Å).
-    defocus_u, defocus_v, defocus_angle
-        Starting defocus, in the frame of ``optics.mag_matrix`` (true frame when it is set).
-    optics
-        The group's optics; ``optics.mag_matrix`` is the starting ``M``.
-    box
-        Image size (pixels).
-    projectors, which
-        Reference projectors and, per particle, the key of the one to use (half maps: the
-        random subset); ``which`` None uses the only projector.
-    micrograph
-        Micrograph number of each particle (0-based codes), for the per-micrograph astigmatism
-        (``settings.fit_astigmatism``); None puts all particles on one micrograph.
-    """
-    st = settings or RefineSettings()
-    say = log or (lambda _m: None)
-    n = n_particles
+    st: RefineSettings,
+    group: int,
+    say: Callable[[str], None],
+) -> _Setup:
+    """Band, chunks and noise weights of one group (reads the first chunk's images)."""
+    n = particles.n
     apix = optics.pixel_size
-    which = np.zeros(n, dtype=np.int64) if which is None else np.asarray(which, dtype=np.int64)
+    which = particles.which
     if which.shape != (n,) or not set(np.unique(which).tolist()) <= set(projectors):
         raise ValueError("every particle needs a projector")
-    phase = np.zeros(n) if phase_shift is None else np.asarray(phase_shift, dtype=float)
-    bfac = np.zeros(n) if bfactor is None else np.asarray(bfactor, dtype=float)
+    angles = particles.angles
     rots = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-    shift = origins_angst / apix
+    shift = particles.origins_angst / apix
     k_lo = 1.0 / st.min_res
     k_hi = 1.0 / (st.max_res if st.max_res is not None else 2.2 * apix)
     k_hi = min(k_hi, 0.5 / apix)
@@ -228,17 +324,10 @@ def refine_group(
     band = (k_obs >= k_lo) & (k_obs <= k_hi)
     if band.sum() < 20:
         raise ValueError(f"the band {st.min_res}–{1 / k_hi:.1f} Å holds too few pixels")
-    m = np.array(optics.M)
-    m_init = MagMat(m)
-    z, a1, a2 = uva_to_zaa(defocus_u, defocus_v, defocus_angle)
-    z, a1, a2 = z.copy(), a1.copy(), a2.copy()
-    change = np.zeros(n)
-    score = np.full(n, np.nan)
     order = np.argsort(which, kind="stable")
     chunks = [order[i : i + st.chunk] for i in range(0, n, st.chunk)]
     # split chunks so that each uses one projector
     chunks = [c[which[c] == key] for c in chunks for key in np.unique(which[c])]
-
     first_rows = np.arange(min(n, st.chunk))
     first = np.asarray(images(first_rows), dtype=np.float32)
     x_first = sfft.rfft2(first, workers=-1)
@@ -246,254 +335,286 @@ def refine_group(
         weight = np.where(band, 1.0 / _radial_noise(x_first, box), 0.0)
     else:
         weight = band.astype(np.float64)
-
-    def batch(
-        rows: NDArray[np.int64],
-        mcur: NDArray[np.float64],
-        pixels: NDArray[np.bool_] | None = None,
-    ):
-        imgs = np.asarray(images(rows), dtype=np.float32)
-        x = sfft.rfft2(imgs, workers=-1)
-        x0 = x * np.conj(centre_shift_phase(box, shift[rows])).astype(np.complex64)
-        proj = projectors[int(which[rows[0]])]
-        q = proj.slices(rots[rows], box, apix, mcur, band=pixels)
-        return x0, q
-
     bidx = np.flatnonzero(band.ravel())
-    w_band = weight[band]
-    # the observed band spectra do not change between passes: keep them when they fit
-    keep_spectra = n * bidx.size * 8 <= st.cache_mb * 2**20
-    spectra_cache: dict[int, NDArray[np.complex64]] = {}
-    read_lock = threading.Lock()
-    n_threads = max(1, min(st.threads or _available_cpus(), len(chunks)))
-    fft_workers = 1 if n_threads > 1 else -1
-
-    def over_chunks(work: Callable[[int, NDArray[np.int64]], T]) -> list[T]:
-        # work(ci, rows) for every chunk, in order; on n_threads threads (numpy, the FFTs and
-        # the gathers release the GIL), each chunk's result kept apart so that the sums
-        # taken afterwards do not depend on the scheduling
-        if n_threads == 1:
-            return [work(ci, rows) for ci, rows in enumerate(chunks)]
-        with ThreadPoolExecutor(n_threads) as ex:
-            return list(ex.map(work, range(len(chunks)), chunks))
-
-    def spectra(ci: int, rows: NDArray[np.int64]) -> NDArray[np.complex64]:
-        # observed spectra of chunk ``ci`` on the band's pixels, origin moved to pixel 0
-        hit = spectra_cache.get(ci)
-        if hit is not None:
-            return hit
-        with read_lock:  # the reader need not be thread-safe
-            imgs = np.asarray(images(rows), dtype=np.float32)
-        x = sfft.rfft2(imgs, workers=fft_workers).reshape(len(rows), -1)[:, bidx]
-        ph = centre_shift_phase(box, shift[rows]).reshape(len(rows), -1)[:, bidx]
-        x *= np.conj(ph)
-        if keep_spectra:
-            spectra_cache[ci] = x
-        return x
-
-    def project(
-        rows: NDArray[np.int64], mcur: NDArray[np.float64], pixels: NDArray[np.bool_] | None
-    ) -> NDArray[np.complex64]:
-        proj = projectors[int(which[rows[0]])]
-        return proj.slices(rots[rows], box, apix, mcur, band=pixels)
-
-    def band_features(mcur: NDArray[np.float64]) -> GridFeatures:
-        # the band's pixels as a (1, n_band) grid: batch_chi gives (P, 1, n_band)
-        return GridFeatures(
-            box=box,
-            pixel_size=apix,
-            kx=kx[band][None],
-            ky=ky[band][None],
-            feats=frequency_features(kx[band][None] / apix, ky[band][None] / apix, mcur),
-        )
-
-    def scales(x0, q, c, w=weight) -> NDArray[np.float64]:
-        # least-squares scale of each particle; the pixels are the trailing axes
-        cq = c * q
-        axes = tuple(range(1, cq.ndim))
-        num = np.sum(w * (x0.real * cq.real + x0.imag * cq.imag), axis=axes)
-        den = np.sum(w * (cq.real**2 + cq.imag**2), axis=axes)
-        return num / np.maximum(den, 1e-300)
-
-    # contrast sign from the first batch (RELION images have the particle white)
-    g0 = grid_features(box, apix, m)
-    signs = []
-    for rows in chunks:
-        sub = rows[np.isin(rows, first_rows)]
-        if sub.size:
-            x0, q = batch(sub, m)
-            c = batch_ctf(g0, z[sub], a1[sub], a2[sub], optics, phase[sub], bfac[sub])
-            signs.append(scales(x0, q, c))
-    sign = 1.0 if np.median(np.concatenate(signs)) >= 0 else -1.0
-    if sign < 0:
-        say(
-            f"optics group {group}: image contrast is inverted relative to the reference; "
-            "fitting with the sign flipped"
-        )
-
-    history: list[dict[str, float]] = []
-    cov = None
-    t_mag = t_def = t_ast = c_mag = c_def = 0.0
-    first_eqs: MagEquations | None = None
-    first_m = m
     mic = (
         np.zeros(n, dtype=np.int64)
-        if micrograph is None
-        else np.unique(np.asarray(micrograph), return_inverse=True)[1].reshape(-1)
+        if particles.micrograph is None
+        else np.unique(np.asarray(particles.micrograph), return_inverse=True)[1].reshape(-1)
     )
-    n_mag = n_def = 0
-    evidence: list[dict[str, float]] = []
-    for rnd in range(st.rounds):
-        if st.fit_anisomag:
-            for it in range(st.mag_iterations):
-                t0, c0 = time.perf_counter(), time.process_time()
-                gb = band_features(m)
-
-                def mag_chunk(
-                    ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=z, a1=a1, a2=a2
-                ) -> MagEquations:
-                    xb = spectra(ci, rows)
-                    q = project(rows, m, None)  # the whole slice: its gradient needs it
-                    qb = q.reshape(len(rows), -1)[:, bidx]
-                    c = batch_ctf(gb, z[rows], a1[rows], a2[rows], optics, phase[rows], bfac[rows])
-                    c = sign * c[:, 0]
-                    s = scales(xb, qb, c, w_band)
-                    part = MagEquations.zeros(box)
-                    accumulate_band(part, xb, q, qb, c, s, w_band, bidx, m)
-                    return part
-
-                eqs = MagEquations.zeros(box)
-                for part in over_chunks(mag_chunk):
-                    eqs += part
-                try:
-                    gstep, cov = solve_matrix(eqs, m, band)
-                except ValueError as exc:
-                    raise FitError(f"optics group {group}: {exc}") from None
-                if not np.all(np.abs(gstep) <= MAX_STEP):
-                    raise FitError(
-                        f"optics group {group}: the magnification step "
-                        f"{np.abs(gstep).max():.3f} exceeds {MAX_STEP}: the reference does not "
-                        "match these particles (wrong map, pixel size or poses), or there are "
-                        "too few particles"
-                    )
-                t_mag += time.perf_counter() - t0
-                c_mag += time.process_time() - c0
-                n_mag += 1
-                m_new = update_matrix(m, gstep)
-                # keep the CTF's quadratic term: D <- (I+G)^-T D (I+G)^-1
-                u, v, ang = zaa_to_uva(z, a1, a2)
-                u, v, ang = defocus_table_to_true(u, v, ang, np.eye(2) + gstep)
-                z, a1, a2 = uva_to_zaa(u, v, ang)
-                evidence = shell_evidence(eqs, m, apix, (k_lo, k_hi), st.n_shells)
-                if first_eqs is None:
-                    first_eqs, first_m = eqs, m.copy()
-                m = m_new
-                mm = MagMat(m)
-                history.append(
-                    {
-                        "round": rnd + 1,
-                        "iteration": it + 1,
-                        "anisotropy_percent": mm.anisotropy_percent,
-                        "axis_deg": mm.axis_deg,
-                        "step_norm": float(np.abs(gstep).max()),
-                    }
-                )
-                say(f"optics group {group}: round {rnd + 1} step {it + 1}: {mm.describe()}")
-        if st.fit_defocus:
-            t0, c0 = time.perf_counter(), time.process_time()
-            # only the band's pixels enter the correlation: project and model just those
-            gb = band_features(m)
-            asin_w = np.arcsin(optics.amplitude_contrast)
-
-            def defocus_chunk(
-                ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=z, a1=a1, a2=a2, asin_w=asin_w
-            ) -> tuple[NDArray, NDArray]:
-                xb = spectra(ci, rows)
-                qb = project(rows, m, band).reshape(len(rows), -1)[:, bidx]
-                phi0 = batch_chi(gb, z[rows], a1[rows], a2[rows], optics, phase[rows]) + asin_w
-                env = sign * np.exp(-0.25 * bfac[rows, None, None] * gb.feats.k2[None])
-                return defocus_offsets(
-                    xb,
-                    qb,
-                    phi0[:, 0],
-                    env[:, 0],
-                    w_band,
-                    gb.feats.k2[0],
-                    optics.wavelength,
-                    st.defocus_search,
-                    st.defocus_step,
-                )
-
-            for rows, (off, sc) in zip(chunks, over_chunks(defocus_chunk), strict=True):
-                z[rows] += off
-                change[rows] += off
-                score[rows] = sc
-            t_def += time.perf_counter() - t0
-            c_def += time.process_time() - c0
-            n_def += 1
-            say(
-                f"optics group {group}: round {rnd + 1} defocus: median change "
-                f"{np.median(change):+.0f} Å, RMS {np.sqrt(np.mean(change**2)):.0f} Å"
-            )
-        if st.fit_astigmatism:
-            t0 = time.perf_counter()
-            g = grid_features(box, apix, m)
-            asin_w = np.arcsin(optics.amplitude_contrast)
-            nm = int(mic.max()) + 1
-            total = np.zeros((nm, 2))
-            for half, stp in ((st.astig_search, st.astig_step), (st.astig_step, st.astig_step / 5)):
-                d = np.arange(-half, half + 0.5 * stp, stp)
-                cand = np.stack(np.meshgrid(d, d, indexing="ij"), -1).reshape(-1, 2)
-                sums = np.zeros((nm, len(cand)))
-                for rows in chunks:
-                    x0, q = batch(rows, m)
-                    phi0 = batch_chi(g, z[rows], a1[rows], a2[rows], optics, phase[rows])
-                    phi0 += asin_w
-                    env = sign * np.exp(-0.25 * bfac[rows, None, None] * g.feats.k2[None])
-                    sc = astigmatism_scores(
-                        x0, q, phi0, env, weight, g.feats.c2, g.feats.s2, optics.wavelength, cand
-                    )
-                    np.add.at(sums, mic[rows], sc)
-                best = cand[np.argmax(sums, axis=1)]
-                a1 += best[mic, 0]
-                a2 += best[mic, 1]
-                total += best
-            t_ast += time.perf_counter() - t0
-            say(
-                f"optics group {group}: round {rnd + 1} astigmatism: median |change| "
-                f"{np.median(np.hypot(total[:, 0], total[:, 1])) * 2:.0f} Å in U − V"
-            )
-    u, v, ang = zaa_to_uva(z, a1, a2)
-    displacement = None
-    if first_eqs is not None:
-        g_total = m @ np.linalg.inv(first_m) - np.eye(2)
-        displacement = displacement_field(first_eqs, first_m, g_total, apix)
-    timing = {}
-    if n_mag:
-        timing["anisomag_s_per_pass"] = t_mag / n_mag
-        timing["anisomag_particles_per_s"] = n * n_mag / t_mag
-        timing["anisomag_particles_per_cpu_s"] = n * n_mag / max(c_mag, 1e-9)
-    if st.fit_astigmatism:
-        timing["astigmatism_s"] = t_ast
-    if n_def:
-        timing["defocus_s_per_pass"] = t_def / n_def
-        timing["defocus_particles_per_s"] = n * n_def / t_def
-        timing["defocus_particles_per_cpu_s"] = n * n_def / max(c_def, 1e-9)
-    return GroupResult(
+    return _Setup(
+        images=images,
+        particles=particles,
+        optics=optics,
+        box=box,
+        projectors=projectors,
+        st=st,
         group=group,
+        say=say,
+        rots=rots,
+        shift=shift,
+        k_lo=k_lo,
+        k_hi=k_hi,
+        kx=kx,
+        ky=ky,
+        band=band,
+        bidx=bidx,
+        weight=weight,
+        chunks=chunks,
+        first_rows=first_rows,
+        mic=mic,
+        # the observed band spectra do not change between passes: keep them when they fit
+        keep_spectra=n * bidx.size * 8 <= st.cache_mb * 2**20,
+        n_threads=max(1, min(st.threads or _available_cpus(), len(chunks))),
+    )
+
+
+def _contrast_sign(su: _Setup, s: _State) -> float:
+    """Contrast sign from the first batch (RELION images have the particle white)."""
+    p = su.particles
+    g0 = grid_features(su.box, su.apix, s.m)
+    signs = []
+    for rows in su.chunks:
+        sub = rows[np.isin(rows, su.first_rows)]
+        if sub.size:
+            x0, q = su.batch(sub, s.m)
+            c = batch_ctf(
+                g0, s.z[sub], s.a1[sub], s.a2[sub], su.optics, p.phase_shift[sub], p.bfactor[sub]
+            )
+            signs.append(_scales(x0, q, c, su.weight))
+    sign = 1.0 if np.median(np.concatenate(signs)) >= 0 else -1.0
+    if sign < 0:
+        su.say(
+            f"optics group {su.group}: image contrast is inverted relative to the reference; "
+            "fitting with the sign flipped"
+        )
+    return sign
+
+
+def _mag_step(su: _Setup, s: _State, rnd: int, it: int) -> None:
+    """One Gauss–Newton step of the matrix; the defocus matrices follow the step."""
+    p, optics, box = su.particles, su.optics, su.box
+    t0, c0 = time.perf_counter(), time.process_time()
+    m = s.m
+    gb = su.band_features(m)
+    w_band = su.w_band
+
+    def mag_chunk(
+        ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=s.z, a1=s.a1, a2=s.a2
+    ) -> MagEquations:
+        xb = su.spectra(ci, rows)
+        q = su.project(rows, m, None)  # the whole slice: its gradient needs it
+        qb = q.reshape(len(rows), -1)[:, su.bidx]
+        c = batch_ctf(gb, z[rows], a1[rows], a2[rows], optics, p.phase_shift[rows], p.bfactor[rows])
+        c = s.sign * c[:, 0]
+        sc = _scales(xb, qb, c, w_band)
+        part = MagEquations.zeros(box)
+        accumulate_band(part, xb, q, qb, c, sc, w_band, su.bidx, m)
+        return part
+
+    eqs = MagEquations.zeros(box)
+    for part in su.over_chunks(mag_chunk):
+        eqs += part
+    try:
+        gstep, s.cov = solve_matrix(eqs, m, su.band)
+    except ValueError as exc:
+        raise FitError(f"optics group {su.group}: {exc}") from None
+    if not np.all(np.abs(gstep) <= MAX_STEP):
+        raise FitError(
+            f"optics group {su.group}: the magnification step "
+            f"{np.abs(gstep).max():.3f} exceeds {MAX_STEP}: the reference does not "
+            "match these particles (wrong map, pixel size or poses), or there are "
+            "too few particles"
+        )
+    s.t_mag += time.perf_counter() - t0
+    s.c_mag += time.process_time() - c0
+    s.n_mag += 1
+    m_new = update_matrix(m, gstep)
+    # keep the CTF's quadratic term: D <- (I+G)^-T D (I+G)^-1
+    u, v, ang = zaa_to_uva(s.z, s.a1, s.a2)
+    u, v, ang = defocus_table_to_true(u, v, ang, np.eye(2) + gstep)
+    s.z, s.a1, s.a2 = uva_to_zaa(u, v, ang)
+    s.evidence = shell_evidence(eqs, m, su.apix, (su.k_lo, su.k_hi), su.st.n_shells)
+    if s.first_eqs is None:
+        s.first_eqs, s.first_m = eqs, m.copy()
+    s.m = m_new
+    mm = MagMat(m_new)
+    s.history.append(
+        {
+            "round": rnd + 1,
+            "iteration": it + 1,
+            "anisotropy_percent": mm.anisotropy_percent,
+            "axis_deg": mm.axis_deg,
+            "step_norm": float(np.abs(gstep).max()),
+        }
+    )
+    su.say(f"optics group {su.group}: round {rnd + 1} step {it + 1}: {mm.describe()}")
+
+
+def _defocus_pass(su: _Setup, s: _State, rnd: int) -> None:
+    """One per-particle mean-defocus pass on the band's pixels."""
+    p, optics, st = su.particles, su.optics, su.st
+    t0, c0 = time.perf_counter(), time.process_time()
+    # only the band's pixels enter the correlation: project and model just those
+    m = s.m
+    gb = su.band_features(m)
+    asin_w = ctf_constants(optics).amplitude_phase_rad
+    w_band = su.w_band
+
+    def defocus_chunk(
+        ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=s.z, a1=s.a1, a2=s.a2, asin_w=asin_w
+    ) -> tuple[NDArray, NDArray]:
+        xb = su.spectra(ci, rows)
+        qb = su.project(rows, m, su.band).reshape(len(rows), -1)[:, su.bidx]
+        phi0 = batch_chi(gb, z[rows], a1[rows], a2[rows], optics, p.phase_shift[rows]) + asin_w
+        env = s.sign * np.exp(-0.25 * p.bfactor[rows, None, None] * gb.feats.k2[None])
+        return defocus_offsets(
+            xb,
+            qb,
+            phi0[:, 0],
+            env[:, 0],
+            w_band,
+            gb.feats.k2[0],
+            optics.wavelength,
+            st.defocus_search,
+            st.defocus_step,
+        )
+
+    for rows, (off, sc) in zip(su.chunks, su.over_chunks(defocus_chunk), strict=True):
+        s.z[rows] += off
+        s.change[rows] += off
+        s.score[rows] = sc
+    s.t_def += time.perf_counter() - t0
+    s.c_def += time.process_time() - c0
+    s.n_def += 1
+    su.say(
+        f"optics group {su.group}: round {rnd + 1} defocus: median change "
+        f"{np.median(s.change):+.0f} Å, RMS {np.sqrt(np.mean(s.change**2)):.0f} Å"
+    )
+
+
+def _astigmatism_pass(su: _Setup, s: _State, rnd: int) -> None:
+    """Per-micrograph Cartesian astigmatism: a coarse then a fine grid search."""
+    p, optics, st, mic = su.particles, su.optics, su.st, su.mic
+    t0 = time.perf_counter()
+    g = grid_features(su.box, su.apix, s.m)
+    asin_w = ctf_constants(optics).amplitude_phase_rad
+    nm = int(mic.max()) + 1
+    total = np.zeros((nm, 2))
+    for half, stp in ((st.astig_search, st.astig_step), (st.astig_step, st.astig_step / 5)):
+        d = np.arange(-half, half + 0.5 * stp, stp)
+        cand = np.stack(np.meshgrid(d, d, indexing="ij"), -1).reshape(-1, 2)
+        sums = np.zeros((nm, len(cand)))
+        for rows in su.chunks:
+            x0, q = su.batch(rows, s.m)
+            phi0 = batch_chi(g, s.z[rows], s.a1[rows], s.a2[rows], optics, p.phase_shift[rows])
+            phi0 += asin_w
+            env = s.sign * np.exp(-0.25 * p.bfactor[rows, None, None] * g.feats.k2[None])
+            sc = astigmatism_scores(
+                x0, q, phi0, env, su.weight, g.feats.c2, g.feats.s2, optics.wavelength, cand
+            )
+            np.add.at(sums, mic[rows], sc)
+        best = cand[np.argmax(sums, axis=1)]
+        s.a1 += best[mic, 0]
+        s.a2 += best[mic, 1]
+        total += best
+    s.t_ast += time.perf_counter() - t0
+    su.say(
+        f"optics group {su.group}: round {rnd + 1} astigmatism: median |change| "
+        f"{np.median(np.hypot(total[:, 0], total[:, 1])) * 2:.0f} Å in U − V"
+    )
+
+
+def _result(su: _Setup, s: _State, m_init: MagMat) -> GroupResult:
+    """The group's :class:`GroupResult` from the final state."""
+    n = su.n
+    u, v, ang = zaa_to_uva(s.z, s.a1, s.a2)
+    displacement = None
+    if s.first_eqs is not None:
+        g_total = s.m @ np.linalg.inv(s.first_m) - np.eye(2)
+        displacement = displacement_field(s.first_eqs, s.first_m, g_total, su.apix)
+    timing = {}
+    if s.n_mag:
+        timing["anisomag_s_per_pass"] = s.t_mag / s.n_mag
+        timing["anisomag_particles_per_s"] = n * s.n_mag / s.t_mag
+        timing["anisomag_particles_per_cpu_s"] = n * s.n_mag / max(s.c_mag, 1e-9)
+    if su.st.fit_astigmatism:
+        timing["astigmatism_s"] = s.t_ast
+    if s.n_def:
+        timing["defocus_s_per_pass"] = s.t_def / s.n_def
+        timing["defocus_particles_per_s"] = n * s.n_def / s.t_def
+        timing["defocus_particles_per_cpu_s"] = n * s.n_def / max(s.c_def, 1e-9)
+    return GroupResult(
+        group=su.group,
         n_particles=n,
         mag_initial=m_init,
-        mag=MagMat(m),
+        mag=MagMat(s.m),
         defocus_u=u,
         defocus_v=v,
         defocus_angle=ang,
-        defocus_change=change,
-        score=score,
-        band=(k_lo, k_hi),
-        evidence=evidence,
-        history=history,
-        cov=cov,
+        defocus_change=s.change,
+        score=s.score,
+        band=(su.k_lo, su.k_hi),
+        evidence=s.evidence,
+        history=s.history,
+        cov=s.cov,
         timing=timing,
-        flipped_contrast=sign < 0,
+        flipped_contrast=s.sign < 0,
         displacement=displacement,
     )
+
+
+def refine_group(
+    images: Callable[[NDArray[np.int64]], NDArray[np.floating]],
+    particles: ParticleBatch,
+    optics: Optics,
+    box: int,
+    projectors: Mapping[int, FourierProjector],
+    settings: RefineSettings | None = None,
+    group: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> GroupResult:
+    """Refine the magnification matrix and per-particle defocus of one optics group.
+
+    Parameters
+    ----------
+    images
+        ``images(rows)`` returns the images of particle rows ``rows`` (0-based, this group).
+    particles
+        The group's per-particle arrays (:class:`~anisoctf.records.particles.ParticleBatch`):
+        poses, origins, starting defocus (in the frame of ``optics.mag_matrix``, the true frame
+        when it is set), phase shifts, B-factors, the micrograph of each particle (for the
+        per-micrograph astigmatism, ``settings.fit_astigmatism``) and the key of its projector.
+    optics
+        The group's optics; ``optics.mag_matrix`` is the starting ``M``.
+    box
+        Image size (pixels).
+    projectors
+        Reference projectors, keyed as ``particles.which`` (half maps: the random subset).
+    settings, group, log
+        What to fit; the group's number (for messages and the result); a message sink.
+    """
+    st = settings or RefineSettings()
+    say = log or (lambda _m: None)
+    su = _setup(images, particles, optics, box, projectors, st, group, say)
+    m = np.array(optics.M)
+    z, a1, a2 = uva_to_zaa(particles.defocus_u, particles.defocus_v, particles.defocus_angle)
+    n = particles.n
+    s = _State(
+        m=m,
+        z=z.copy(),
+        a1=a1.copy(),
+        a2=a2.copy(),
+        change=np.zeros(n),
+        score=np.full(n, np.nan),
+        first_m=m,
+    )
+    s.sign = _contrast_sign(su, s)
+    for rnd in range(st.rounds):
+        if st.fit_anisomag:
+            for it in range(st.mag_iterations):
+                _mag_step(su, s, rnd, it)
+        if st.fit_defocus:
+            _defocus_pass(su, s, rnd)
+        if st.fit_astigmatism:
+            _astigmatism_pass(su, s, rnd)
+    return _result(su, s, MagMat(m))

@@ -5,7 +5,8 @@
 with ``k`` the observed half-plane frequency, ``M`` the group's magnification matrix, ``D_p``
 the particle's true-frame defocus matrix, ``P`` the central slice of the reference
 (:class:`~anisoctf.refine.projection.FourierProjector`) and ``s`` a per-particle scale. The CTF
-formula is :mod:`anisoctf.optics.ctf`'s; only the batching is new here.
+formula is :mod:`anisoctf.optics.kernel`'s (batched over the particles there); this module only
+shapes the particle arrays.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from anisoctf.optics.ctf import FrequencyFeatures, Optics, frequency_features
+from anisoctf.optics.kernel import chi_rad, ctf_constants, ctf_from_chi_fast
 from anisoctf.refine.projection import image_frequencies
 
 __all__ = ["GridFeatures", "batch_chi", "batch_ctf", "grid_features", "uva_to_zaa", "zaa_to_uva"]
@@ -69,19 +71,11 @@ def batch_chi(
     phase_shift_deg: ArrayLike = 0.0,
 ) -> NDArray[np.float64]:
     """``chi`` (radians) of every particle on the grid: ``(P, box, box//2+1)`` float32."""
-    lam = optics.wavelength
-    f = g.feats
     z, a1, a2, ph = (
         np.atleast_1d(np.asarray(x, dtype=float)) for x in (z, a1, a2, phase_shift_deg)
     )
     z, a1, a2, ph = np.broadcast_arrays(z, a1, a2, ph)
-    quad = (
-        z[:, None, None] * f.k2[None]
-        + a1[:, None, None] * f.c2[None]
-        + a2[:, None, None] * f.s2[None]
-    )
-    cs_term = 0.5 * np.pi * optics.cs_angstrom * lam**3 * f.k4
-    return np.pi * lam * quad - cs_term[None] + np.deg2rad(ph)[:, None, None]
+    return chi_rad(g.feats, ctf_constants(optics), z, a1, a2, np.deg2rad(ph))
 
 
 def batch_ctf(
@@ -95,8 +89,7 @@ def batch_ctf(
 ) -> NDArray[np.float32]:
     """The CTF (with the B-factor envelope) of every particle: ``(P, box, box//2+1)`` float32."""
     x = batch_chi(g, z, a1, a2, optics, phase_shift_deg)
-    x += np.float32(np.arcsin(optics.amplitude_contrast))
-    out = -np.sin(x)
+    out = ctf_from_chi_fast(x, ctf_constants(optics))
     b = np.atleast_1d(np.asarray(bfactor, dtype=float))
     if np.any(b != 0):
         b = np.broadcast_to(b, (out.shape[0],))

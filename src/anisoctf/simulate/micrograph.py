@@ -35,6 +35,7 @@ from anisoctf.optics.ctf import (
     frequency_features,
     frequency_grid,
 )
+from anisoctf.optics.kernel import ctf_constants, ctf_from_chi
 
 __all__ = ["MicrographSpec", "SimulatedMicrograph", "expected_power", "simulate_micrograph"]
 
@@ -145,9 +146,7 @@ def expected_power(spec: MicrographSpec, kx: NDArray, ky: NDArray) -> NDArray[np
     """
     p = spec.optics
     feats = frequency_features(kx, ky, p.M if p.has_anisomag else None)
-    x = chi(feats, spec.ctf, p)
-    w = p.amplitude_contrast
-    ctf = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
+    ctf = ctf_from_chi(chi(feats, spec.ctf, p), ctf_constants(p))
     env2 = np.exp(-0.5 * spec.ctf.bfactor * feats.k2)
     d = spec.dose_per_pixel
     k2_obs = kx * kx + ky * ky
@@ -210,7 +209,7 @@ def simulate_micrograph(spec: MicrographSpec) -> SimulatedMicrograph:
     kx, ky = frequency_grid(spec.shape, p.pixel_size, rfft=True)
     feats = frequency_features(kx, ky, p.M if p.has_anisomag else None)
     env = np.exp(-0.25 * spec.ctf.bfactor * feats.k2)
-    w = p.amplitude_contrast
+    consts = ctf_constants(p)
 
     slices = _thickness_slices(spec)
     phi_ks = []
@@ -229,8 +228,7 @@ def simulate_micrograph(spec: MicrographSpec) -> SimulatedMicrograph:
                 spec.ctf.angle_deg,
                 spec.ctf.phase_shift_deg,
             )
-            x = chi(feats, params, p)
-            ctf = -np.sqrt(1 - w * w) * np.sin(x) - w * np.cos(x)
+            ctf = ctf_from_chi(chi(feats, params, p), consts)
             total = phi_k * ctf if total is None else total + phi_k * ctf
         return sfft.irfft2(total, s=spec.shape, workers=-1)
 
