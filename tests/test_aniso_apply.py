@@ -12,26 +12,27 @@ import pytest
 import starfile
 from typer.testing import CliRunner
 
-from anisoctf.cli.aniso_apply import load_detect_json, run_apply
 from anisoctf.cli.main import app
 from anisoctf.errors import InputError
 from anisoctf.io.cryosparc import CSDAT_MAGIC, read_cs, require_fields, write_cs
+from anisoctf.io.matrix_json import read_mag_matrix_json as load_detect_json
+from anisoctf.io.star_optics import from_relion_table
+from anisoctf.jobs.apply_tables import (
+    CRYOSPARC_DEFOCUS_FIELDS,
+    RELION_DEFOCUS_COLUMNS,
+    apply_to_cryosparc,
+    apply_to_relion,
+    run_apply,
+    share_astigmatism,
+    undo_cryosparc,
+    undo_relion,
+    with_anisomag_field,
+)
 from anisoctf.magnification import (
     MagMat,
     apparent_astigmatism,
     defocus_table_to_observed,
     from_cryosparc_anisomag,
-    from_relion_table,
-)
-from anisoctf.magnification.tables import (
-    CRYOSPARC_DEFOCUS_FIELDS,
-    RELION_DEFOCUS_COLUMNS,
-    apply_to_cryosparc,
-    apply_to_relion,
-    share_astigmatism,
-    undo_cryosparc,
-    undo_relion,
-    with_anisomag_field,
 )
 
 runner = CliRunner()

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from anisoctf.cli.main import app
 from anisoctf.errors import InputError
-from anisoctf.io.ctffind import CTFFindRecord, write_ctffind_txt
+from anisoctf.io.ctffind import CTFFindRecord, CTFFindSearch, write_ctffind_txt
 from anisoctf.io.star import MicrographCTFRow, write_micrographs_ctf_star
 from anisoctf.magnification import MagMat, defocus_table_to_observed, defocus_table_to_true
 from anisoctf.magnification.detect import (
@@ -251,9 +251,9 @@ def test_cli_detect_reads_ctffind_txt_files(tmp_path):
         write_ctffind_txt(
             tmp_path / f"mic_{i:02d}.txt",
             CTFFindRecord(float(u[i]), float(v[i]), float(a[i]), 0.0, 0.1, 4.0),
-            input_file=f"mic_{i:02d}.mrc", pixel_size=1.0, voltage_kv=300.0, cs_mm=2.7,
-            amplitude_contrast=0.07, box=512, min_res=30.0, max_res=5.0, df_min=5000.0,
-            df_max=50000.0,
+            input_file=f"mic_{i:02d}.mrc",
+            optics=Optics(pixel_size=1.0, voltage_kv=300.0, cs_mm=2.7, amplitude_contrast=0.07),
+            search=CTFFindSearch(box=512, min_res=30.0, max_res=5.0, df_min=5000.0, df_max=50000.0),
         )  # fmt: skip
     out = tmp_path / "d.json"
     r = runner.invoke(app, ["aniso", "detect", f"{tmp_path}/mic_*.txt", "--json", str(out)])

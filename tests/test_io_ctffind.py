@@ -7,19 +7,20 @@ from pathlib import Path
 import pytest
 
 from anisoctf.errors import InputError
-from anisoctf.io.ctffind import CTFFindRecord, read_ctffind_txt, write_ctffind_txt
+from anisoctf.io.ctffind import (
+    CTFFindRecord,
+    CTFFindSearch,
+    ctffind_record,
+    read_ctffind_txt,
+    write_ctffind_txt,
+)
+from anisoctf.optics.ctf import Optics
+from anisoctf.records.micrograph import MicrographCTFRow
 
 HEADER = dict(
     input_file="MotionCorr/job002/Movies/mic_0001.mrc",
-    pixel_size=0.885,
-    voltage_kv=200.0,
-    cs_mm=1.4,
-    amplitude_contrast=0.1,
-    box=512,
-    min_res=30.0,
-    max_res=5.0,
-    df_min=5000.0,
-    df_max=50000.0,
+    optics=Optics(pixel_size=0.885, voltage_kv=200.0, cs_mm=1.4, amplitude_contrast=0.1),
+    search=CTFFindSearch(box=512, min_res=30.0, max_res=5.0, df_min=5000.0, df_max=50000.0),
     run_on="2024-01-02 03:04:05",
 )
 
@@ -176,3 +177,18 @@ def test_missing_and_binary_files(tmp_path: Path) -> None:
     with pytest.raises(InputError) as exc:
         read_ctffind_txt(binary)
     _one_line_error(exc, binary, "not a CTFFIND")
+
+
+def test_ctffind_record_from_a_micrograph_result(tmp_path: Path) -> None:
+    row = MicrographCTFRow(
+        "m.mrc", 1, "", 21000.0, 20000.0, 35.0, float("nan"), 4.5, phase_shift=90.0, thickness=800.0
+    )
+    rec = ctffind_record(row)
+    assert (rec.defocus_1, rec.defocus_2, rec.azimuth) == (21000.0, 20000.0, 35.0)
+    assert rec.phase_shift_rad == pytest.approx(1.5707963267948966, abs=0)
+    assert rec.cross_correlation == 0.0 and rec.fit_resolution == 4.5
+    assert rec.thickness == 800.0 and rec.tilt_angle is None
+    out = tmp_path / "m.txt"
+    write_ctffind_txt(out, rec, **HEADER)
+    back = read_ctffind_txt(out)[0]
+    assert back.defocus_1 == 21000.0 and back.thickness == 800.0

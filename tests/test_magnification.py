@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from anisoctf.io.star_optics import from_relion_row, from_relion_table
 from anisoctf.magnification import (
     MagMat,
     apparent_astigmatism,
@@ -16,8 +17,6 @@ from anisoctf.magnification import (
     from_cryosparc_anisomag,
     from_motioncor2,
     from_relion,
-    from_relion_row,
-    from_relion_table,
     isotropic_scale,
     matrices_from_cryosparc_anisomag,
     to_cistem,

@@ -20,26 +20,25 @@ exit status 2. Inputs are never modified; every output is written atomically.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from anisoctf.cli.aniso_apply import load_detect_json
+from anisoctf.cli.errors import usage_exit
 from anisoctf.cli.options import FromJsonOption, MagMatrixOption
-from anisoctf.errors import AnisoctfError, InputError
-from anisoctf.jobs.correct_images import CorrectSummary, run_correct
-from anisoctf.magnification.resample import DEFAULT_METHOD, METHODS
+from anisoctf.errors import AnisoctfError
+from anisoctf.jobs.apply_tables import matrix_from_options
+from anisoctf.jobs.correct_images import (
+    DEFAULT_METHOD,
+    METHODS,
+    CorrectRequest,
+    CorrectSummary,
+    correct_images,
+)
 from anisoctf.optics.magmat import MagMat
 
 __all__ = ["correct_command"]
-
-
-def _fail(message: str) -> NoReturn:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"error: {' '.join(str(message).split())}", markup=False
-    )
-    raise typer.Exit(2)
 
 
 def _summary_line(out: Path, s: CorrectSummary, mag: MagMat | None, method: str) -> str:
@@ -129,20 +128,13 @@ def correct_command(
     Exit status: 0 written, 2 bad options or input (one line on stderr).
     """
     if mag_matrix is not None and from_json is not None:
-        _fail("give only one of --mag-matrix M00 M01 M10 M11 and --from-json FILE")
+        usage_exit("give only one of --mag-matrix M00 M01 M10 M11 and --from-json FILE")
     try:
-        mag: MagMat | None = None
-        if mag_matrix is not None:
-            try:
-                mag = MagMat(((mag_matrix[0], mag_matrix[1]), (mag_matrix[2], mag_matrix[3])))
-            except ValueError as exc:
-                raise InputError(f"--mag-matrix: {exc}") from exc
-        elif from_json is not None:
-            mag = load_detect_json(from_json)
-        summary = run_correct(
-            inputs,
-            out,
-            mag,
+        mag = matrix_from_options(mag_matrix, from_json)
+        request = CorrectRequest(
+            inputs=tuple(inputs),
+            out_dir=out,
+            mag=mag,
             method=method,
             keep_pixel_size=keep_pixel_size,
             jobs=jobs,
@@ -150,10 +142,11 @@ def correct_command(
             micrograph_size=micrograph_size,
             project_dir=project_dir,
         )
+        summary = correct_images(request)
     except AnisoctfError as exc:
-        _fail(str(exc))
+        usage_exit(str(exc))
     except OSError as exc:
-        _fail(f"{exc.filename or out}: cannot write ({exc.strerror or exc})")
+        usage_exit(f"{exc.filename or out}: cannot write ({exc.strerror or exc})")
     if not quiet:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         for w in summary.warnings:

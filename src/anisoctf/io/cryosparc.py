@@ -36,6 +36,7 @@ from anisoctf.io.atomic import atomic_write
 __all__ = [
     "CSDAT_MAGIC",
     "NUMPY_MAGIC",
+    "is_cryosparc_file",
     "CSFile",
     "read_cs",
     "require_fields",
@@ -89,6 +90,17 @@ def _parse_header(fh: io.BufferedIOBase | io.BytesIO) -> tuple[tuple[int, ...], 
     if reader is None:  # pragma: no cover - depends on the numpy version
         raise ValueError(f"unsupported .npy format version {version}")
     return reader(fh, version)
+
+
+def is_cryosparc_file(path: Path) -> bool:
+    """True when ``path`` starts like a ``.cs`` file (NumPy or CSDAT magic); a file that
+    cannot be opened is judged by its suffix."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(NUMPY_MAGIC))
+    except OSError:
+        return path.suffix.lower() == ".cs"
+    return head in (NUMPY_MAGIC, CSDAT_MAGIC)
 
 
 def read_cs(path: str | os.PathLike[str]) -> CSFile:

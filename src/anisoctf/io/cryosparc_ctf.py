@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from anisoctf.errors import InputError
+from anisoctf.io import labels as L
 from anisoctf.io.cryosparc import read_cs, write_cs
 from anisoctf.io.star import MicrographCTFRow
 from anisoctf.optics.ctf import Optics
@@ -57,24 +58,24 @@ __all__ = [
 
 #: ``ctf/*`` fields written, with the dtypes of real cryoSPARC files
 CTF_FIELDS: list[tuple] = [
-    ("ctf/type", "S9"),
-    ("ctf/exp_group_id", "<u4"),
-    ("ctf/accel_kv", "<f4"),
-    ("ctf/cs_mm", "<f4"),
-    ("ctf/amp_contrast", "<f4"),
+    (L.CS_TYPE, "S9"),
+    (L.CS_EXP_GROUP, "<u4"),
+    (L.CS_VOLTAGE, "<f4"),
+    (L.CS_CS, "<f4"),
+    (L.CS_AMP_CONTRAST, "<f4"),
     ("ctf/df1_A", "<f4"),
     ("ctf/df2_A", "<f4"),
     ("ctf/df_angle_rad", "<f4"),
-    ("ctf/phase_shift_rad", "<f4"),
-    ("ctf/scale", "<f4"),
-    ("ctf/scale_const", "<f4"),
-    ("ctf/shift_A", "<f4", (2,)),
-    ("ctf/tilt_A", "<f4", (2,)),
-    ("ctf/trefoil_A", "<f4", (2,)),
-    ("ctf/tetra_A", "<f4", (4,)),
-    ("ctf/anisomag", "<f4", (4,)),
-    ("ctf/bfactor", "<f4"),
-    ("ctf/ctf_fit_to_A", "<f4"),
+    (L.CS_PHASE_SHIFT, "<f4"),
+    (L.CS_SCALE, "<f4"),
+    (L.CS_SCALE_CONST, "<f4"),
+    (L.CS_SHIFT, "<f4", (2,)),
+    (L.CS_TILT, "<f4", (2,)),
+    (L.CS_TREFOIL, "<f4", (2,)),
+    (L.CS_TETRA, "<f4", (4,)),
+    (L.CS_ANISOMAG, "<f4", (4,)),
+    (L.CS_BFACTOR, "<f4"),
+    (L.CS_FIT_TO, "<f4"),
 ]
 _DEFAULT_AC = 0.07
 
@@ -148,7 +149,7 @@ def read_cs_micrographs(
     arr = read_cs(p).array
     if "micrograph_blob/path" in (arr.dtype.names or ()):
         kind, prefix = "exposures", "micrograph_blob"
-    elif "blob/path" in (arr.dtype.names or ()):
+    elif L.CS_BLOB_PATH in (arr.dtype.names or ()):
         kind, prefix = "particles", "blob"
     else:
         raise InputError(
@@ -159,10 +160,10 @@ def read_cs_micrographs(
     psize = _field(arr, f"{prefix}/psize_A")
     if psize is None:
         raise InputError(f"has no {prefix}/psize_A field (pixel size)", path=p)
-    kv = _field(arr, "mscope_params/accel_kv", "ctf/accel_kv")
-    cs = _field(arr, "mscope_params/cs_mm", "ctf/cs_mm")
-    ac = _field(arr, "ctf/amp_contrast")
-    group = _field(arr, "mscope_params/exp_group_id", "ctf/exp_group_id")
+    kv = _field(arr, "mscope_params/accel_kv", L.CS_VOLTAGE)
+    cs = _field(arr, "mscope_params/cs_mm", L.CS_CS)
+    ac = _field(arr, L.CS_AMP_CONTRAST)
+    group = _field(arr, "mscope_params/exp_group_id", L.CS_EXP_GROUP)
     uids = _field(arr, "uid")
     names = [_decode(v).lstrip(">") for v in arr[f"{prefix}/path"]]
     root = Path(project_dir) if project_dir is not None else _project_root(p, names)
@@ -239,18 +240,18 @@ def ctf_results_array(
         out["uid"][i] = uids.get(r.name, name_uid(r.name))
         out["micrograph_blob/path"][i] = r.name.encode("utf-8")
         out["micrograph_blob/psize_A"][i] = o.pixel_size
-        out["ctf/type"][i] = ctf_type.encode("ascii")[:9]
-        out["ctf/exp_group_id"][i] = groups.index(r.optics_group)
-        out["ctf/accel_kv"][i] = o.voltage_kv
-        out["ctf/cs_mm"][i] = o.cs_mm
-        out["ctf/amp_contrast"][i] = o.amplitude_contrast
+        out[L.CS_TYPE][i] = ctf_type.encode("ascii")[:9]
+        out[L.CS_EXP_GROUP][i] = groups.index(r.optics_group)
+        out[L.CS_VOLTAGE][i] = o.voltage_kv
+        out[L.CS_CS][i] = o.cs_mm
+        out[L.CS_AMP_CONTRAST][i] = o.amplitude_contrast
         out["ctf/df1_A"][i] = r.defocus_u
         out["ctf/df2_A"][i] = r.defocus_v
         out["ctf/df_angle_rad"][i] = math.radians(r.defocus_angle)
-        out["ctf/phase_shift_rad"][i] = math.radians(r.phase_shift or 0.0)
-        out["ctf/scale"][i] = 1.0
-        out["ctf/anisomag"][i] = to_cryosparc_anisomag(o.M) if o.has_anisomag else 0.0
-        out["ctf/ctf_fit_to_A"][i] = r.max_resolution if math.isfinite(r.max_resolution) else 0
+        out[L.CS_PHASE_SHIFT][i] = math.radians(r.phase_shift or 0.0)
+        out[L.CS_SCALE][i] = 1.0
+        out[L.CS_ANISOMAG][i] = to_cryosparc_anisomag(o.M) if o.has_anisomag else 0.0
+        out[L.CS_FIT_TO][i] = r.max_resolution if math.isfinite(r.max_resolution) else 0
     return out
 
 

@@ -30,8 +30,16 @@ from pathlib import Path
 
 from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_text_atomic
+from anisoctf.optics.ctf import Optics
+from anisoctf.records.micrograph import MicrographCTFRow
 
-__all__ = ["CTFFindRecord", "read_ctffind_txt", "write_ctffind_txt"]
+__all__ = [
+    "CTFFindRecord",
+    "CTFFindSearch",
+    "ctffind_record",
+    "read_ctffind_txt",
+    "write_ctffind_txt",
+]
 
 _COLUMNS_4 = (
     "# Columns: #1 - micrograph number; #2 - defocus 1 [Angstroms]; #3 - defocus 2; "
@@ -84,20 +92,55 @@ class CTFFindRecord:
         return any(v is not None for v in (self.tilt_axis, self.tilt_angle, self.thickness))
 
 
+@dataclass(frozen=True)
+class CTFFindSearch:
+    """The fit settings a CTFFIND header reports.
+
+    Parameters
+    ----------
+    box
+        Size of the amplitude spectrum in pixels.
+    min_res, max_res
+        Resolution range of the fit in Å.
+    df_min, df_max
+        Defocus search range in Å.
+    """
+
+    box: int
+    min_res: float
+    max_res: float
+    df_min: float
+    df_max: float
+
+
+def ctffind_record(row: MicrographCTFRow) -> CTFFindRecord:
+    """The CTFFIND line of one micrograph's CTF result.
+
+    Defocus U/V/angle become defocus 1/2/azimuth, the phase shift is converted to radians (0
+    when not estimated), a NaN figure of merit or resolution is written as 0, and the tilt and
+    thickness (CTFFIND 5 columns) are kept when known.
+    """
+    fom, res = row.figure_of_merit, row.max_resolution
+    return CTFFindRecord(
+        defocus_1=row.defocus_u,
+        defocus_2=row.defocus_v,
+        azimuth=row.defocus_angle,
+        phase_shift_rad=math.radians(row.phase_shift) if row.phase_shift is not None else 0.0,
+        cross_correlation=fom if math.isfinite(fom) else 0.0,
+        fit_resolution=res if math.isfinite(res) else 0.0,
+        tilt_axis=row.tilt_axis,
+        tilt_angle=row.tilt_angle,
+        thickness=row.thickness,
+    )
+
+
 def write_ctffind_txt(
     path: str | os.PathLike[str],
     record: CTFFindRecord | Sequence[CTFFindRecord],
     *,
     input_file: str,
-    pixel_size: float,
-    voltage_kv: float,
-    cs_mm: float,
-    amplitude_contrast: float,
-    box: int,
-    min_res: float,
-    max_res: float,
-    df_min: float,
-    df_max: float,
+    optics: Optics,
+    search: CTFFindSearch,
     version_line: str = "anisoctf 0.1.0",
     run_on: str | None = None,
 ) -> None:
@@ -111,14 +154,10 @@ def write_ctffind_txt(
         One record, or one per image of a stack (numbered from 1).
     input_file
         The micrograph the results belong to (written in the header).
-    pixel_size, voltage_kv, cs_mm, amplitude_contrast
-        Optics used for the fit (Å, kV, mm, fraction).
-    box
-        Size of the amplitude spectrum in pixels.
-    min_res, max_res
-        Resolution range of the fit in Å.
-    df_min, df_max
-        Defocus search range in Å.
+    optics
+        Optics used for the fit: pixel size (Å), voltage (kV), Cs (mm), amplitude contrast.
+    search
+        Spectrum box, resolution range and defocus search range of the fit.
     version_line
         Program and version, written as ``# Output from <version_line>, run on <date>``.
     run_on
@@ -142,6 +181,10 @@ def write_ctffind_txt(
         raise ValueError(f"input file name {input_file!r} contains a line break")
     ctffind5 = any(r.has_ctffind5_columns for r in records)
     when = run_on or _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    pixel_size, voltage_kv = optics.pixel_size, optics.voltage_kv
+    cs_mm, amplitude_contrast = optics.cs_mm, optics.amplitude_contrast
+    box, min_res, max_res = search.box, search.min_res, search.max_res
+    df_min, df_max = search.df_min, search.df_max
     lines = [
         f"# Output from {version_line}, run on {when}",
         f"# Input file: {input_file} ; Number of micrographs: {len(records)}",

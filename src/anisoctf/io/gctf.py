@@ -27,11 +27,10 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
-from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
-from anisoctf.io.star import MicrographCTFRow, read_micrographs_ctf_star, read_star_blocks
+from anisoctf.io import labels as L
+from anisoctf.io.star import MicrographCTFRow, read_micrographs_ctf_star
+from anisoctf.io.star_tables import find_block, numbers, read_star_blocks
 from anisoctf.optics.ctf import Optics
 
 __all__ = ["GctfResult", "read_gctf_log", "read_gctf_star"]
@@ -159,13 +158,11 @@ def read_gctf_star(
     rows, optics = read_micrographs_ctf_star(path)
     if rows and all(math.isnan(r.max_resolution) for r in rows):
         blocks = read_star_blocks(path)
-        for df in blocks.values():
-            if isinstance(df, pd.DataFrame) and "rlnFinalResolution" in df.columns:
-                if "rlnMicrographName" not in df.columns or len(df) != len(rows):
-                    continue
-                res = np.asarray(
-                    pd.to_numeric(df["rlnFinalResolution"], errors="coerce"), dtype=float
-                )
-                rows = [replace(r, max_resolution=float(x)) for r, x in zip(rows, res, strict=True)]
-                break
+        for key in find_block(blocks, L.FINAL_RESOLUTION):
+            df = blocks[key]
+            if L.MICROGRAPH_NAME not in df.columns or len(df) != len(rows):
+                continue
+            res = numbers(df[L.FINAL_RESOLUTION])
+            rows = [replace(r, max_resolution=float(x)) for r, x in zip(rows, res, strict=True)]
+            break
     return rows, optics

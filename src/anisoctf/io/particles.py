@@ -25,14 +25,16 @@ from numpy.typing import NDArray
 
 from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
+from anisoctf.io import labels as L
 from anisoctf.io.mrc import read_mrc_header, read_stack
-from anisoctf.io.star import _optics_table, _per_row_optics, read_star_blocks
+from anisoctf.io.star_optics import optics_from_table, per_row_optics
+from anisoctf.io.star_tables import find_block, read_star_blocks
 from anisoctf.optics.ctf import Optics
 
 __all__ = ["ParticleSet", "parse_image_name", "read_particles"]
 
-_DEFOCUS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
-_ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+_DEFOCUS = (L.DEFOCUS_U, L.DEFOCUS_V, L.DEFOCUS_ANGLE)
+_ANGLES = (L.ANGLE_ROT, L.ANGLE_TILT, L.ANGLE_PSI)
 
 
 def parse_image_name(name: str) -> tuple[int, str]:
@@ -219,14 +221,8 @@ def read_particles(path: str | os.PathLike[str], *, check_stacks: bool = True) -
     """
     p = Path(path)
     blocks = read_star_blocks(p)
-    key = next(
-        (
-            k
-            for k in ("particles", "", *blocks)
-            if k in blocks and "rlnImageName" in blocks[k].columns
-        ),
-        None,
-    )
+    hits = find_block(blocks, L.IMAGE_NAME, ("particles", ""))
+    key = hits[0] if hits else None
     if key is None:
         raise InputError(
             "no _rlnImageName column: not a particle STAR file; give the particles STAR of an "
@@ -241,9 +237,9 @@ def read_particles(path: str | os.PathLike[str], *, check_stacks: bool = True) -
             path=p,
         )
     if "optics" in blocks:
-        optics = _optics_table(p, blocks["optics"], "particles")
-        if "rlnOpticsGroup" in df.columns:
-            group = pd.to_numeric(df["rlnOpticsGroup"]).to_numpy(dtype=np.int64)
+        optics = optics_from_table(p, blocks["optics"], "particles")
+        if L.OPTICS_GROUP in df.columns:
+            group = pd.to_numeric(df[L.OPTICS_GROUP]).to_numpy(dtype=np.int64)
         elif len(optics) == 1:
             group = np.full(len(df), next(iter(optics)), dtype=np.int64)
         else:
@@ -252,14 +248,14 @@ def read_particles(path: str | os.PathLike[str], *, check_stacks: bool = True) -
         if unknown:
             raise InputError(f"optics group(s) {unknown} missing from data_optics", path=p)
     else:
-        group, optics = _per_row_optics(p, df, key)
+        group, optics = per_row_optics(p, df, key)
         if not optics:
             raise InputError(
                 "no optics (pixel size, voltage, Cs, amplitude contrast) in the file; "
                 "convert it with relion_convert_star",
                 path=p,
             )
-    names = [str(x) for x in df["rlnImageName"].tolist()]
+    names = [str(x) for x in df[L.IMAGE_NAME].tolist()]
     index = np.empty(len(names), dtype=np.int64)
     stack: list[Path] = []
     cache: dict[str, Path] = {}
@@ -275,20 +271,20 @@ def read_particles(path: str | os.PathLike[str], *, check_stacks: bool = True) -
     if len(have) == 3:
         angles = np.stack([_floats(df, c, 0.0, p) for c in _ANGLES], axis=1)
     missing_pose = tuple(c for c in _ANGLES if c not in df.columns)
-    if "rlnOriginXAngst" in df.columns or "rlnOriginYAngst" in df.columns:
+    if L.ORIGIN_X_ANGST in df.columns or L.ORIGIN_Y_ANGST in df.columns:
         origins = np.stack(
-            [_floats(df, "rlnOriginXAngst", 0.0, p), _floats(df, "rlnOriginYAngst", 0.0, p)], 1
+            [_floats(df, L.ORIGIN_X_ANGST, 0.0, p), _floats(df, L.ORIGIN_Y_ANGST, 0.0, p)], 1
         )
-    elif "rlnOriginX" in df.columns or "rlnOriginY" in df.columns:  # RELION 3.0, pixels
+    elif L.ORIGIN_X in df.columns or L.ORIGIN_Y in df.columns:  # RELION 3.0, pixels
         px = np.array([optics[int(g)].pixel_size for g in group])
         origins = np.stack(
-            [_floats(df, "rlnOriginX", 0.0, p) * px, _floats(df, "rlnOriginY", 0.0, p) * px], 1
+            [_floats(df, L.ORIGIN_X, 0.0, p) * px, _floats(df, L.ORIGIN_Y, 0.0, p) * px], 1
         )
     else:
         origins = np.zeros((len(df), 2))
     mic = (
-        [str(x) for x in df["rlnMicrographName"].tolist()]
-        if "rlnMicrographName" in df.columns
+        [str(x) for x in df[L.MICROGRAPH_NAME].tolist()]
+        if L.MICROGRAPH_NAME in df.columns
         else [""] * len(df)
     )
     return ParticleSet(
@@ -299,14 +295,14 @@ def read_particles(path: str | os.PathLike[str], *, check_stacks: bool = True) -
         group=group,
         stack=stack,
         index=index,
-        defocus_u=_floats(df, "rlnDefocusU", 0.0, p),
-        defocus_v=_floats(df, "rlnDefocusV", 0.0, p),
-        defocus_angle=_floats(df, "rlnDefocusAngle", 0.0, p),
-        phase_shift=_floats(df, "rlnPhaseShift", 0.0, p),
-        bfactor=_floats(df, "rlnCtfBfactor", 0.0, p),
+        defocus_u=_floats(df, L.DEFOCUS_U, 0.0, p),
+        defocus_v=_floats(df, L.DEFOCUS_V, 0.0, p),
+        defocus_angle=_floats(df, L.DEFOCUS_ANGLE, 0.0, p),
+        phase_shift=_floats(df, L.PHASE_SHIFT, 0.0, p),
+        bfactor=_floats(df, L.CTF_BFACTOR, 0.0, p),
         angles=angles,
         origins=origins,
         micrograph=mic,
-        subset=_floats(df, "rlnRandomSubset", 0.0, p).astype(np.int64),
+        subset=_floats(df, L.RANDOM_SUBSET, 0.0, p).astype(np.int64),
         missing_pose_columns=missing_pose,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,9 @@ import numpy as np
 
 from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
+from anisoctf.io import labels as L
 from anisoctf.io.atomic import atomic_write
+from anisoctf.optics.magmat import MagMat
 
 __all__ = [
     "BlockEdit",
@@ -29,6 +31,7 @@ __all__ = [
     "fmt_angle",
     "fmt_defocus",
     "fmt_exact",
+    "patch_defocus_star",
     "star_layout",
     "write_patched_star",
 ]
@@ -289,3 +292,66 @@ def block_index(path: Path, layout: list[StarBlock], name: str, df: pd.DataFrame
             path=path,
         )
     return hits[0]
+
+
+_Replace = dict[str, tuple[np.ndarray, np.ndarray, Callable[[float], str]]]
+_Append = list[tuple[str, np.ndarray, Callable[[float], str]]]
+
+
+def patch_defocus_star(
+    src: Path,
+    dst: Path,
+    block: str,
+    table: pd.DataFrame,
+    mask: np.ndarray,
+    defocus: tuple[np.ndarray, np.ndarray, np.ndarray],
+    optics: pd.DataFrame | None = None,
+    magmats: Mapping[int, MagMat] | None = None,
+) -> None:
+    """Copy ``src`` to ``dst`` with new defocus in some rows and new ``_rlnMagMat`` per group.
+
+    The one rewrite behind ``aniso apply`` and ``refine``: in ``data_<block>`` (parsed as
+    ``table``) the ``mask`` rows get ``defocus = (U, V, angle)`` (arrays over all rows;
+    ``fmt_defocus``/``fmt_angle``) and ``_rlnCtfAstigmatism = U - V`` when the column exists;
+    in ``data_optics`` (parsed as ``optics``) the groups of ``magmats`` get their matrix with
+    full double precision, replacing ``_rlnMagMat00..11`` or appending the four columns (the
+    identity, or the stored value, for other groups). Every other byte is copied.
+    """
+    layout = star_layout(src)
+    t_index = block_index(src, layout, block, table)
+    u, v, ang = defocus
+    replace: _Replace = {
+        c: (mask, vals, fmt_angle if c == L.DEFOCUS_ANGLE else fmt_defocus)
+        for c, vals in zip(L.DEFOCUS, (u, v, ang), strict=True)
+    }
+    if L.ASTIGMATISM in table.columns:
+        replace[L.ASTIGMATISM] = (mask, np.asarray(u) - np.asarray(v), fmt_defocus)
+    edits = {t_index: BlockEdit(layout[t_index], table, replace, [])}
+    if optics is not None and magmats is not None:
+        o_index = block_index(src, layout, "optics", optics)
+        o_groups = (
+            pd.to_numeric(optics[L.OPTICS_GROUP]).to_numpy(dtype=np.int64)
+            if L.OPTICS_GROUP in optics.columns
+            else np.arange(1, len(optics) + 1)
+        )
+        o_mask = np.isin(o_groups, np.array(sorted(magmats), dtype=np.int64))
+        o_replace: _Replace = {}
+        o_append: _Append = []
+        for label, (i, j) in zip(L.MAGMAT, ((0, 0), (0, 1), (1, 0), (1, 1)), strict=True):
+            if label in optics.columns:
+                old = pd.to_numeric(optics[label], errors="coerce").to_numpy(dtype=np.float64)
+            else:
+                old = np.full(len(optics), 1.0 if i == j else 0.0)
+            vals = np.array(
+                [
+                    magmats[g].array[i, j] if g in magmats else old[k]
+                    for k, g in enumerate(o_groups.tolist())
+                ],
+                dtype=np.float64,
+            )
+            if label in optics.columns:
+                o_replace[label] = (o_mask, vals, fmt_exact)
+            else:
+                o_append.append((label, vals, fmt_exact))
+        edits[o_index] = BlockEdit(layout[o_index], optics, o_replace, o_append)
+    write_patched_star(src, dst, edits)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
-from anisoctf.io.star import MicrographCTFRow, read_micrographs_ctf_star, read_star_blocks
+from anisoctf.io import labels as L
+from anisoctf.io.star import MicrographCTFRow, read_micrographs_ctf_star
 from anisoctf.io.star_patch import (
     BlockEdit,
     block_index,
@@ -29,13 +29,12 @@ from anisoctf.io.star_patch import (
     star_layout,
     write_patched_star,
 )
+from anisoctf.io.star_tables import find_block, find_table, read_star_blocks, strict_numbers
 from anisoctf.io.surface import SurfaceRecord, read_surface_json
 
 __all__ = ["AssignSummary", "run_assign"]
 
-_NEEDED = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY")
-_DEFOCUS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
-_ASTIG = "rlnCtfAstigmatism"
+_NEEDED = (L.MICROGRAPH_NAME, L.COORDINATE_X, L.COORDINATE_Y)
 STAR_NAME = "micrographs_ctf.star"
 
 
@@ -51,24 +50,18 @@ class AssignSummary:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _find_particles(path: Path, blocks: dict[str, pd.DataFrame]) -> str:
-    order = ["particles", ""] + [k for k in blocks if k not in ("particles", "", "optics")]
-    for key in order:
-        df = blocks.get(key)
-        if df is not None and "rlnCoordinateX" in df.columns:
-            missing = [c for c in _NEEDED if c not in df.columns]
-            if missing:
-                raise InputError(
-                    f"data_{key} lacks {', '.join('_' + c for c in missing)}; assign needs each "
-                    "particle's micrograph name and coordinates",
-                    path=path,
-                )
-            return key
-    raise InputError(
-        "no _rlnCoordinateX column in any data block; give a particles STAR file with "
-        "_rlnMicrographName and _rlnCoordinateX/Y",
-        path=path,
+def _find_particles(path: Path, blocks: dict) -> str:
+    if not find_block(blocks, L.COORDINATE_X, ("particles", "")):
+        raise InputError(
+            "no _rlnCoordinateX column in any data block; give a particles STAR file with "
+            "_rlnMicrographName and _rlnCoordinateX/Y",
+            path=path,
+        )
+    hint = "assign needs each particle's micrograph name and coordinates"
+    key, _ = find_table(
+        path, blocks, _NEEDED, hint, prefer=("particles", ""), key_column=L.COORDINATE_X
     )
+    return key
 
 
 def _surface_path(raw: str, ctf_dir: Path) -> Path | None:
@@ -150,10 +143,10 @@ def run_assign(
     key = _find_particles(src, blocks)
     table = blocks[key]
     n = len(table)
-    names = [str(v) for v in table["rlnMicrographName"].tolist()]
+    names = [str(v) for v in table[L.MICROGRAPH_NAME].tolist()]
     try:
-        x = pd.to_numeric(table["rlnCoordinateX"]).to_numpy(dtype=np.float64)
-        y = pd.to_numeric(table["rlnCoordinateY"]).to_numpy(dtype=np.float64)
+        x = strict_numbers(table[L.COORDINATE_X])
+        y = strict_numbers(table[L.COORDINATE_Y])
     except (ValueError, TypeError):
         raise InputError(
             f"data_{key}: _rlnCoordinateX/Y are not all numbers; check the file", path=src
@@ -186,14 +179,14 @@ def run_assign(
     t_index = block_index(src, layout, key, table)
     replace = {}
     append = []
-    for col, vals in zip(_DEFOCUS, (u, v, ang), strict=True):
-        fmt = fmt_angle if col == "rlnDefocusAngle" else fmt_defocus
+    for col, vals in zip(L.DEFOCUS, (u, v, ang), strict=True):
+        fmt = fmt_angle if col == L.DEFOCUS_ANGLE else fmt_defocus
         if col in table.columns:
             replace[col] = (have, vals, fmt)
         else:
             append.append((col, np.where(have, vals, 0.0), fmt))
-    if _ASTIG in table.columns:
-        replace[_ASTIG] = (have, u - v, fmt_defocus)
+    if L.ASTIGMATISM in table.columns:
+        replace[L.ASTIGMATISM] = (have, u - v, fmt_defocus)
     notes: list[str] = []
     if append and n_missing:
         notes.append(

@@ -59,7 +59,7 @@ from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.fit.estimate import check_image, estimate_ctf, fit_spectrum
 from anisoctf.fit.result import CTFEstimate, FitSettings
 from anisoctf.io.cryosparc_ctf import read_cs_micrographs, write_ctf_cs
-from anisoctf.io.ctffind import CTFFindRecord, write_ctffind_txt
+from anisoctf.io.ctffind import CTFFindRecord, CTFFindSearch, write_ctffind_txt
 from anisoctf.io.mrc import read_micrograph, read_mrc_header, read_stack, write_mrc
 from anisoctf.io.star import (
     MicrographCTFRow,
@@ -688,15 +688,10 @@ def process_one(
                 thickness=(loc.thickness or 0.0) if loc is not None else None,
             ),
             input_file=name,
-            pixel_size=optics.pixel_size,
-            voltage_kv=optics.voltage_kv,
-            cs_mm=optics.cs_mm,
-            amplitude_contrast=optics.amplitude_contrast,
-            box=settings.box,
-            min_res=settings.min_res,
-            max_res=settings.max_res,
-            df_min=settings.df_min,
-            df_max=settings.df_max,
+            optics=optics,
+            search=CTFFindSearch(
+                settings.box, settings.min_res, settings.max_res, settings.df_min, settings.df_max
+            ),
             version_line=f"anisoctf {_version()}",
         )
         render_diagnostic(est, png, title=name)

@@ -26,25 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
-from anisoctf.io.atomic import atomic_path, write_text_atomic
+from anisoctf.io.atomic import write_text_atomic
 from anisoctf.io.mrc import read_mrc_header, read_stack
 from anisoctf.io.particles import ParticleSet, read_particles
-from anisoctf.io.star import read_star_blocks
-from anisoctf.io.star_patch import (
-    BlockEdit,
-    block_index,
-    fmt_angle,
-    fmt_defocus,
-    fmt_exact,
-    star_layout,
-    write_patched_star,
-)
-from anisoctf.optics.magmat import RELION_MAGMAT_LABELS
+from anisoctf.io.star_patch import patch_defocus_star, star_layout
+from anisoctf.io.star_tables import read_star_blocks
 from anisoctf.records.particles import ParticleBatch
 from anisoctf.refine.group import GroupResult, RefineSettings, refine_group
 from anisoctf.refine.projection import FourierProjector
+from anisoctf.report.refine_plots import plot_refined_group
 
 __all__ = ["OUT_STAR", "RefineReport", "load_map", "run_refine", "write_refined_star"]
 
@@ -108,136 +99,22 @@ def _check_extent(ref_box: int, ref_apix: float, box: int, apix: float, path: Pa
 def write_refined_star(
     ps: ParticleSet, results: Sequence[GroupResult], dst: Path, write_mag: bool
 ) -> None:
-    """Copy ``ps.path`` to ``dst`` with the refined defocus and matrices (text-level patch)."""
-    src = ps.path
-    blocks_layout = star_layout(src)
-    table = ps.table
-    n = len(table)
-    new = {
-        c: pd.to_numeric(table[c]).to_numpy(dtype=np.float64).copy()
-        for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
-    }
-    mask = np.zeros(n, dtype=bool)
+    """Copy ``ps.path`` to ``dst`` with the refined defocus and matrices (text-level patch,
+    :func:`~anisoctf.io.star_patch.patch_defocus_star`)."""
+    u, v, ang = (ps.defocus_u.copy(), ps.defocus_v.copy(), ps.defocus_angle.copy())
+    mask = np.zeros(len(ps.table), dtype=bool)
     for r in results:
         rows = np.flatnonzero(ps.group == r.group)
-        new["rlnDefocusU"][rows] = r.defocus_u
-        new["rlnDefocusV"][rows] = r.defocus_v
-        new["rlnDefocusAngle"][rows] = r.defocus_angle
+        u[rows] = r.defocus_u
+        v[rows] = r.defocus_v
+        ang[rows] = r.defocus_angle
         mask[rows] = True
-    replace = {
-        c: (mask, v, fmt_angle if c == "rlnDefocusAngle" else fmt_defocus) for c, v in new.items()
-    }
-    if "rlnCtfAstigmatism" in table.columns:
-        replace["rlnCtfAstigmatism"] = (mask, new["rlnDefocusU"] - new["rlnDefocusV"], fmt_defocus)
-    t_index = block_index(src, blocks_layout, ps.block, table)
-    edits = {t_index: BlockEdit(blocks_layout[t_index], table, replace, [])}
-    if write_mag:
-        optics = read_star_blocks(src)["optics"]
-        o_index = block_index(src, blocks_layout, "optics", optics)
-        o_groups = pd.to_numeric(optics["rlnOpticsGroup"]).to_numpy(dtype=np.int64)
-        by_group = {r.group: r.mag.array for r in results}
-        o_mask = np.isin(o_groups, list(by_group))
-        o_replace = {}
-        o_append = []
-        for label, (i, j) in zip(
-            RELION_MAGMAT_LABELS, ((0, 0), (0, 1), (1, 0), (1, 1)), strict=True
-        ):
-            if label in optics.columns:
-                old = pd.to_numeric(optics[label]).to_numpy(dtype=np.float64)
-            else:
-                old = np.full(len(optics), 1.0 if i == j else 0.0)
-            vals = np.array(
-                [
-                    by_group[g][i, j] if g in by_group else old[k]
-                    for k, g in enumerate(o_groups.tolist())
-                ]
-            )
-            if label in optics.columns:
-                o_replace[label] = (o_mask, vals, fmt_exact)
-            else:
-                o_append.append((label, vals, fmt_exact))
-        edits[o_index] = BlockEdit(blocks_layout[o_index], optics, o_replace, o_append)
-    write_patched_star(src, dst, edits)
-
-
-def _plot(result: GroupResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ev = [e for e in result.evidence if np.isfinite(e.get("anisotropy_percent", np.nan))]
-    fig, grid = plt.subplots(2, 3, figsize=(13, 7.6))
-    axes = grid[0]
-    m = result.mag
-    if ev:
-        res = np.array([e["resolution"] for e in ev])
-        an = np.array([e["anisotropy_along_axis_percent"] for e in ev])
-        asd = np.array([e["anisotropy_along_axis_sd"] for e in ev])
-        ax_ = np.array([e["axis_deg"] for e in ev])
-        axsd = np.array([e["axis_sd"] for e in ev])
-        x = 1.0 / res
-        axes[0].errorbar(x, an, yerr=asd, fmt="o", capsize=3, label="per shell")
-        axes[0].axhline(m.anisotropy_percent, color="C1", label="all shells")
-        axes[0].set_xlabel("spatial frequency (1/Å)")
-        axes[0].set_ylabel("anisotropy along the axis (%)")
-        axes[0].legend(fontsize=8)
-        axd = (ax_ - m.axis_deg + 90.0) % 180.0 - 90.0 + m.axis_deg
-        axes[1].errorbar(x, axd, yerr=axsd, fmt="o", capsize=3)
-        axes[1].axhline(m.axis_deg, color="C1")
-        axes[1].set_xlabel("spatial frequency (1/Å)")
-        axes[1].set_ylabel("axis (deg)")
-    it = result.history
-    if it:
-        axes[2].plot(range(1, len(it) + 1), [h["anisotropy_percent"] for h in it], "o-")
-        axes[2].set_xlabel("Gauss–Newton step")
-        axes[2].set_ylabel("anisotropy (%)")
-    disp = result.displacement
-    if disp is not None:
-        obs = np.hypot(
-            np.array(disp["observed_x"], dtype=float), np.array(disp["observed_y"], dtype=float)
-        )
-        mod = np.hypot(
-            np.array(disp["model_x"], dtype=float), np.array(disp["model_y"], dtype=float)
-        )
-        kx = np.array(disp["kx"], dtype=float)
-        ky = np.array(disp["ky"], dtype=float)
-        ext = [np.nanmin(kx), np.nanmax(kx), np.nanmin(ky), np.nanmax(ky)]
-        vmax = np.nanpercentile(mod, 99) * 1.5 if np.any(np.isfinite(mod)) else None
-        for ax, img, title in (
-            (grid[1, 0], obs, "|displacement| per bin, first step (1/Å)"),
-            (grid[1, 1], mod, "|G t| of the fitted matrix (1/Å)"),
-        ):
-            im = ax.imshow(img, origin="lower", extent=ext, aspect="auto", vmin=0, vmax=vmax)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("kx (1/Å)")
-            ax.set_ylabel("ky (1/Å)")
-            fig.colorbar(im, ax=ax)
-        ox = np.array(disp["observed_x"], dtype=float).ravel()
-        oy = np.array(disp["observed_y"], dtype=float).ravel()
-        mx = np.array(disp["model_x"], dtype=float).ravel()
-        my = np.array(disp["model_y"], dtype=float).ravel()
-        grid[1, 2].plot(mx, ox, ".", ms=3, label="x")
-        grid[1, 2].plot(my, oy, ".", ms=3, label="y")
-        lim = np.nanmax(np.abs(np.concatenate([mx, my]))) if np.any(np.isfinite(mx)) else 1.0
-        grid[1, 2].plot([-lim, lim], [-lim, lim], "k-", lw=0.8)
-        grid[1, 2].set_xlim(-1.5 * lim, 1.5 * lim)
-        grid[1, 2].set_ylim(-3 * lim, 3 * lim)
-        grid[1, 2].set_xlabel("model displacement (1/Å)")
-        grid[1, 2].set_ylabel("observed displacement (1/Å)")
-        grid[1, 2].legend(fontsize=8)
-    else:
-        for ax in grid[1]:
-            ax.axis("off")
-    fig.suptitle(
-        f"optics group {result.group}: {result.n_particles} particles, "
-        f"{m.anisotropy_percent:.3f} % along {m.axis_deg:.1f}°",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    if not write_mag:
+        patch_defocus_star(ps.path, dst, ps.block, ps.table, mask, (u, v, ang))
+        return
+    optics = read_star_blocks(ps.path)["optics"]
+    mags = {r.group: r.mag for r in results}
+    patch_defocus_star(ps.path, dst, ps.block, ps.table, mask, (u, v, ang), optics, mags)
 
 
 def run_refine(
@@ -339,7 +216,7 @@ def run_refine(
         write_text_atomic(jpath, json.dumps(summary, indent=2) + "\n")
         report.json_files.append(jpath)
         ppath = out_dir / f"anisomag_group{g}.png"
-        _plot(res, ppath)
+        plot_refined_group(res, ppath)
         report.png_files.append(ppath)
     write_refined_star(ps, report.groups, report.out_star, write_mag=st.fit_anisomag)
     return report

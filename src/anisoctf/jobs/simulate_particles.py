@@ -27,7 +27,8 @@ import numpy as np
 from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_text_atomic
 from anisoctf.io.mrc import write_mrc
-from anisoctf.io.star import _fmt_float, _loop
+from anisoctf.io.star_tables import fmt_float as _fmt_float
+from anisoctf.io.star_tables import format_loop as _loop
 from anisoctf.simulate.particles import (
     ParticleSimSpec,
     SimulatedParticles,

@@ -1,4 +1,11 @@
-"""Apply a magnification matrix to whole CTF tables (RELION STAR tables, cryoSPARC ``.cs`` arrays).
+"""Apply a magnification matrix to whole CTF tables: the science, on defocus arrays.
+
+This module works on :class:`~anisoctf.records.defocus.DefocusTable` records and plain arrays
+and knows no file layout; the formats layer turns RELION tables
+(:mod:`anisoctf.io.relion_defocus`) and cryoSPARC datasets
+(:mod:`anisoctf.io.cryosparc_defocus`) into these records and back, and
+:mod:`anisoctf.jobs.apply_tables` puts the steps together (``apply_to_relion``,
+``apply_to_cryosparc`` and their ``undo_*`` inverses, the ``aniso apply`` job).
 
 A CTF fitted on the recorded image without knowledge of the anisotropic magnification is an
 *observed*-frame CTF: ``D_obs``. Programs that know the matrix evaluate the CTF at the true
@@ -24,9 +31,10 @@ RELION (3.1 and later)
     with the identity for groups that are not rewritten.
 
 RELION 3.0 (one table, no ``data_optics``)
-    The layout has nowhere to keep a matrix. :func:`apply_to_relion` then returns ``None`` for
-    the optics table and rewrites the defocus only; the caller must tell the user that the matrix
-    was not stored. Such a table is right only for images that have themselves been resampled
+    The layout has nowhere to keep a matrix.
+    :func:`~anisoctf.jobs.apply_tables.apply_to_relion` then returns ``None`` for the optics
+    table and rewrites the defocus only; the caller must tell the user that the matrix was not
+    stored. Such a table is right only for images that have themselves been resampled
     into the true frame (e.g. ``mag_distortion_correct`` or MotionCor2 ``-Mag``), with the true
     pixel size ``p / sqrt(det M)``; to keep the matrix, convert the file to the 3.1 layout first
     (``relion_convert_star``) and apply to that.
@@ -64,72 +72,74 @@ Shared astigmatism (``shared_astigmatism=True``)
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from anisoctf._lazy import pandas as pd
 from anisoctf.errors import InputError
 from anisoctf.optics.frames import defocus_table_to_observed, defocus_table_to_true
-from anisoctf.optics.magmat import (
-    RELION_MAGMAT_LABELS,
-    MagMat,
-    from_relion_row,
-    matrices_from_cryosparc_anisomag,
-    to_cryosparc_anisomag,
-)
+from anisoctf.optics.magmat import MagMat
+from anisoctf.records.defocus import DefocusTable
 
 __all__ = [
-    "CRYOSPARC_ANISOMAG_FIELD",
-    "CRYOSPARC_DEFOCUS_FIELDS",
-    "CRYOSPARC_GROUP_FIELD",
-    "CRYOSPARC_MICROGRAPH_FIELDS",
-    "RELION_ASTIGMATISM_COLUMN",
-    "RELION_DEFOCUS_COLUMNS",
-    "apply_to_cryosparc",
-    "apply_to_relion",
-    "cryosparc_row_mask",
-    "existing_relion_mags",
-    "relion_row_groups",
-    "resolve_relion_mags",
+    "as_magmat",
+    "group_mask",
+    "resolve_group_mags",
+    "rewrite_defocus",
     "share_astigmatism",
-    "undo_cryosparc",
-    "undo_relion",
-    "with_anisomag_field",
 ]
 
-#: RELION defocus columns rewritten by :func:`apply_to_relion` (starfile's names, no underscore).
-RELION_DEFOCUS_COLUMNS: tuple[str, str, str] = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
-#: Recomputed as ``U - V`` when present.
-RELION_ASTIGMATISM_COLUMN = "rlnCtfAstigmatism"
-_RELION_GROUP = "rlnOpticsGroup"
-_RELION_MICROGRAPH = "rlnMicrographName"
-
-#: cryoSPARC defocus fields rewritten by :func:`apply_to_cryosparc`.
-CRYOSPARC_DEFOCUS_FIELDS: tuple[str, str, str] = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad")
-#: cryoSPARC's anisotropic magnification, ``(M^-1 - I)`` row-major, 4 float32 per row.
-CRYOSPARC_ANISOMAG_FIELD = "ctf/anisomag"
-#: cryoSPARC's exposure group (its counterpart of RELION's optics group).
-CRYOSPARC_GROUP_FIELD = "ctf/exp_group_id"
-#: Fields naming a particle's micrograph, in order of preference.
-CRYOSPARC_MICROGRAPH_FIELDS: tuple[str, str] = (
-    "location/micrograph_uid",
-    "location/micrograph_path",
-)
-
-_Mags = Mapping[int, MagMat] | MagMat | ArrayLike
+Mags = Mapping[int, MagMat] | MagMat | ArrayLike
 _Arrays3 = tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]
 
 
-# ============================================================================ shared helpers
-def _as_magmat(m: MagMat | ArrayLike) -> MagMat:
+def as_magmat(m: MagMat | ArrayLike) -> MagMat:
+    """``m`` as a :class:`MagMat`; an invalid matrix is a one-line InputError."""
     if isinstance(m, MagMat):
         return m
     try:
         return MagMat(m)
     except ValueError as exc:
         raise InputError(f"invalid magnification matrix: {exc}") from exc
+
+
+# ============================================================================ shared astigmatism
+def _factorize(values: ArrayLike) -> NDArray[np.int64]:
+    """Integer code of every value (equal values, equal codes; NaN one value)."""
+    a = np.asarray(values)
+    try:
+        return np.unique(a, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    except TypeError:  # unorderable objects: codes by first appearance
+        lookup: dict[Any, int] = {}
+        return np.array([lookup.setdefault(x, len(lookup)) for x in a.tolist()], dtype=np.int64)
+
+
+def _group_codes(key_arrays: Sequence[ArrayLike], n: int) -> NDArray[np.int64]:
+    """One code per combination of the key arrays."""
+    if not key_arrays:
+        return np.zeros(n, dtype=np.int64)
+    codes = np.stack([_factorize(k) for k in key_arrays], axis=1)
+    return np.unique(codes, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _group_median(values: NDArray[np.float64], codes: NDArray[np.int64]) -> NDArray[np.float64]:
+    """The median of every row's group, per row: the middle value, or the mean of the two
+    middle values ``(a + b) / 2`` (as ``pandas`` ``groupby().median()``)."""
+    n = values.size
+    if n == 0:
+        return values.copy()
+    order = np.lexsort((values, codes))
+    sc = codes[order]
+    sv = values[order]
+    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]])
+    counts = np.diff(np.r_[starts, n])
+    hi = sv[starts + counts // 2]
+    lo = sv[starts + (counts - 1) // 2]
+    med = np.where(counts % 2 == 1, hi, (hi + lo) / 2)
+    out = np.empty(n, dtype=np.float64)
+    out[order] = np.repeat(med, counts)
+    return out
 
 
 def share_astigmatism(
@@ -160,19 +170,13 @@ def share_astigmatism(
     t = np.deg2rad(2.0 * np.asarray(angle_deg, dtype=float))
     z = 0.5 * (u + v)
     h = 0.5 * (u - v)
-    frame: dict[str, Any] = {"a1": h * np.cos(t), "a2": h * np.sin(t)}
+    a1, a2 = h * np.cos(t), h * np.sin(t)
     key_arrays = (
         [keys] if isinstance(keys, np.ndarray) or not _is_sequence_of_arrays(keys) else keys
     )
-    key_names = []
-    for i, k in enumerate(key_arrays):
-        name = f"key{i}"
-        frame[name] = np.asarray(k)
-        key_names.append(name)
-    df = pd.DataFrame(frame)
-    med = df.groupby(key_names, sort=False, dropna=False)[["a1", "a2"]].transform("median")
-    m1 = med["a1"].to_numpy(dtype=float)
-    m2 = med["a2"].to_numpy(dtype=float)
+    codes = _group_codes(list(key_arrays), u.size)
+    m1 = _group_median(a1, codes)
+    m2 = _group_median(a2, codes)
     hm = np.hypot(m1, m2)
     tiny = hm <= 1e-12 * np.maximum(np.abs(z), 1.0)
     hm = np.where(tiny, 0.0, hm)
@@ -188,117 +192,11 @@ def _is_sequence_of_arrays(keys: Any) -> bool:
     return False
 
 
-def _transform_rows(
-    u: NDArray[np.float64],
-    v: NDArray[np.float64],
-    ang: NDArray[np.float64],
-    mats: NDArray[np.float64],
-    to: str,
-) -> _Arrays3:
-    if to == "true":
-        return defocus_table_to_true(u, v, ang, mats)
-    return defocus_table_to_observed(u, v, ang, mats)
-
-
-def _replace_values(series: pd.Series, mask: NDArray[np.bool_], values: ArrayLike) -> pd.Series:
-    """``series`` with ``values`` at ``mask`` (float64 for numeric columns), index kept."""
-    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
-        out = series.to_numpy(dtype=np.float64, copy=True)
-    else:
-        out = series.to_numpy(dtype=object, copy=True)
-    out[mask] = values
-    return pd.Series(out, index=series.index, name=series.name)
-
-
-# ============================================================================ RELION
-def _float_values(table: pd.DataFrame, column: str, mask: NDArray[np.bool_]) -> NDArray[np.float64]:
-    """A numeric column as float64; non-numbers in the ``mask`` rows are an InputError."""
-    values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.flatnonzero(mask & ~np.isfinite(values))
-    if bad.size:
-        i = int(bad[0])
-        raise InputError(
-            f"row {i + 1}: _{column} is missing or not a number ({table[column].iloc[i]!r}); "
-            "the table is truncated or malformed"
-        )
-    return values
-
-
-def _check_relion_columns(table: pd.DataFrame) -> None:
-    missing = [c for c in RELION_DEFOCUS_COLUMNS if c not in table.columns]
-    if missing:
-        raise InputError(
-            f"the table lacks {', '.join('_' + c for c in missing)}; give a table with CTF "
-            "values (micrographs_ctf.star or a particles STAR file)"
-        )
-
-
-def _optics_groups(optics: pd.DataFrame) -> NDArray[np.int64]:
-    """Group number of every optics row (``rlnOpticsGroup``, else 1, 2, … by row)."""
-    if _RELION_GROUP not in optics.columns:
-        return np.arange(1, len(optics) + 1, dtype=np.int64)
-    values = pd.to_numeric(optics[_RELION_GROUP], errors="coerce").to_numpy(dtype=float)
-    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-        raise InputError("data_optics: _rlnOpticsGroup must hold whole numbers; fix the file")
-    groups = values.astype(np.int64)
-    if len(set(groups.tolist())) != len(groups):
-        raise InputError("data_optics lists an optics group twice; fix the file")
-    return groups
-
-
-def relion_row_groups(optics: pd.DataFrame | None, table: pd.DataFrame) -> NDArray[np.int64]:
-    """Optics group of every row of a RELION table.
-
-    ``_rlnOpticsGroup`` when the table has it; otherwise the only group of a one-group optics
-    table, or 1 for a RELION 3.0 table (``optics`` None).
-
-    Raises
-    ------
-    InputError
-        Non-integer group numbers, groups missing from ``data_optics``, or no group column
-        while ``data_optics`` has several groups.
-    """
-    if _RELION_GROUP in table.columns:
-        values = pd.to_numeric(table[_RELION_GROUP], errors="coerce").to_numpy(dtype=float)
-        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-            raise InputError("_rlnOpticsGroup must hold whole numbers in every row; fix the file")
-        groups = values.astype(np.int64)
-    elif optics is None:
-        groups = np.ones(len(table), dtype=np.int64)
-    else:
-        known = _optics_groups(optics)
-        if len(known) != 1:
-            raise InputError(
-                f"the table lacks _rlnOpticsGroup but data_optics has {len(known)} groups; "
-                "add the column"
-            )
-        groups = np.full(len(table), known[0], dtype=np.int64)
-    if optics is not None:
-        unknown = sorted(set(groups.tolist()) - set(_optics_groups(optics).tolist()))
-        if unknown:
-            raise InputError(
-                f"rows refer to optics group(s) {unknown} missing from data_optics; fix the file"
-            )
-    return groups
-
-
-def existing_relion_mags(optics: pd.DataFrame | None) -> dict[int, MagMat]:
-    """``{group: M}`` already stored in ``data_optics`` (identity where no matrix is stored)."""
-    if optics is None:
-        return {}
-    out: dict[int, MagMat] = {}
-    for g, (_, row) in zip(_optics_groups(optics).tolist(), optics.iterrows(), strict=True):
-        try:
-            out[int(g)] = from_relion_row(row)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"data_optics, optics group {g}: {exc}; fix the file") from exc
-    return out
-
-
-def resolve_relion_mags(
-    optics: pd.DataFrame | None,
-    table: pd.DataFrame,
-    mags: _Mags,
+# ============================================================================ per-group matrices
+def resolve_group_mags(
+    row_groups: NDArray[np.int64],
+    table_groups: Collection[int],
+    mags: Mags,
     *,
     optics_groups: Collection[int] | None = None,
 ) -> dict[int, MagMat]:
@@ -306,28 +204,27 @@ def resolve_relion_mags(
 
     Parameters
     ----------
-    optics, table
-        ``data_optics`` (None for RELION 3.0) and the table with the defocus columns.
+    row_groups
+        The group of every row.
+    table_groups
+        Groups of the optics table (empty when there is none).
     mags
         One matrix for every group, or ``{group: matrix}`` for some groups.
     optics_groups
         Restrict to these groups (default: every group of ``mags`` when it is a mapping,
-        otherwise every group of ``data_optics`` and of the table).
+        otherwise every group of the optics table and of the rows).
 
     Raises
     ------
     InputError
-        A requested group exists neither in ``data_optics`` nor in the table, or a matrix is
+        A requested group exists neither in the optics table nor in the rows, or a matrix is
         invalid.
     """
-    row_groups = relion_row_groups(optics, table)
-    known = set(row_groups.tolist())
-    if optics is not None:
-        known |= set(_optics_groups(optics).tolist())
+    known = set(row_groups.tolist()) | set(table_groups)
     if isinstance(mags, Mapping):
-        per_group = {int(g): _as_magmat(m) for g, m in mags.items()}
+        per_group = {int(g): as_magmat(m) for g, m in mags.items()}
     else:
-        one = _as_magmat(mags)
+        one = as_magmat(mags)
         per_group = {g: one for g in sorted(known)}
     unknown = sorted(set(per_group) - known)
     if optics_groups is not None:
@@ -344,389 +241,55 @@ def resolve_relion_mags(
     return dict(sorted(per_group.items()))
 
 
-def _refuse_relion_existing(optics: pd.DataFrame | None, groups: Collection[int]) -> None:
-    existing = existing_relion_mags(optics)
-    carrying = [g for g in sorted(groups) if g in existing and not existing[g].is_identity]
-    if carrying:
-        g = carrying[0]
-        raise InputError(
-            f"optics group(s) {carrying} already carry a magnification matrix (_rlnMagMat, "
-            f"group {g}: {existing[g].describe()}); their defocus values are already in the "
-            "true frame, so a second matrix is not applied on top"
-        )
+def group_mask(groups: NDArray[np.int64], selected: Collection[int]) -> NDArray[np.bool_]:
+    """Rows whose group is one of ``selected``."""
+    return np.isin(groups, np.array(sorted(selected), dtype=np.int64))
 
 
-def _rewrite_relion_defocus(
-    table: pd.DataFrame,
-    row_groups: NDArray[np.int64],
+# ============================================================================ the rewrite
+def rewrite_defocus(
+    table: DefocusTable,
     mats_by_group: Mapping[int, MagMat],
-    to: str,
-    shared_astigmatism: bool,
-) -> tuple[pd.DataFrame, NDArray[np.bool_]]:
-    mask = np.isin(row_groups, np.array(sorted(mats_by_group), dtype=np.int64))
-    new = table.copy()
+    *,
+    to: Literal["true", "observed"] = "true",
+    shared_astigmatism: bool = False,
+) -> tuple[NDArray[np.bool_], _Arrays3]:
+    """Move the defocus of the rows of the given groups to the true (or observed) frame.
+
+    Parameters
+    ----------
+    table
+        The rows; those of a group in ``mats_by_group`` must have finite defocus.
+    mats_by_group
+        ``{group: M}`` (``k_true = M k_obs``).
+    to
+        ``"true"`` (:func:`~anisoctf.optics.frames.defocus_table_to_true`) or ``"observed"``.
+    shared_astigmatism
+        Then give every row of a micrograph (``table.micrograph`` within a group) the median
+        astigmatism (:func:`share_astigmatism`).
+
+    Returns
+    -------
+    (mask, (u, v, angle))
+        The rewritten rows and their new values (``U >= V``, angle in [0, 180)), one entry per
+        row of the mask.
+    """
+    mask = group_mask(table.group, mats_by_group)
+    empty = np.empty(0, dtype=np.float64)
     if not mask.any():
-        return new, mask
-    u, v, ang = (_float_values(table, c, mask) for c in RELION_DEFOCUS_COLUMNS)
+        return mask, (empty, empty.copy(), empty.copy())
     order = np.array(sorted(mats_by_group), dtype=np.int64)
     stack = np.stack([mats_by_group[int(g)].array for g in order])
-    mats = stack[np.searchsorted(order, row_groups[mask])]
-    nu, nv, na = _transform_rows(u[mask], v[mask], ang[mask], mats, to)
-    if shared_astigmatism:
-        if _RELION_MICROGRAPH not in table.columns:
-            raise InputError(
-                "shared astigmatism needs _rlnMicrographName to know which particles share a "
-                "micrograph; the table has none (use per-particle astigmatism)"
-            )
-        names = table[_RELION_MICROGRAPH].astype(str).to_numpy()[mask]
-        nu, nv, na = share_astigmatism(nu, nv, na, [row_groups[mask], names])
-    for column, values in zip(RELION_DEFOCUS_COLUMNS, (nu, nv, na), strict=True):
-        new[column] = _replace_values(table[column], mask, values)
-    if RELION_ASTIGMATISM_COLUMN in table.columns:
-        new[RELION_ASTIGMATISM_COLUMN] = _replace_values(
-            table[RELION_ASTIGMATISM_COLUMN], mask, nu - nv
-        )
-    return new, mask
-
-
-def _set_relion_mags(
-    optics: pd.DataFrame, mats_by_group: Mapping[int, MagMat], *, drop_if_identity: bool = False
-) -> pd.DataFrame:
-    """Optics table with ``_rlnMagMat`` of the given groups set (columns added if absent)."""
-    new = optics.copy()
-    present = [c for c in RELION_MAGMAT_LABELS if c in new.columns]
-    if present and len(present) != 4:
-        absent = [c for c in RELION_MAGMAT_LABELS if c not in new.columns]
-        raise InputError(
-            f"data_optics has only some magnification-matrix columns (lacks "
-            f"{', '.join('_' + c for c in absent)}); add all four or remove them"
-        )
-    groups = _optics_groups(optics)
-    existing = existing_relion_mags(optics)
-    rows = np.isin(groups, np.array(sorted(mats_by_group), dtype=np.int64))
-    final = {g: mats_by_group.get(g, existing.get(g, MagMat.identity())) for g in groups.tolist()}
-    if drop_if_identity and all(m.is_identity for m in final.values()):
-        return new.drop(columns=present)
-    for k, label in enumerate(RELION_MAGMAT_LABELS):
-        i, j = divmod(k, 2)
-        values = np.array([final[g].array[i, j] for g in groups.tolist()], dtype=np.float64)
-        if label in new.columns:
-            new[label] = _replace_values(new[label], rows, values[rows])
-        else:
-            new[label] = values
-    return new
-
-
-def apply_to_relion(
-    optics: pd.DataFrame | None,
-    table: pd.DataFrame,
-    mags: _Mags,
-    *,
-    shared_astigmatism: bool = False,
-    optics_groups: Collection[int] | None = None,
-) -> tuple[pd.DataFrame | None, pd.DataFrame]:
-    """Rewrite a RELION table's defocus into the true frame and store ``M`` per optics group.
-
-    Parameters
-    ----------
-    optics
-        ``data_optics`` (``starfile`` names, no leading underscore), or None for a RELION 3.0
-        table.
-    table
-        ``data_micrographs`` or ``data_particles`` (or the single 3.0 table) with
-        ``rlnDefocusU``, ``rlnDefocusV`` and ``rlnDefocusAngle``.
-    mags
-        ``k_true = M k_obs`` (RELION's convention): one matrix for every optics group, or
-        ``{group: M}``.
-    shared_astigmatism
-        Give every particle of a micrograph the micrograph's median astigmatism after the
-        transform (see the module notes); default: each row keeps its own.
-    optics_groups
-        Only rewrite these groups; other rows and optics rows are left as they are.
-
-    Returns
-    -------
-    (new_optics, new_table)
-        Copies. ``new_optics`` has ``rlnMagMat00..11`` (appended, identity for groups not
-        rewritten, if the columns were absent); it is None when ``optics`` is None (the 3.0
-        layout cannot store the matrix). In ``new_table`` the rewritten rows have true-frame
-        ``U >= V``, angle in [0, 180) and ``rlnCtfAstigmatism = U - V`` (when present). The
-        three defocus columns (and the astigmatism column) become float64; everything else is
-        untouched.
-
-    Raises
-    ------
-    InputError
-        Missing defocus columns, non-numeric defocus in a row to rewrite, unknown optics groups,
-        or a group that already carries a non-identity ``_rlnMagMat`` (its defocus is already in
-        the true frame).
-    """
-    _check_relion_columns(table)
-    row_groups = relion_row_groups(optics, table)
-    resolved = resolve_relion_mags(optics, table, mags, optics_groups=optics_groups)
-    _refuse_relion_existing(optics, resolved)
-    new_table, _ = _rewrite_relion_defocus(table, row_groups, resolved, "true", shared_astigmatism)
-    new_optics = None if optics is None else _set_relion_mags(optics, resolved)
-    return new_optics, new_table
-
-
-def undo_relion(
-    optics: pd.DataFrame | None,
-    table: pd.DataFrame,
-    mags: _Mags | None = None,
-    *,
-    optics_groups: Collection[int] | None = None,
-    drop_identity_columns: bool = True,
-) -> tuple[pd.DataFrame | None, pd.DataFrame]:
-    """The exact inverse of :func:`apply_to_relion` (true frame → observed, matrix removed).
-
-    Parameters
-    ----------
-    optics, table
-        As returned by :func:`apply_to_relion`.
-    mags
-        The matrices to undo; default the ``_rlnMagMat`` stored in ``optics`` (required for a
-        RELION 3.0 table, which cannot store them).
-    optics_groups
-        Only these groups (default: every group with a stored non-identity matrix, or every
-        group of ``mags``).
-    drop_identity_columns
-        Remove the four ``rlnMagMat`` columns when every group is the identity afterwards
-        (RELION reads missing columns as the identity), which restores a table that had none.
-
-    Returns
-    -------
-    (new_optics, new_table)
-        Defocus rows of the undone groups back in the observed frame (``U >= V``, angle in
-        [0, 180)) and their matrices reset to the identity. Applying after shared astigmatism
-        is not invertible: this returns the per-row observed values of the shared result.
-    """
-    _check_relion_columns(table)
-    row_groups = relion_row_groups(optics, table)
-    if mags is None:
-        if optics is None:
-            raise InputError("a RELION 3.0 table stores no matrix; pass the one that was applied")
-        stored = existing_relion_mags(optics)
-        wanted = None if optics_groups is None else {int(g) for g in optics_groups}
-        resolved = {
-            g: m for g, m in stored.items() if not m.is_identity and (wanted is None or g in wanted)
-        }
+    mats = stack[np.searchsorted(order, table.group[mask])]
+    u, v, ang = table.defocus_u[mask], table.defocus_v[mask], table.angle_deg[mask]
+    if to == "true":
+        nu, nv, na = defocus_table_to_true(u, v, ang, mats)
     else:
-        resolved = resolve_relion_mags(optics, table, mags, optics_groups=optics_groups)
-    new_table, _ = _rewrite_relion_defocus(table, row_groups, resolved, "observed", False)
-    if optics is None:
-        return None, new_table
-    identity = {g: MagMat.identity() for g in resolved}
-    new_optics = _set_relion_mags(optics, identity, drop_if_identity=drop_identity_columns)
-    return new_optics, new_table
-
-
-# ============================================================================ cryoSPARC
-def cryosparc_row_mask(
-    arr: np.ndarray, exposure_groups: Collection[int] | None = None
-) -> NDArray[np.bool_]:
-    """Rows to rewrite: all, or those whose ``ctf/exp_group_id`` is in ``exposure_groups``."""
-    n = int(arr.shape[0])
-    if exposure_groups is None:
-        return np.ones(n, dtype=bool)
-    if CRYOSPARC_GROUP_FIELD not in (arr.dtype.names or ()):
-        raise InputError(
-            f"no {CRYOSPARC_GROUP_FIELD} field, so rows cannot be selected by group; "
-            "leave out the group selection"
-        )
-    groups = arr[CRYOSPARC_GROUP_FIELD].astype(np.int64)
-    wanted = np.array(sorted({int(g) for g in exposure_groups}), dtype=np.int64)
-    missing = sorted(set(wanted.tolist()) - set(groups.tolist()))
-    if missing:
-        raise InputError(
-            f"exposure group(s) {missing} not in the dataset (it has "
-            f"{sorted(set(groups.tolist()))})"
-        )
-    return np.isin(groups, wanted)
-
-
-def with_anisomag_field(arr: np.ndarray) -> np.ndarray:
-    """A copy of ``arr`` that has ``ctf/anisomag`` (4 float32, zeros where it was absent).
-
-    The new field goes right after the last ``ctf/`` field (at the end if there is none), in the
-    byte order of ``ctf/df1_A``; every other field keeps its dtype and values.
-    """
-    names = list(arr.dtype.names or ())
-    if CRYOSPARC_ANISOMAG_FIELD in names:
-        return arr.copy()
-    ref = arr.dtype.fields.get(CRYOSPARC_DEFOCUS_FIELDS[0]) if arr.dtype.fields else None
-    order = ">" if ref is not None and ref[0].byteorder == ">" else "<"
-    new_field = (CRYOSPARC_ANISOMAG_FIELD, np.dtype(f"{order}f4"), (4,))
-    last_ctf = max((i for i, n in enumerate(names) if n.startswith("ctf/")), default=len(names) - 1)
-    descr: list[tuple[Any, ...]] = []
-    for i, name in enumerate(names):
-        descr.append((name, arr.dtype.fields[name][0]))
-        if i == last_ctf:
-            descr.append(new_field)
-    if not names:
-        descr.append(new_field)
-    out = np.zeros(arr.shape, dtype=np.dtype(descr))
-    for name in names:
-        out[name] = arr[name]
-    return out
-
-
-def _cs_defocus(arr: np.ndarray, mask: NDArray[np.bool_]) -> _Arrays3:
-    u = arr[CRYOSPARC_DEFOCUS_FIELDS[0]].astype(np.float64)
-    v = arr[CRYOSPARC_DEFOCUS_FIELDS[1]].astype(np.float64)
-    ang = np.rad2deg(arr[CRYOSPARC_DEFOCUS_FIELDS[2]].astype(np.float64))
-    for name, values in zip(CRYOSPARC_DEFOCUS_FIELDS, (u, v, ang), strict=True):
-        bad = np.flatnonzero(mask & ~np.isfinite(values))
-        if bad.size:
-            raise InputError(f"row {int(bad[0]) + 1}: {name} is not a finite number")
-    return u, v, ang
-
-
-def _cs_store(
-    out: np.ndarray, mask: NDArray[np.bool_], u: ArrayLike, v: ArrayLike, ang_deg: ArrayLike
-) -> None:
-    out[CRYOSPARC_DEFOCUS_FIELDS[0]][mask] = u
-    out[CRYOSPARC_DEFOCUS_FIELDS[1]][mask] = v
-    out[CRYOSPARC_DEFOCUS_FIELDS[2]][mask] = np.deg2rad(np.asarray(ang_deg, dtype=float))
-
-
-def _cs_micrograph_keys(arr: np.ndarray) -> np.ndarray:
-    names = arr.dtype.names or ()
-    for field in CRYOSPARC_MICROGRAPH_FIELDS:
-        if field in names:
-            return arr[field]
-    raise InputError(
-        f"shared astigmatism needs {' or '.join(CRYOSPARC_MICROGRAPH_FIELDS)} to know which "
-        "particles share a micrograph; the dataset has neither (use per-particle astigmatism)"
-    )
-
-
-def _require_cs_defocus(arr: np.ndarray) -> None:
-    if arr.dtype.names is None or arr.ndim != 1:
-        raise InputError("not a cryoSPARC dataset (expected a 1-D structured array)")
-    missing = [f for f in CRYOSPARC_DEFOCUS_FIELDS if f not in arr.dtype.names]
-    if missing:
-        raise InputError(
-            f"no {', '.join(missing)} field(s) in the dataset; give the .cs file that holds the "
-            "CTF (for particles often the job's *_passthrough_particles.cs)"
-        )
-
-
-def apply_to_cryosparc(
-    arr: np.ndarray,
-    mag: MagMat | ArrayLike,
-    *,
-    shared_astigmatism: bool = False,
-    exposure_groups: Collection[int] | None = None,
-) -> np.ndarray:
-    """Rewrite a cryoSPARC dataset's defocus into the true frame and set ``ctf/anisomag``.
-
-    Parameters
-    ----------
-    arr
-        Structured array of a ``.cs`` file (particles or exposures) with ``ctf/df1_A``,
-        ``ctf/df2_A`` and ``ctf/df_angle_rad``.
-    mag
-        ``k_true = M k_obs`` (RELION's convention; stored as ``(M^-1 - I)``).
-    shared_astigmatism
-        Median astigmatism per micrograph (see the module notes).
-    exposure_groups
-        Only rewrite rows whose ``ctf/exp_group_id`` is listed.
-
-    Returns
-    -------
-    numpy.ndarray
-        A new array: the same dtype (plus ``ctf/anisomag`` after the last ``ctf/`` field if it
-        was absent), rewritten rows with true-frame ``df1 >= df2``, angle in [0, π) rad, and
-        ``ctf/anisomag = (M^-1 - I)`` row-major; every other value bit-identical.
-
-    Raises
-    ------
-    InputError
-        Missing defocus fields, non-finite defocus, unknown exposure groups, or rows to rewrite
-        that already carry a non-zero ``ctf/anisomag``.
-    """
-    _require_cs_defocus(arr)
-    m = _as_magmat(mag)
-    mask = cryosparc_row_mask(arr, exposure_groups)
-    if CRYOSPARC_ANISOMAG_FIELD in arr.dtype.names:
-        am = np.asarray(arr[CRYOSPARC_ANISOMAG_FIELD], dtype=np.float64).reshape(len(arr), -1)
-        carrying = np.flatnonzero(mask & np.any(am != 0.0, axis=1))
-        if carrying.size:
-            first = am[carrying[0]]
-            raise InputError(
-                f"{carrying.size} row(s) already carry a non-zero {CRYOSPARC_ANISOMAG_FIELD} "
-                f"(row {int(carrying[0]) + 1}: {[float(f'{x:.6g}') for x in first]}); their "
-                "defocus values are already in the true frame, so a second matrix is not "
-                "applied on top"
-            )
-    u, v, ang = _cs_defocus(arr, mask)
-    out = with_anisomag_field(arr)
-    if not mask.any():
-        return out
-    nu, nv, na = defocus_table_to_true(u[mask], v[mask], ang[mask], m)
+        nu, nv, na = defocus_table_to_observed(u, v, ang, mats)
     if shared_astigmatism:
-        keys = _cs_micrograph_keys(arr)[mask]
-        nu, nv, na = share_astigmatism(nu, nv, na, keys)
-    _cs_store(out, mask, nu, nv, na)
-    out[CRYOSPARC_ANISOMAG_FIELD][mask] = to_cryosparc_anisomag(m)
-    return out
-
-
-def undo_cryosparc(
-    arr: np.ndarray,
-    mag: MagMat | ArrayLike | None = None,
-    *,
-    exposure_groups: Collection[int] | None = None,
-    drop_anisomag: bool = False,
-) -> np.ndarray:
-    """The exact inverse of :func:`apply_to_cryosparc` (to float32 precision).
-
-    Parameters
-    ----------
-    arr
-        A dataset written by :func:`apply_to_cryosparc`.
-    mag
-        The matrix to undo; default each row's own ``ctf/anisomag`` (rows with zeros are left
-        alone).
-    exposure_groups
-        Only these ``ctf/exp_group_id`` values.
-    drop_anisomag
-        Remove the ``ctf/anisomag`` field when it is all zeros afterwards (for datasets that did
-        not have it).
-
-    Returns
-    -------
-    numpy.ndarray
-        Rows back in the observed frame (``df1 >= df2``, angle in [0, π)), ``ctf/anisomag``
-        zeroed.
-    """
-    _require_cs_defocus(arr)
-    mask = cryosparc_row_mask(arr, exposure_groups)
-    names = arr.dtype.names
-    out = arr.copy()
-    if mag is not None:
-        mats: NDArray[np.float64] = _as_magmat(mag).array
-    else:
-        if CRYOSPARC_ANISOMAG_FIELD not in names:
-            raise InputError(f"no {CRYOSPARC_ANISOMAG_FIELD} field: nothing to undo")
-        am = np.asarray(arr[CRYOSPARC_ANISOMAG_FIELD], dtype=np.float64).reshape(len(arr), 4)
-        mask = mask & np.any(am != 0.0, axis=1)
-        mats = matrices_from_cryosparc_anisomag(am[mask])
-    if mask.any():
-        u, v, ang = _cs_defocus(arr, mask)
-        nu, nv, na = defocus_table_to_observed(u[mask], v[mask], ang[mask], mats)
-        _cs_store(out, mask, nu, nv, na)
-        if CRYOSPARC_ANISOMAG_FIELD in names:
-            out[CRYOSPARC_ANISOMAG_FIELD][mask] = 0.0
-    if (
-        drop_anisomag
-        and CRYOSPARC_ANISOMAG_FIELD in names
-        and not np.any(out[CRYOSPARC_ANISOMAG_FIELD] != 0.0)
-    ):
-        kept = [(n, out.dtype.fields[n][0]) for n in names if n != CRYOSPARC_ANISOMAG_FIELD]
-        slim = np.zeros(out.shape, dtype=np.dtype(kept))
-        for n, _ in kept:
-            slim[n] = out[n]
-        out = slim
-    return out
+        if table.micrograph is None:
+            raise ValueError("shared astigmatism needs the micrograph of every row")
+        nu, nv, na = share_astigmatism(
+            nu, nv, na, [table.group[mask], np.asarray(table.micrograph)[mask]]
+        )
+    return mask, (nu, nv, na)

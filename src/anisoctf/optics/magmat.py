@@ -25,7 +25,6 @@ MotionCor2 ``-Mag major minor angle``                   as cisTEM (angle sign: u
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +39,6 @@ __all__ = [
     "from_cryosparc_anisomag",
     "from_motioncor2",
     "from_relion",
-    "from_relion_row",
-    "from_relion_table",
     "matrices_from_cryosparc_anisomag",
     "to_cistem",
     "to_cryosparc_anisomag",
@@ -279,44 +276,6 @@ def to_relion(m: MagMat | ArrayLike) -> dict[str, float]:
             RELION_MAGMAT_LABELS, ((0, 0), (0, 1), (1, 0), (1, 1)), strict=True
         )
     }
-
-
-def from_relion_row(row: Mapping[str, Any]) -> MagMat:
-    """``M`` of one optics-table row (a dict or a ``pandas.Series``).
-
-    Labels may be spelled with or without the leading underscore (``starfile`` drops it). A
-    row with none of the four labels has no anisomag and gives the identity, which is also what
-    RELION assumes for such a group (``relion_star_handler`` fills in 1, 0, 0, 1). A row with only
-    some of them is an error.
-    """
-    values: list[float | None] = []
-    for label in RELION_MAGMAT_LABELS:
-        v = row.get(label, row.get("_" + label))
-        values.append(None if v is None else float(v))
-    if all(v is None for v in values):
-        return MagMat.identity()
-    if any(v is None for v in values):
-        missing = [lab for lab, v in zip(RELION_MAGMAT_LABELS, values, strict=True) if v is None]
-        raise ValueError(f"optics row has only some magnification-matrix labels; missing {missing}")
-    return from_relion(*values)  # type: ignore[arg-type]
-
-
-def from_relion_table(optics: Any) -> dict[int, MagMat]:
-    """``{optics group number: M}`` for a RELION optics table (``pandas.DataFrame``).
-
-    Parameters
-    ----------
-    optics
-        The ``data_optics`` block, e.g. ``starfile.read(path)["optics"]``. Groups are keyed by
-        ``rlnOpticsGroup`` (1, 2, … by row when the column is absent).
-    """
-    out: dict[int, MagMat] = {}
-    cols = set(optics.columns)
-    group_col = next((c for c in ("rlnOpticsGroup", "_rlnOpticsGroup") if c in cols), None)
-    for n, (_, row) in enumerate(optics.iterrows(), start=1):
-        key = int(row[group_col]) if group_col is not None else n
-        out[key] = from_relion_row(row)
-    return out
 
 
 # ===================================================================== cryoSPARC
