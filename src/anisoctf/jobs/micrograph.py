@@ -41,6 +41,7 @@ from anisoctf.local.estimate import LocalSettings
 from anisoctf.optics.ctf import Optics
 from anisoctf.report.diagnostic import render_diagnostic
 from anisoctf.spectrum.periodogram import stack_periodogram
+from anisoctf.version import __version__
 
 __all__ = ["RowResult", "failure_message", "process_one"]
 
@@ -223,8 +224,6 @@ def _write_outputs(
     stem: str,
 ) -> tuple[str, str, str]:
     """Write ``<stem>.txt``, ``<stem>_ctf.png`` and ``<stem>.ctf``; return their paths."""
-    from anisoctf import __version__
-
     loc = lo.estimate if lo is not None else None
     p = est.params
     fom = float(est.figure_of_merit)
