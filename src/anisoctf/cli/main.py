@@ -22,7 +22,7 @@ from rich.table import Table
 
 from anisoctf.cli.aniso import aniso_app
 from anisoctf.cli.assign import assign_command
-from anisoctf.cli.errors import usage_exit
+from anisoctf.cli.errors import error_exit, usage_exit
 from anisoctf.cli.options import DebugOption, QuietOption, mag_matrix_option
 from anisoctf.cli.production import RELION_CONTEXT, relion_external_command, report_command
 from anisoctf.cli.refine import refine_command, simulate_particles_command
@@ -398,8 +398,7 @@ def simulate(
     except UsageError as exc:
         usage_exit(str(exc))
     except (AnisoctfError, OSError) as exc:
-        _err_console().print(f"error: {' '.join(str(exc).split())}", markup=False)
-        raise typer.Exit(1) from None
+        error_exit(exc, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,8 +433,7 @@ def demo(
     except UsageError as exc:
         usage_exit(str(exc))
     except (AnisoctfError, OSError) as exc:
-        _err_console().print(f"error: {' '.join(str(exc).split())}", markup=False)
-        raise typer.Exit(1) from None
+        error_exit(exc, 1)
     _print_demo(console, request, report)
     raise typer.Exit(0 if report.passed else 1)
 
