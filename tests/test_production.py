@@ -17,11 +17,11 @@ import pytest
 import starfile
 from typer.testing import CliRunner
 
-from anisoctf.cli.aniso_detect import load_ctf_table
 from anisoctf.cli.main import app
 from anisoctf.errors import InputError
 from anisoctf.fit.result import FitSettings
 from anisoctf.io.gctf import read_gctf_log, read_gctf_star
+from anisoctf.jobs.detect import load_ctf_table
 from anisoctf.jobs.estimate_micrographs import run_estimate
 from anisoctf.jobs.relion_external import (
     CTF_NODE_TYPE,

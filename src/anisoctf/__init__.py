@@ -11,8 +11,7 @@ from anisoctf.fit.estimate import estimate_ctf, fit_spectrum
 from anisoctf.fit.result import CTFEstimate, FitDiagnostics, FitSettings
 from anisoctf.optics.ctf import CTFParams, Optics, ctf_2d, electron_wavelength
 from anisoctf.simulate.micrograph import MicrographSpec, simulate_micrograph
-
-__version__ = "0.1.0"
+from anisoctf.version import __version__
 
 __all__ = [
     "AnisoctfError",

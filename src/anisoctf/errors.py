@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["AnisoctfError", "FitError", "InputError"]
+__all__ = ["AnisoctfError", "FitError", "InputError", "UsageError"]
 
 
 class AnisoctfError(Exception):
@@ -27,3 +27,7 @@ class InputError(AnisoctfError):
 
 class FitError(AnisoctfError):
     """The CTF fit could not find a trustworthy answer (e.g. rings outside the search range)."""
+
+
+class UsageError(AnisoctfError):
+    """The command line (or the input list) cannot be used as given: exit status 2."""

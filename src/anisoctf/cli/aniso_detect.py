@@ -5,7 +5,8 @@ Gctf's ``micrographs_all_gctf.star`` or ``anisoctf estimate``), or CTFFIND ``.tx
 ``_gctf.log`` result files, glob patterns and folders of them (e.g. a CtfFind job folder). The
 astigmatism of every micrograph is fitted against its defocus
 (:func:`anisoctf.magnification.detect.detect_anisomag`); a short summary is printed and,
-on request, a JSON record (``--json``) and a plot (``--plot``) are written.
+on request, a JSON record (``--json``) and a plot (``--plot``) are written. The loading and the
+detection are the job :mod:`anisoctf.jobs.detect`; this module parses and prints.
 
 When the STAR's optics group already carries ``_rlnMagMat`` (the CTF was fitted with a
 magnification matrix, so the defoci are true-frame values), the defoci are first moved back to
@@ -16,11 +17,8 @@ Every error ends with one line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import glob
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -28,165 +26,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from anisoctf.errors import AnisoctfError, InputError
-from anisoctf.io.ctffind import read_ctffind_txt
-from anisoctf.io.gctf import read_gctf_log, read_gctf_star
-from anisoctf.magnification.detect import (
+from anisoctf.cli.errors import usage_exit
+from anisoctf.errors import AnisoctfError
+from anisoctf.jobs.detect import (
     DEFAULT_BOOTSTRAP,
     AnisoDetection,
-    detect_anisomag,
+    CTFTable,
+    DetectRequest,
     format_p,
-    plot_detection,
-    write_detection_json,
+    run_detect,
 )
-from anisoctf.optics.frames import defocus_table_to_observed
-from anisoctf.optics.magmat import MagMat
 
-__all__ = ["CTFTable", "detect_command", "load_ctf_table"]
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-@dataclass(frozen=True)
-class CTFTable:
-    """Observed-frame CTF fits of the micrographs to analyse."""
-
-    names: list[str]
-    defocus_u: np.ndarray
-    defocus_v: np.ndarray
-    angle_deg: np.ndarray
-    source: str
-    notes: list[str] = field(default_factory=list)
-
-
-def _expand(patterns: list[str]) -> list[str]:
-    """Plain paths and the sorted matches of glob patterns (duplicates removed)."""
-    out: list[str] = []
-    for pattern in patterns:
-        if _GLOB_CHARS.search(pattern) and not Path(pattern).exists():
-            matches = sorted(m for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise InputError(f"no file matches {pattern!r}; check the pattern")
-            out += matches
-        else:
-            out.append(pattern)
-    seen: set[str] = set()
-    unique = []
-    for p in out:
-        key = str(Path(p).absolute())
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique
-
-
-def _from_star(path: str, group: int | None) -> CTFTable:
-    rows, optics = read_gctf_star(path)
-    if not rows:
-        raise InputError("lists no micrographs", path=path)
-    groups = sorted({r.optics_group for r in rows})
-    if group is None:
-        if len(groups) > 1:
-            raise InputError(
-                f"has optics groups {groups}; anisomag belongs to one optics group: choose one "
-                "with --group",
-                path=path,
-            )
-        group = groups[0]
-    elif group not in groups:
-        raise InputError(f"has no micrographs in optics group {group} (groups {groups})", path=path)
-    rows = [r for r in rows if r.optics_group == group]
-    names = [r.name for r in rows]
-    u = np.array([r.defocus_u for r in rows])
-    v = np.array([r.defocus_v for r in rows])
-    a = np.array([r.defocus_angle for r in rows])
-    notes: list[str] = []
-    o = optics.get(group)
-    if o is not None and o.has_anisomag:
-        u, v, a = defocus_table_to_observed(u, v, a, o.M)
-        notes.append(
-            f"the STAR's optics group {group} has a magnification matrix "
-            f"({MagMat(o.M).describe()}); its true-frame defoci were moved back to the observed "
-            "frame, so the matrix reported is the total one"
-        )
-    return CTFTable(names, u, v, a, f"{path} (optics group {group})", notes)
-
-
-def _from_ctffind(paths: list[str]) -> CTFTable:
-    names: list[str] = []
-    u: list[float] = []
-    v: list[float] = []
-    a: list[float] = []
-    for p in paths:
-        if p.lower().endswith("_gctf.log") or p.lower().endswith(".log"):
-            g = read_gctf_log(p)
-            names.append(p)
-            u.append(g.defocus_u)
-            v.append(g.defocus_v)
-            a.append(g.angle)
-            continue
-        records = read_ctffind_txt(p)
-        for k, rec in enumerate(records, start=1):
-            names.append(p if len(records) == 1 else f"{p}#{k}")
-            u.append(rec.defocus_1)
-            v.append(rec.defocus_2)
-            a.append(rec.azimuth)
-    source = paths[0] if len(paths) == 1 else f"{len(paths)} CTFFIND/Gctf files"
-    return CTFTable(names, np.array(u), np.array(v), np.array(a), source)
-
-
-def _result_files(folder: str) -> list[str]:
-    """The CTF result files of a folder (recursively): CTFFIND ``.txt`` files (not the
-    ``_avrot.txt`` rotational averages) and Gctf ``_gctf.log`` files, sorted."""
-    root = Path(folder)
-    found = [
-        str(f)
-        for f in root.rglob("*")
-        if f.is_file()
-        and (
-            (f.suffix == ".txt" and not f.name.endswith("_avrot.txt"))
-            or f.name.endswith("_gctf.log")
-        )
-    ]
-    if not found:
-        raise InputError(
-            "holds no CTFFIND .txt or Gctf _gctf.log files; give the folder of a CTF job",
-            path=root,
-        )
-    return sorted(found)
-
-
-def load_ctf_table(inputs: list[str], group: int | None = None) -> CTFTable:
-    """Read one CTF STAR file (RELION/CTFFIND, Gctf or anisoctf), or CTFFIND ``.txt`` / Gctf
-    ``_gctf.log`` files, glob patterns and folders of them.
-
-    Raises
-    ------
-    InputError
-        No input, a STAR file mixed with other inputs, an unreadable file, a pattern that
-        matches nothing, several optics groups without ``group``.
-    """
-    inputs = [str(x) for x in inputs]
-    if not inputs:
-        raise InputError("no input; give one micrographs_ctf.star or CTFFIND .txt files")
-    stars = [x for x in inputs if x.lower().endswith(".star")]
-    if stars:
-        if len(inputs) > 1:
-            raise InputError("give either one .star file or CTFFIND .txt files, not both/several")
-        return _from_star(stars[0], group)
-    if group is not None:
-        raise InputError("--group applies to a STAR file only")
-    paths: list[str] = []
-    for x in inputs:
-        paths += _result_files(x) if Path(x).is_dir() else _expand([x])
-    return _from_ctffind(paths)
-
-
-def _err_exit(message: str) -> NoReturn:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"error: {' '.join(str(message).split())}", markup=False
-    )
-    raise typer.Exit(2)
+__all__ = ["detect_command"]
 
 
 def _interval(lo: float, hi: float, digits: int, pct: str) -> str:
@@ -303,30 +154,18 @@ def detect_command(
     without a magnification matrix. Exit status: 0 done (significant or not), 2 bad input.
     """
     if bootstrap < 0:
-        _err_exit(f"--bootstrap must be ≥ 0, got {bootstrap}")
+        usage_exit(f"--bootstrap must be ≥ 0, got {bootstrap}")
+    request = DetectRequest(tuple(inputs or []), group, bootstrap, seed, json_out, plot)
     try:
-        table = load_ctf_table(inputs or [], group)
-        det = detect_anisomag(
-            table.defocus_u,
-            table.defocus_v,
-            table.angle_deg,
-            table.names,
-            n_bootstrap=bootstrap,
-            seed=seed,
-            notes=table.notes,
-        )
-        if json_out is not None:
-            write_detection_json(det, json_out)
-        if plot is not None:
-            plot_detection(det, plot, title=f"anisotropic magnification: {table.source}")
+        outcome = run_detect(request)
     except AnisoctfError as exc:
-        _err_exit(str(exc))
+        usage_exit(str(exc))
     except OSError as exc:
-        _err_exit(f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}")
+        usage_exit(f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}")
     console = Console(highlight=False, soft_wrap=True)
-    _print_summary(console, det, table)
+    _print_summary(console, outcome.detection, outcome.table)
     if residuals:
-        _print_residuals(console, det)
+        _print_residuals(console, outcome.detection)
     for what, path in (("JSON", json_out), ("plot", plot)):
         if path is not None:
             console.print(f"{what}: {path}", markup=False)

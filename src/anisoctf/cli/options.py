@@ -1,24 +1,42 @@
-"""Command-line options shared by several ``anisoctf`` commands (typer ``Annotated`` types)."""
+"""Command-line options shared by several ``anisoctf`` commands (typer ``Annotated`` types).
+
+The four-number magnification matrix is declared here once (:func:`mag_matrix_option`, with
+the command's own help text) and converted once, by
+:func:`anisoctf.jobs.requests.mag_matrix_rows`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-__all__ = ["FromJsonOption", "MagMatrixOption"]
+__all__ = [
+    "DebugOption",
+    "FromJsonOption",
+    "MagMatrix",
+    "MagMatrixOption",
+    "QuietOption",
+    "mag_matrix_option",
+]
+
+#: the value of ``--mag-matrix``: (M00, M01, M10, M11) or None
+MagMatrix = tuple[float, float, float, float] | None
+
+_MAG_HELP = "Magnification matrix in RELION's _rlnMagMat convention (k_true = M k_obs)."
+
+
+def mag_matrix_option(help: str = _MAG_HELP) -> Any:
+    """``--mag-matrix M00 M01 M10 M11`` (RELION's ``_rlnMagMat`` order) with ``help``."""
+    return Annotated[
+        MagMatrix,
+        typer.Option("--mag-matrix", metavar="M00 M01 M10 M11", help=help, show_default=False),
+    ]
+
 
 #: ``--mag-matrix M00 M01 M10 M11``: RELION's ``_rlnMagMat`` convention
-MagMatrixOption = Annotated[
-    tuple[float, float, float, float] | None,
-    typer.Option(
-        "--mag-matrix",
-        metavar="M00 M01 M10 M11",
-        help="Magnification matrix in RELION's _rlnMagMat convention (k_true = M k_obs).",
-        show_default=False,
-    ),
-]
+MagMatrixOption = mag_matrix_option()
 
 #: ``--from-json FILE``: the matrix written by ``anisoctf aniso detect``
 FromJsonOption = Annotated[
@@ -29,3 +47,11 @@ FromJsonOption = Annotated[
         show_default=False,
     ),
 ]
+
+#: ``--quiet/-q`` of the batch commands
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar, warnings or summary.")
+]
+
+#: ``--debug``
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]

@@ -1,36 +1,27 @@
 """``anisoctf refine``, ``anisoctf simulate-particles`` and ``anisoctf aniso compare``.
 
 Thin typer layer over :mod:`anisoctf.jobs.refine_particles`,
-:mod:`anisoctf.jobs.simulate_particles` and :mod:`anisoctf.refine.agreement`. Bad input ends
+:mod:`anisoctf.jobs.simulate_particles` and :mod:`anisoctf.jobs.compare`. Bad input ends
 with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from anisoctf.cli.errors import usage_exit
 from anisoctf.errors import AnisoctfError
-from anisoctf.io.atomic import write_text_atomic
-from anisoctf.refine.group import RefineSettings
-from anisoctf.simulate.particles import ParticleSimSpec
+from anisoctf.jobs.requests import ParticleSimSpec, RefineSettings
 
 __all__ = ["compare_command", "refine_command", "simulate_particles_command"]
 
 _SET = RefineSettings()
 _SIM = ParticleSimSpec()
 _FITS = {"defocus", "anisomag", "astigmatism"}
-
-
-def _fail(message: str) -> NoReturn:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"error: {' '.join(str(message).split())}", markup=False
-    )
-    raise typer.Exit(2)
 
 
 def _out() -> Console:
@@ -89,7 +80,7 @@ def refine_command(
     items = {f.strip() for f in fit.split(",") if f.strip()}
     unknown = items - _FITS
     if unknown or not items:
-        _fail(f"--fit takes defocus, astigmatism and/or anisomag, got {fit!r}")
+        usage_exit(f"--fit takes defocus, astigmatism and/or anisomag, got {fit!r}")
     try:
         settings = RefineSettings(
             fit_anisomag="anisomag" in items,
@@ -102,7 +93,7 @@ def refine_command(
             defocus_search=defocus_range,
         )
     except ValueError as exc:
-        _fail(str(exc))
+        usage_exit(str(exc))
     con = _out()
     try:
         report = run_refine(
@@ -116,7 +107,7 @@ def refine_command(
             log=None if quiet else (lambda m: con.print(m, markup=False)),
         )
     except (AnisoctfError, ValueError) as exc:
-        _fail(str(exc))
+        usage_exit(str(exc))
     for r in report.groups:
         con.print(f"optics group {r.group}: {r.mag.describe()}", markup=False)
     con.print(f"wrote {report.out_star}", markup=False)
@@ -177,7 +168,7 @@ def simulate_particles_command(
         )
         files = run_simulate_particles(spec, out, map_path, map_apix)
     except (AnisoctfError, ValueError) as exc:
-        _fail(str(exc))
+        usage_exit(str(exc))
     con = _out()
     con.print(
         f"{n} particles in {len(files.stacks)} stacks; {files.sim.spec.mag.describe()}",
@@ -198,14 +189,12 @@ def compare_command(
     ] = None,
 ) -> None:
     """Micrograph-based (detect) and particle-based (refine) matrices side by side."""
-    from anisoctf.refine.agreement import compare_matrices, load_matrix_json
+    from anisoctf.jobs.compare import run_compare
 
     try:
-        m_mic, rec_mic = load_matrix_json(detect_json)
-        m_par, rec_par = load_matrix_json(refine_json)
+        cmp = run_compare(detect_json, refine_json, json_out)
     except AnisoctfError as exc:
-        _fail(str(exc))
-    cmp = compare_matrices(m_mic, m_par, rec_mic, rec_par)
+        usage_exit(str(exc))
     con = _out()
     mi, pa, d = cmp["micrograph"], cmp["particle"], cmp["difference"]
     con.print(f"{'':14s}{'micrographs':>24s}{'particles':>24s}{'difference':>14s}", markup=False)
@@ -230,5 +219,3 @@ def compare_command(
         f"micrograph 95 % interval: {cmp['within_micrograph_ci']}",
         markup=False,
     )
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(cmp, indent=2) + "\n")

@@ -35,6 +35,7 @@ __all__ = [
     "SerialBackend",
     "WorkItem",
     "make_backend",
+    "process_pool",
 ]
 
 #: ``(key, function, args, kwargs)``
@@ -159,6 +160,17 @@ def _single_threaded_children() -> Iterator[None]:
                 os.environ[k] = v
 
 
+def process_pool(max_workers: int, **kwargs: Any) -> ProcessPoolExecutor:
+    """The one process pool of the jobs: a :class:`ProcessPoolExecutor` of ``max_workers``
+    processes, forked on Linux (the workers share the parent's imported modules), spawned
+    elsewhere; ``kwargs`` go to the executor (``initializer``, ``initargs``)."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context(
+        "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
+    )
+    return ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, **kwargs)
+
+
 class LocalPoolBackend:
     """``jobs`` single-threaded worker processes on this machine.
 
@@ -179,15 +191,8 @@ class LocalPoolBackend:
         self.per_worker = max(1, int(per_worker))
 
     def run(self, items: Iterable[WorkItem]) -> Iterator[tuple[Any, Any]]:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context(
-            "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
-        )
-        pool = ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=ctx,
-            initializer=_init_pool_worker,
-            initargs=(self.close_fds,),
+        pool = process_pool(
+            self.workers, initializer=_init_pool_worker, initargs=(self.close_fds,)
         )
         pending: dict[Future, Any] = {}
         source = iter(items)

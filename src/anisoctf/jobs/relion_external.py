@@ -35,10 +35,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from anisoctf.errors import AnisoctfError
+from anisoctf.errors import AnisoctfError, UsageError
 from anisoctf.fit.result import FitSettings
 from anisoctf.io.atomic import write_text_atomic
-from anisoctf.jobs.estimate_micrographs import STAR_NAME, UsageError, run_estimate
+from anisoctf.jobs.estimate_batch import STAR_NAME, run_batch
+from anisoctf.jobs.requests import EstimateRequest
 
 __all__ = [
     "ABORTED",
@@ -158,7 +159,7 @@ def _touch(path: Path) -> None:
 
 @contextlib.contextmanager
 def _abort_watcher(job_dir: Path, period: float = 1.0):
-    """Sends this process SIGTERM (an interrupt inside ``run_estimate``) when RELION creates
+    """Sends this process SIGTERM (an interrupt inside the estimate batch) when RELION creates
     ``RELION_JOB_ABORT_NOW`` in the job directory."""
     stop = threading.Event()
 
@@ -204,16 +205,15 @@ def run_relion_external(
         except (TypeError, ValueError) as exc:
             raise UsageError(f"bad parameters: {exc}") from None
         with _abort_watcher(out):
-            report = run_estimate(
+            request = EstimateRequest.of(
                 [in_mics],
                 out,
                 settings,
                 jobs=max(1, int(jobs)),
                 overwrite=bool(parsed["overwrite"]),
-                console=console,
-                err_console=err,
                 **parsed["optics"],  # type: ignore[arg-type]
             )
+            report = run_batch(request, console=console, err_console=err)
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):
             (out / ABORT_NOW).unlink()

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from anisoctf.errors import UsageError
 from anisoctf.io.atomic import write_text_atomic
 from anisoctf.io.mrc import write_mrc
-from anisoctf.jobs.estimate_micrographs import UsageError
+from anisoctf.jobs.requests import mag_matrix_rows
 from anisoctf.optics.ctf import CTFParams, Optics
 from anisoctf.simulate.micrograph import MicrographSpec, simulate_micrograph
 
@@ -131,11 +132,7 @@ def make_specs(opts: SimulationOptions) -> list[MicrographSpec]:
         Options no simulation can use (e.g. negative defocus, bad optics).
     """
     _check(opts)
-    mag = (
-        ((1.0, 0.0), (0.0, 1.0))
-        if opts.mag_matrix is None
-        else ((opts.mag_matrix[0], opts.mag_matrix[1]), (opts.mag_matrix[2], opts.mag_matrix[3]))
-    )
+    mag = mag_matrix_rows(opts.mag_matrix) or ((1.0, 0.0), (0.0, 1.0))
     try:
         optics = Optics(
             pixel_size=opts.apix,
