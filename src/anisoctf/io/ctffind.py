@@ -32,6 +32,7 @@ from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_text_atomic
 from anisoctf.optics.ctf import Optics
 from anisoctf.records.micrograph import MicrographCTFRow
+from anisoctf.version import __version__
 
 __all__ = [
     "CTFFindRecord",
@@ -141,7 +142,7 @@ def write_ctffind_txt(
     input_file: str,
     optics: Optics,
     search: CTFFindSearch,
-    version_line: str = "anisoctf 0.1.0",
+    version_line: str = f"anisoctf {__version__}",
     run_on: str | None = None,
 ) -> None:
     """Write a CTFFIND-style result file atomically.

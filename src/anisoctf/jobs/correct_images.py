@@ -38,12 +38,10 @@ particles STAR, movies) are left as they are. STAR values are written with 6 dec
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
-import sys
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +51,7 @@ from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.io.atomic import atomic_path
 from anisoctf.io.mrc import read_mrc_header, read_stack, write_mrc
 from anisoctf.io.star_tables import write_star_tables
+from anisoctf.jobs.backends import process_pool
 from anisoctf.jobs.correct_plan import (
     CorrectPlan,
     FileTask,
@@ -190,11 +189,7 @@ def _run_tasks(tasks: list[FileTask], jobs: int, on_file: Callable[[FileTask, in
             total += n
             on_file(t, n)
         return total
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context(
-        "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
-    )
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx) as pool:
+    with process_pool(min(jobs, len(tasks))) as pool:
         futures = {pool.submit(correct_file, t): t for t in tasks}
         try:
             for fut in as_completed(futures):

@@ -7,7 +7,6 @@ the resampling options, the typed :class:`CorrectPlan` and the path helpers.
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from anisoctf.errors import InputError
 from anisoctf.io.star_tables import strip_type_tag
+from anisoctf.jobs.inputs import expand_patterns
 from anisoctf.magnification.resample import DEFAULT_METHOD, corrected_pixel_size
 from anisoctf.optics.magmat import MagMat
 
@@ -133,23 +133,9 @@ def make_task(src: Path, dst: Path, m: MagMat, pixel: float, opts: ResampleOptio
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    out: list[Path] = []
-    seen: set[str] = set()
-    for item in inputs:
-        s = str(item)
-        if any(c in s for c in "*?["):
-            hits = sorted(glob.glob(s))
-            if not hits:
-                raise InputError(f"no file matches the pattern {s!r}")
-            paths = [Path(h) for h in hits]
-        else:
-            paths = [Path(s)]
-        for p in paths:
-            key = str(p.absolute())
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-    return out
+    """The inputs with glob patterns expanded (the jobs' one expander), in the order given."""
+    found = expand_patterns([str(i) for i in inputs], sort=False, error=InputError)
+    return [Path(p) for p in found]
 
 
 def check_exists(p: Path) -> None:
