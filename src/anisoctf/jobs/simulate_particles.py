@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from anisoctf.errors import InputError
+from anisoctf.io import labels as L
 from anisoctf.io.atomic import write_text_atomic
 from anisoctf.io.mrc import write_mrc
 from anisoctf.io.star_tables import fmt_float as _fmt_float
@@ -60,14 +61,14 @@ def write_particles_star(
     """Write a RELION 3.1 particle STAR file for ``sim`` (observed input or the truth)."""
     spec = sim.spec
     o_cols = [
-        "rlnOpticsGroup",
-        "rlnOpticsGroupName",
-        "rlnAmplitudeContrast",
-        "rlnSphericalAberration",
-        "rlnVoltage",
-        "rlnImagePixelSize",
-        "rlnImageSize",
-        "rlnImageDimensionality",
+        L.OPTICS_GROUP,
+        L.OPTICS_GROUP_NAME,
+        L.AMPLITUDE_CONTRAST,
+        L.SPHERICAL_ABERRATION,
+        L.VOLTAGE,
+        L.IMAGE_PIXEL_SIZE,
+        L.IMAGE_SIZE,
+        L.IMAGE_DIMENSIONALITY,
     ]
     o_row = [
         "1",
@@ -81,7 +82,7 @@ def write_particles_star(
     ]
     if truth:
         m = spec.mag.array
-        o_cols += ["rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11"]
+        o_cols += list(L.MAGMAT)
         o_row += [
             _fmt_float(m[0, 0]),
             _fmt_float(m[0, 1]),
@@ -92,19 +93,15 @@ def write_particles_star(
         (sim.true_u, sim.true_v, sim.true_angle) if truth else (sim.obs_u, sim.obs_v, sim.obs_angle)
     )
     p_cols = [
-        "rlnImageName",
-        "rlnMicrographName",
-        "rlnOpticsGroup",
-        "rlnDefocusU",
-        "rlnDefocusV",
-        "rlnDefocusAngle",
-        "rlnCtfBfactor",
-        "rlnAngleRot",
-        "rlnAngleTilt",
-        "rlnAnglePsi",
-        "rlnOriginXAngst",
-        "rlnOriginYAngst",
-        "rlnRandomSubset",
+        L.IMAGE_NAME,
+        L.MICROGRAPH_NAME,
+        L.OPTICS_GROUP,
+        *L.DEFOCUS,
+        L.CTF_BFACTOR,
+        *L.ANGLES,
+        L.ORIGIN_X_ANGST,
+        L.ORIGIN_Y_ANGST,
+        L.RANDOM_SUBSET,
     ]
     rows = []
     for i in range(len(u)):
