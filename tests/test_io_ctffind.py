@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anisoctf.errors import InputError
@@ -12,6 +15,8 @@ from anisoctf.io.ctffind import (
     CTFFindSearch,
     ctffind_record,
     read_ctffind_txt,
+    tilt_from_ctffind,
+    tilt_to_ctffind,
     write_ctffind_txt,
 )
 from anisoctf.optics.ctf import Optics
@@ -133,10 +138,12 @@ def test_reads_ctffind5_file(tmp_path: Path) -> None:
     path.write_text(CTFFIND5_TEXT)
     records = read_ctffind_txt(path)
     assert len(records) == 2
+    # CTFFIND's axis 85.25° with tilt 11.75° is our axis 94.75° with tilt −11.75°
     assert records[0] == CTFFindRecord(
-        30125.5, 29750.25, 12.5, 0.0, 0.21, 6.5, 85.25, 11.75, 1650.5
+        30125.5, 29750.25, 12.5, 0.0, 0.21, 6.5, 94.75, -11.75, 1650.5
     )
-    assert records[1].thickness == 1700.0 and records[1].tilt_axis == 86.0
+    assert records[1].thickness == 1700.0 and records[1].tilt_axis == 94.0
+    assert records[1].tilt_angle == -12.0
 
 
 def test_writer_refuses_nan(tmp_path: Path) -> None:
@@ -192,3 +199,57 @@ def test_ctffind_record_from_a_micrograph_result(tmp_path: Path) -> None:
     write_ctffind_txt(out, rec, **HEADER)
     back = read_ctffind_txt(out)[0]
     assert back.defocus_1 == 21000.0 and back.thickness == 800.0
+
+
+def _height_ours(axis: float, tilt: float, x, y):
+    a, t = math.radians(axis), math.radians(tilt)
+    return math.tan(t) * (-x * math.sin(a) + y * math.cos(a))
+
+
+def _height_ctffind(axis: float, tilt: float, x, y):
+    """cisTEM ctffind_tilt.cpp: height = tan(tilt) (x sin(axis) + y cos(axis))."""
+    a, t = math.radians(axis), math.radians(tilt)
+    return math.tan(t) * (x * math.sin(a) + y * math.cos(a))
+
+
+@pytest.mark.parametrize("axis", [0.0, 17.5, 90.0, 130.0, 179.25])
+@pytest.mark.parametrize("tilt", [-35.0, -4.0, 0.0, 12.5, 40.0])
+def test_tilt_conversion_describes_the_same_specimen(axis: float, tilt: float) -> None:
+    """Physical invariance: the height of every point agrees between the two conventions."""
+    phi, tau = tilt_to_ctffind(axis, tilt)
+    assert 0.0 <= phi < 360.0 and tau >= 0.0
+    x, y = np.meshgrid(np.linspace(-1000, 1000, 7), np.linspace(-800, 800, 5))
+    np.testing.assert_allclose(
+        _height_ctffind(phi, tau, x, y), _height_ours(axis, tilt, x, y), atol=1e-9
+    )
+    back_axis, back_tilt = tilt_from_ctffind(phi, tau)
+    if tilt != 0.0:
+        assert back_axis == pytest.approx(axis, abs=1e-12)
+        assert back_tilt == pytest.approx(tilt, abs=1e-12)
+    assert 0.0 <= back_axis < 180.0
+
+
+def test_written_columns_are_ctffind5s_convention(tmp_path: Path) -> None:
+    rec = CTFFindRecord(2.0, 1.0, 0.0, 0.0, 0.1, 5.0, 130.0, 25.0, 0.0)
+    out = tmp_path / "t.txt"
+    write_ctffind_txt(out, rec, **HEADER)
+    fields = out.read_text().splitlines()[-1].split()
+    assert (float(fields[7]), float(fields[8])) == (230.0, 25.0)  # 360° − 130°, unsigned
+    neg = CTFFindRecord(2.0, 1.0, 0.0, 0.0, 0.1, 5.0, 40.0, -10.0, 0.0)
+    write_ctffind_txt(out, neg, **HEADER)
+    fields = out.read_text().splitlines()[-1].split()
+    assert (float(fields[7]), float(fields[8])) == (140.0, 10.0)  # 180° − 40°, unsigned
+    assert read_ctffind_txt(out) == [neg]
+
+
+def test_real_ctffind5_tilt_convention(shared_real: Path) -> None:
+    """CTFFIND 5.0.1's own .txt for a micrograph tilted 25° about our 130° axis."""
+    folder = shared_real.parent / "ctffind5"
+    truth = json.loads((folder / "tilted_2048.json").read_text())
+    (rec,) = read_ctffind_txt(folder / "tilted_2048_ctffind5.txt")
+    assert rec.tilt_axis == pytest.approx(truth["tilt_axis_deg"], abs=2.0)  # CTFFIND: 231.15°
+    assert rec.tilt_angle == pytest.approx(truth["tilt_deg"], abs=1.0)
+    assert rec.defocus_1 == pytest.approx(truth["dfU"], abs=20.0)
+    # and a file written by us for the truth reads as CTFFIND's numbers do
+    phi, tau = tilt_to_ctffind(truth["tilt_axis_deg"], truth["tilt_deg"])
+    assert phi == pytest.approx(231.145706, abs=2.0) and tau == pytest.approx(25.478270, abs=1.0)

@@ -17,6 +17,15 @@ up to which the CTF rings were fit successfully. CTFFIND 5 adds 8 estimated tilt
 [degrees]; 9 estimated tilt angle [degrees]; 10 estimated sample thickness [Å]. Note that
 CTFFIND labels the defocus search range "um" although the values are in Å; the same wording is
 kept so that tools which parse the header by position keep working.
+
+Tilt columns 8–9 are written in CTFFIND 5's own convention and read back into ours
+(:func:`tilt_to_ctffind`, :func:`tilt_from_ctffind`). CTFFIND 5 writes the axis in [0°, 360°)
+and an unsigned tilt, with the specimen height ``tan(tilt)·(x·sin φ + y·cos φ)`` (cisTEM
+``ctffind_tilt.cpp``); anisoctf keeps the axis in [0°, 180°) and a signed tilt, height
+``tan(tilt)·(−x·sin α + y·cos α)`` (docs/local.md). So a positive tilt about our axis α is
+CTFFIND's ``(360° − α, tilt)`` and a negative one ``(180° − α, |tilt|)``. Pinned against the
+file CTFFIND 5.0.1 itself wrote (``../shared/data/ctffind5``: our 130° is its 231.15° ≈
+360° − 130°) by ``tests/test_io_ctffind.py::test_real_ctffind5_tilt_convention``.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ __all__ = [
     "CTFFindSearch",
     "ctffind_record",
     "read_ctffind_txt",
+    "tilt_from_ctffind",
+    "tilt_to_ctffind",
     "write_ctffind_txt",
 ]
 
@@ -72,7 +83,9 @@ class CTFFindRecord:
     fit_resolution
         Spacing in Å up to which the CTF rings were fit successfully.
     tilt_axis, tilt_angle
-        CTFFIND 5 estimated tilt axis angle and tilt angle in degrees; None for CTFFIND 4.
+        Estimated tilt axis angle and tilt angle in degrees, in anisoctf's convention (axis in
+        [0, 180), signed tilt); the file holds CTFFIND 5's (see the module notes), converted
+        on writing and reading. None for CTFFIND 4.
     thickness
         CTFFIND 5 estimated sample thickness in Å; None for CTFFIND 4.
     """
@@ -112,6 +125,30 @@ class CTFFindSearch:
     max_res: float
     df_min: float
     df_max: float
+
+
+def tilt_to_ctffind(axis_deg: float, tilt_deg: float) -> tuple[float, float]:
+    """CTFFIND 5's ``(axis in [0, 360), unsigned tilt)`` for anisoctf's ``(axis, signed tilt)``.
+
+    Both describe the same height ``tan(tilt)·(−x·sin α + y·cos α) =
+    tan|tilt|·(x·sin φ + y·cos φ)``: ``φ = −α`` for a positive tilt, ``φ = 180° − α`` for a
+    negative one (modulo 360°).
+    """
+    phi = (-axis_deg if tilt_deg >= 0 else 180.0 - axis_deg) % 360.0
+    return (0.0 if phi >= 360.0 else phi), abs(tilt_deg)
+
+
+def tilt_from_ctffind(axis_deg: float, tilt_deg: float) -> tuple[float, float]:
+    """anisoctf's ``(axis in [0, 180), signed tilt)`` for CTFFIND 5's ``(axis, tilt)``.
+
+    The inverse of :func:`tilt_to_ctffind`; a (non-standard) negative CTFFIND tilt is read as
+    the same height too.
+    """
+    alpha = (-axis_deg) % 360.0
+    alpha = 0.0 if alpha >= 360.0 else alpha
+    if alpha >= 180.0:
+        return alpha - 180.0, -tilt_deg
+    return alpha, tilt_deg
 
 
 def ctffind_record(row: MicrographCTFRow) -> CTFFindRecord:
@@ -207,9 +244,12 @@ def write_ctffind_txt(
             r.fit_resolution,
         ]
         if ctffind5:
-            values += [
-                v if v is not None else 0.0 for v in (r.tilt_axis, r.tilt_angle, r.thickness)
-            ]
+            axis, tilt = (
+                tilt_to_ctffind(r.tilt_axis, r.tilt_angle)
+                if r.tilt_axis is not None and r.tilt_angle is not None
+                else (0.0, 0.0)
+            )
+            values += [axis, tilt, r.thickness if r.thickness is not None else 0.0]
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"record {number} has a non-finite value: {values}")
         lines.append(" ".join(f"{v:.6f}" for v in values))
@@ -269,7 +309,9 @@ def read_ctffind_txt(path: str | os.PathLike[str]) -> list[CTFFindRecord]:
                 f"line {lineno} holds NaN/Inf results; the fit failed — re-run CTF estimation",
                 path=p,
             )
-        extra: list[float | None] = list(values[7:10]) if len(values) == 10 else [None] * 3
+        extra: list[float | None] = [None] * 3
+        if len(values) == 10:
+            extra = [*tilt_from_ctffind(values[7], values[8]), values[9]]
         records.append(
             CTFFindRecord(
                 defocus_1=values[1],
