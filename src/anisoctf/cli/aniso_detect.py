@@ -30,17 +30,17 @@ from rich.text import Text
 
 from anisoctf.errors import AnisoctfError, InputError
 from anisoctf.io.ctffind import read_ctffind_txt
+from anisoctf.io.detection_json import write_detection_json
 from anisoctf.io.gctf import read_gctf_log, read_gctf_star
 from anisoctf.magnification.detect import (
     DEFAULT_BOOTSTRAP,
     AnisoDetection,
     detect_anisomag,
     format_p,
-    plot_detection,
-    write_detection_json,
 )
 from anisoctf.optics.frames import defocus_table_to_observed
 from anisoctf.optics.magmat import MagMat
+from anisoctf.report.detection_plot import plot_detection
 
 __all__ = ["CTFTable", "detect_command", "load_ctf_table"]
 
