@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from anisoctf.cli.main import app
 from anisoctf.errors import InputError
 from anisoctf.io.ctffind import CTFFindRecord, CTFFindSearch, write_ctffind_txt
+from anisoctf.io.detection_json import write_detection_json
 from anisoctf.io.star import MicrographCTFRow, write_micrographs_ctf_star
 from anisoctf.magnification import MagMat, defocus_table_to_observed, defocus_table_to_true
 from anisoctf.magnification.detect import (
@@ -30,12 +31,11 @@ from anisoctf.magnification.detect import (
     astigmatism_components,
     detect_anisomag,
     magmat_from_slope,
-    plot_detection,
     residual_report,
     tukey_constant,
-    write_detection_json,
 )
 from anisoctf.optics.ctf import CTFParams, Optics
+from anisoctf.report.detection_plot import plot_detection
 from anisoctf.simulate.micrograph import MicrographSpec
 
 runner = CliRunner()

@@ -30,8 +30,9 @@ from anisoctf.jobs.relion_external import (
     SUCCESS,
     parse_params,
 )
+from anisoctf.jobs.report_job import run_report
 from anisoctf.jobs.simulate_micrographs import SimulationOptions, run_simulate
-from anisoctf.report.html import collect_report_data, write_report
+from anisoctf.report.html import collect_report_data
 
 runner = CliRunner()
 SETTINGS = FitSettings(box=128)
@@ -232,7 +233,7 @@ def test_report_page_content(estimated: Path) -> None:
     data = collect_report_data(estimated)
     assert len(data.rows) >= 3 and len(data.thumbnails) == len(data.rows)
     assert any(name == "bad" for name, _ in data.failures)
-    path = write_report(estimated)
+    path = run_report(estimated)
     text = path.read_text()
     assert text.count('<img class="thumb"') == len(data.rows)
     assert 'id="histograms"' in text and "http://" not in text and "https://" not in text
@@ -248,7 +249,7 @@ def test_report_in_headless_chromium(estimated: Path, tmp_path: Path) -> None:
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    page = write_report(estimated, tmp_path / "report.html")
+    page = run_report(estimated, tmp_path / "report.html")
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
     env = {**os.environ, "HOME": str(tmp_path)}
     dom = subprocess.run(

@@ -71,12 +71,12 @@ def report_command(
 ) -> None:
     """Write one self-contained HTML report: distributions, astigmatism vs defocus with the
     anisomag fit, a sortable table with thumbnails, and the failures."""
+    from anisoctf.cli.errors import usage_exit
     from anisoctf.errors import AnisoctfError
-    from anisoctf.report.html import write_report
+    from anisoctf.jobs.report_job import run_report
 
     try:
-        path = write_report(directory, out, max_thumbnails=max_thumbnails)
+        path = run_report(directory, out, max_thumbnails=max_thumbnails)
     except AnisoctfError as exc:
-        _err().print(f"error: {' '.join(str(exc).split())}", markup=False)
-        raise typer.Exit(2) from None
+        usage_exit(exc)
     print(f"report: {path}")

@@ -1,7 +1,7 @@
 """The defocus-surface JSON file ``<stem>_surface.json`` (one per micrograph).
 
 A small, documented, versioned document (docs/local.md) holding a micrograph's local defocus:
-the surface (plane + residual spline, :class:`anisoctf.local.surface.DefocusSurface`), the shared
+the surface (plane + residual spline, :class:`anisoctf.records.local.DefocusSurface`), the shared
 astigmatism, the tilt, the thickness and the patches' own estimates. Non-finite numbers are
 written as ``null``. Written atomically; reading checks the format and names the file in every
 error.
@@ -20,10 +20,21 @@ import numpy as np
 
 from anisoctf.errors import InputError
 from anisoctf.io.atomic import atomic_write
-from anisoctf.local.estimate import LocalEstimate
-from anisoctf.local.surface import SURFACE_FORMAT, SURFACE_VERSION, DefocusSurface
+from anisoctf.records.local import DefocusSurface, LocalEstimate
 
-__all__ = ["SurfaceRecord", "read_surface_json", "write_surface_json"]
+__all__ = [
+    "SURFACE_FORMAT",
+    "SURFACE_VERSION",
+    "SurfaceRecord",
+    "read_surface_json",
+    "surface_document",
+    "write_surface_json",
+]
+
+#: the document's ``format`` field
+SURFACE_FORMAT = "anisoctf-defocus-surface"
+#: the layout version this module writes (and the newest it reads)
+SURFACE_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,13 @@ from typing import Any
 import numpy as np
 
 from anisoctf.errors import AnisoctfError
-from anisoctf.io.atomic import write_text_atomic
-from anisoctf.io.star import MicrographCTFRow
+from anisoctf.io.batch_records import (
+    RECORD_SUFFIX,
+    MicrographRecord,
+    read_record,
+    record_path,
+    write_record,
+)
 
 __all__ = [
     "LOCK_NAME",
@@ -60,10 +65,6 @@ __all__ = [
 
 #: file name of the lock in the output directory
 LOCK_NAME = ".anisoctf.lock"
-#: suffix of the per-micrograph record files
-RECORD_SUFFIX = ".record.json"
-#: version of the record layout; a record of another version is ignored (the micrograph is redone)
-RECORD_VERSION = 1
 # temporary names made by anisoctf.io.atomic: ".<name>.<8 random chars>.tmp"
 _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")
 
@@ -127,113 +128,6 @@ def task_fingerprint(**parts: Any) -> str:
 # records
 
 
-@dataclasses.dataclass(frozen=True)
-class MicrographRecord:
-    """What a finished micrograph left behind.
-
-    Attributes
-    ----------
-    fingerprint
-        :func:`task_fingerprint` of its task.
-    ok
-        True for a success.
-    row
-        Its ``micrographs_ctf.star`` row (successes only).
-    figure_of_merit, fit_resolution
-        Scores of the fit (successes only).
-    warnings
-        The estimate's remarks.
-    outputs
-        Files written besides the record.
-    message
-        One-line reason of a failure.
-    seconds
-        Wall time spent on it.
-    """
-
-    fingerprint: str
-    ok: bool
-    row: MicrographCTFRow | None = None
-    figure_of_merit: float = math.nan
-    fit_resolution: float = math.nan
-    warnings: tuple[str, ...] = ()
-    outputs: tuple[str, ...] = ()
-    message: str = ""
-    seconds: float = 0.0
-
-    def outputs_exist(self) -> bool:
-        """Whether every output file listed is still there."""
-        return all(Path(p).is_file() for p in self.outputs)
-
-
-def record_path(out_dir: str | os.PathLike[str], stem: str) -> Path:
-    """``<out_dir>/<stem>.record.json``."""
-    return Path(out_dir) / f"{stem}{RECORD_SUFFIX}"
-
-
-def _float_out(x: float) -> float | str:
-    return x if math.isfinite(x) else repr(float(x))
-
-
-def _float_in(x: Any) -> float:
-    return float(x)  # float("nan"), float("inf") read back the repr written by _float_out
-
-
-def write_record(path: str | os.PathLike[str], record: MicrographRecord) -> None:
-    """Write ``record`` atomically as JSON (floats round-trip exactly)."""
-    row = None
-    if record.row is not None:
-        row = {
-            k: (_float_out(v) if isinstance(v, float) else v)
-            for k, v in dataclasses.asdict(record.row).items()
-        }
-    data = {
-        "version": RECORD_VERSION,
-        "fingerprint": record.fingerprint,
-        "ok": record.ok,
-        "row": row,
-        "figure_of_merit": _float_out(record.figure_of_merit),
-        "fit_resolution": _float_out(record.fit_resolution),
-        "warnings": list(record.warnings),
-        "outputs": list(record.outputs),
-        "message": record.message,
-        "seconds": record.seconds,
-    }
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
-def read_record(path: str | os.PathLike[str]) -> MicrographRecord | None:
-    """Read a record; None when it is absent, unreadable or of another layout version."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("version") != RECORD_VERSION:
-            return None
-        row = None
-        if data.get("row") is not None:
-            fields = {f.name: f for f in dataclasses.fields(MicrographCTFRow)}
-            raw = data["row"]
-            kwargs = {}
-            for k, v in raw.items():
-                if k not in fields:
-                    return None  # written by another version of the row: redo
-                kwargs[k] = _float_in(v) if isinstance(v, str) and k not in _STRING_ROW else v
-            row = MicrographCTFRow(**kwargs)
-        return MicrographRecord(
-            fingerprint=str(data["fingerprint"]),
-            ok=bool(data["ok"]),
-            row=row,
-            figure_of_merit=_float_in(data["figure_of_merit"]),
-            fit_resolution=_float_in(data["fit_resolution"]),
-            warnings=tuple(str(w) for w in data.get("warnings", ())),
-            outputs=tuple(str(p) for p in data.get("outputs", ())),
-            message=str(data.get("message", "")),
-            seconds=float(data.get("seconds", 0.0)),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-_STRING_ROW = {"name", "ctf_image", "surface"}
 
 
 # --------------------------------------------------------------------------------------------

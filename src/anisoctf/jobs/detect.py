@@ -21,6 +21,7 @@ import numpy as np
 
 from anisoctf.errors import InputError
 from anisoctf.io.ctffind import read_ctffind_txt
+from anisoctf.io.detection_json import write_detection_json
 from anisoctf.io.gctf import read_gctf_log, read_gctf_star
 from anisoctf.jobs.inputs import expand_patterns
 from anisoctf.magnification.detect import (
@@ -28,11 +29,10 @@ from anisoctf.magnification.detect import (
     AnisoDetection,
     detect_anisomag,
     format_p,
-    plot_detection,
-    write_detection_json,
 )
 from anisoctf.optics.frames import defocus_table_to_observed
 from anisoctf.optics.magmat import MagMat
+from anisoctf.report.detection_plot import plot_detection
 
 __all__ = [
     "DEFAULT_BOOTSTRAP",

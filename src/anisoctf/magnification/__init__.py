@@ -4,7 +4,10 @@
 decomposition) and the converters to and from RELION, cryoSPARC, cisTEM and MotionCor2;
 :mod:`~anisoctf.optics.frames` moves defocus between the observed and the true frame
 and predicts the astigmatism that anisomag alone produces; :mod:`~anisoctf.magnification.detect`
-estimates ``M`` from many micrographs' astigmatism against defocus;
+estimates ``M`` from many micrographs' astigmatism against defocus (the robust line in
+:mod:`~anisoctf.magnification.robust_line`, the result in
+:mod:`~anisoctf.magnification.detection`; its JSON file is :mod:`anisoctf.io.detection_json`,
+its plot :mod:`anisoctf.report.detection_plot`);
 :mod:`~anisoctf.magnification.tables` rewrites RELION and cryoSPARC tables into the true
 frame. Conventions and sources are in ``docs/anisomag.md``.
 """
@@ -12,9 +15,7 @@ frame. Conventions and sources are in ``docs/anisomag.md``.
 from anisoctf.magnification.detect import (
     AnisoDetection,
     detect_anisomag,
-    plot_detection,
     residual_report,
-    write_detection_json,
 )
 from anisoctf.optics.frames import (
     apparent_astigmatism,
@@ -45,9 +46,7 @@ __all__ = [
     "RELION_MAGMAT_LABELS",
     "AnisoDetection",
     "detect_anisomag",
-    "plot_detection",
     "residual_report",
-    "write_detection_json",
     "MagMat",
     "apparent_astigmatism",
     "as_matrix",

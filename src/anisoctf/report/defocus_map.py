@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from anisoctf.io.atomic import write_bytes_atomic
-from anisoctf.local.estimate import LocalEstimate
+from anisoctf.records.local import LocalEstimate
 from anisoctf.report.diagnostic import _fonts, _nice_ticks, encode_png
 
 __all__ = ["render_defocus_map"]

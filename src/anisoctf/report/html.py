@@ -24,16 +24,19 @@ import html
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from anisoctf.errors import AnisoctfError, InputError
+from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_text_atomic
+from anisoctf.io.batch_records import read_record
 from anisoctf.io.gctf import read_gctf_star
 from anisoctf.io.star import MicrographCTFRow
+from anisoctf.magnification.detection import AnisoDetection
+from anisoctf.optics.frames import defocus_table_to_observed
+from anisoctf.report.detection_plot import detection_png
 
 __all__ = ["ReportData", "collect_report_data", "render_report", "write_report"]
 
@@ -66,8 +69,6 @@ def collect_report_data(directory: str | os.PathLike[str]) -> ReportData:
     InputError
         The folder does not exist or holds neither a CTF STAR table nor records.
     """
-    from anisoctf.jobs.batch_state import read_record
-
     d = Path(directory)
     if not d.is_dir():
         raise InputError("not a folder; give the output folder of anisoctf estimate", path=d)
@@ -104,10 +105,6 @@ def _png_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _file_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _thumbnail_uri(path: Path, width: int = 160) -> str | None:
@@ -149,35 +146,48 @@ def _histograms(rows: list[MicrographCTFRow]) -> str:
     return _png_uri(fig)
 
 
-def _anisomag_plot(data: ReportData) -> tuple[str | None, str]:
-    """The anisomag plot (data URI) and a one-line verdict, or None and the reason."""
-    from anisoctf.magnification.detect import detect_anisomag, plot_detection
-    from anisoctf.optics.frames import defocus_table_to_observed
+def anisomag_observed_table(
+    data: ReportData,
+) -> tuple[int, list[str], np.ndarray, np.ndarray, np.ndarray] | None:
+    """The largest optics group's observed-frame defocus table for the anisomag plot.
 
+    Returns ``(group, names, U, V, angle)``, or None without successful micrographs.
+    True-frame fits (a group with a magnification matrix) are taken back to the observed frame
+    first, where anisomag shows as astigmatism.
+    """
     groups: dict[int, list[MicrographCTFRow]] = {}
     for r in data.rows:
         groups.setdefault(r.optics_group, []).append(r)
     if not groups:
-        return None, "no successful micrographs"
+        return None
     group, rows = max(groups.items(), key=lambda kv: len(kv[1]))
     u = np.array([r.defocus_u for r in rows])
     v = np.array([r.defocus_v for r in rows])
     a = np.array([r.defocus_angle for r in rows])
-    if group in data.mag_matrices:  # true-frame fits: back to the observed frame first
+    if group in data.mag_matrices:
         u, v, a = defocus_table_to_observed(u, v, a, data.mag_matrices[group])
+    return group, [r.name for r in rows], u, v, a
+
+
+@dataclass(frozen=True)
+class AnisomagSection:
+    """The report's anisomag section: the plot as a data URI (None without one) and a line."""
+
+    image_uri: str | None
+    text: str
+
+
+def anisomag_section(
+    group: int, n_micrographs: int, detection: AnisoDetection
+) -> AnisomagSection:
+    """The section for a detection already computed (the report computes none itself)."""
     try:
-        det = detect_anisomag(u, v, a, [r.name for r in rows], n_bootstrap=200)
-    except (AnisoctfError, ValueError) as exc:
-        return None, f"anisomag fit not possible: {' '.join(str(exc).split())}"
-    with tempfile.TemporaryDirectory(prefix="anisoctf-report-") as tmp:
-        png = Path(tmp) / "anisomag.png"
-        try:
-            plot_detection(det, png, title=f"optics group {group}: astigmatism against defocus")
-        except (ValueError, OSError) as exc:
-            return None, f"anisomag plot not possible: {exc}"
-        uri = _file_uri(png)
-    text = " ".join(det.summary_lines())
-    return uri, f"optics group {group}, {len(rows)} micrographs. {text}"
+        png = detection_png(detection, title=f"optics group {group}: astigmatism against defocus")
+    except (ValueError, OSError) as exc:
+        return AnisomagSection(None, f"anisomag plot not possible: {exc}")
+    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    text = " ".join(detection.summary_lines())
+    return AnisomagSection(uri, f"optics group {group}, {n_micrographs} micrographs. {text}")
 
 
 _STYLE = """
@@ -223,7 +233,9 @@ def _num(x: float, fmt: str) -> str:
     return format(x, fmt) if math.isfinite(x) else "nan"
 
 
-def render_report(data: ReportData, max_thumbnails: int = 400) -> str:
+def render_report(
+    data: ReportData, anisomag: AnisomagSection, max_thumbnails: int = 400
+) -> str:
     """The HTML text of the page."""
     esc = html.escape
     n_ok, n_fail = len(data.rows), len(data.failures)
@@ -248,7 +260,7 @@ def render_report(data: ReportData, max_thumbnails: int = 400) -> str:
             f'<img class="plot" id="histograms" alt="histograms" src="{_histograms(data.rows)}">'
         )
         parts.append("<h2>Astigmatism against defocus (anisotropic magnification)</h2>")
-        uri, text = _anisomag_plot(data)
+        uri, text = anisomag.image_uri, anisomag.text
         if uri is not None:
             parts.append(f'<img class="plot" id="anisomag" alt="anisomag fit" src="{uri}">')
         parts.append(f"<p>{esc(text)}</p>")
@@ -314,22 +326,22 @@ def render_report(data: ReportData, max_thumbnails: int = 400) -> str:
 
 
 def write_report(
-    directory: str | os.PathLike[str],
-    out: str | os.PathLike[str] | None = None,
+    data: ReportData,
+    anisomag: AnisomagSection,
+    path: str | os.PathLike[str],
     *,
     max_thumbnails: int = 400,
 ) -> Path:
-    """Write the report of ``directory`` (default ``directory/report.html``), atomically.
+    """Write the page for ``data`` to ``path``, atomically.
 
     Raises
     ------
     InputError
-        See :func:`collect_report_data`; also when the page cannot be written.
+        The page cannot be written.
     """
-    data = collect_report_data(directory)
-    path = Path(out) if out is not None else Path(directory) / "report.html"
+    path = Path(path)
     try:
-        write_text_atomic(path, render_report(data, max_thumbnails=max_thumbnails))
+        write_text_atomic(path, render_report(data, anisomag, max_thumbnails=max_thumbnails))
     except OSError as exc:
         raise InputError(f"cannot write the report ({exc.strerror or exc})", path=path) from None
     return path
