@@ -46,6 +46,7 @@ from anisoctf.io.batch_records import (
     record_path,
     write_record,
 )
+from anisoctf.records.flags import flag_kind, flags_of
 
 __all__ = [
     "LOCK_NAME",
@@ -54,6 +55,7 @@ __all__ = [
     "BatchLockedError",
     "MicrographRecord",
     "canonical_json",
+    "flag_summary",
     "input_signature",
     "read_record",
     "record_path",
@@ -266,6 +268,26 @@ def process_and_record(
             return result
         return f"{result.row.name}: cannot write {record_file}: {exc.strerror or exc}"
     return result
+
+
+def flag_summary(results: Iterable[Any]) -> str | None:
+    """The summary line of the micrographs whose results are flagged as implausible
+    (:mod:`anisoctf.records.flags`), or None when none is; ``results`` have ``name`` and
+    ``warnings`` (:class:`~anisoctf.jobs.micrograph.RowResult`)."""
+    flagged = [(r.name, flags_of(r.warnings)) for r in results]
+    flagged = [(n, f) for n, f in flagged if f]
+    if not flagged:
+        return None
+    kinds: dict[str, int] = {}
+    for _, fl in flagged:
+        for kind in dict.fromkeys(flag_kind(f) for f in fl):
+            kinds[kind] = kinds.get(kind, 0) + 1
+    what = ", ".join(f"{k}: {v}" for k, v in kinds.items())
+    n = len(flagged)
+    return (
+        f"{n} micrograph{'s' if n > 1 else ''} flagged as implausible ({what}); "
+        "the record and picture of each say why"
+    )
 
 
 def existing_records(out_dir: str | os.PathLike[str], stems: Iterable[str]) -> int:

@@ -44,6 +44,7 @@ from anisoctf.jobs.batch_state import (
     BatchLock,
     BatchLockedError,
     MicrographRecord,
+    flag_summary,
     input_signature,
     process_and_record,
     read_record,
@@ -549,6 +550,8 @@ def _print_summary(console: Console, report: EstimateReport) -> None:
         res = _median([r.fit_resolution for r in report.results])
         line += f"; median defocus {df:,.0f} Å, median fit resolution {res:.2f} Å"
     console.print(line, markup=False)
+    if (flagged := flag_summary(report.results)) is not None:
+        console.print(flagged, markup=False)
     if report.star_path is not None:
         console.print(f"results: {report.star_path}", markup=False)
     elif not report.results:

@@ -7,7 +7,8 @@ atomically:
 
 * ``<stem>.txt``: CTFFIND-compatible result (defocus 1 = U, defocus 2 = V, azimuth = angle,
   phase shift in radians, cross correlation = figure of merit, fit resolution);
-* ``<stem>_ctf.png``: the diagnostic picture;
+* ``<stem>_ctf.png``: the diagnostic picture (for a failed micrograph too: its spectrum and
+  the reason, :mod:`anisoctf.report.failure`);
 * ``<stem>.ctf``: the diagnostic power spectrum (:func:`~anisoctf.jobs.ctf_image.ctf_image_array`).
 
 Pixel sizes: the micrograph's pixel size is ``optics.pixel_size`` (the ``.txt`` header); the
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anisoctf.errors import AnisoctfError, InputError
+from anisoctf.errors import AnisoctfError, FitError, InputError
 from anisoctf.fit.estimate import check_image, estimate_ctf, fit_spectrum
 from anisoctf.fit.result import CTFEstimate, FitSettings
 from anisoctf.io.ctffind import CTFFindRecord, CTFFindSearch, write_ctffind_txt
@@ -39,8 +40,10 @@ from anisoctf.jobs.local_step import LocalOutcome, run_local_step
 from anisoctf.jobs.process_memory import keep_freed_memory
 from anisoctf.local.estimate import LocalSettings
 from anisoctf.optics.ctf import Optics
+from anisoctf.records.flags import figure_of_merit_flag, is_flag, tilt_support_flag
 from anisoctf.report.diagnostic import render_diagnostic
-from anisoctf.spectrum.periodogram import stack_periodogram
+from anisoctf.report.failure import render_failure
+from anisoctf.spectrum.periodogram import stack_periodogram, tile_periodogram
 from anisoctf.version import __version__
 
 __all__ = ["RowResult", "failure_message", "process_one"]
@@ -158,26 +161,77 @@ def process_one(
         p = est.params
         values = (p.defocus_u, p.defocus_v, p.angle_deg, p.phase_shift_deg)
         if not all(math.isfinite(v) for v in values):
-            return failure_message(name, f"the fit returned non-finite values {values}")
+            raise FitError(f"the fit returned non-finite values {values}")
         outputs = _write_outputs(est, lo, name, optics, settings, out, stem)
     except AnisoctfError as exc:
-        return failure_message(name, str(exc))
+        msg = failure_message(name, str(exc))
     except OSError as exc:
-        return failure_message(name, f"cannot write the outputs into {out}: {exc.strerror or exc}")
+        msg = failure_message(name, f"cannot write the outputs into {out}: {exc.strerror or exc}")
     except Exception as exc:  # noqa: BLE001 - one bad micrograph must not stop the batch
         msg = failure_message(name, f"internal error: {type(exc).__name__}: {exc}")
         if debug:
             msg += "\n" + traceback.format_exc().rstrip()
+    else:
+        msg = ""
+    if msg:
+        _failure_picture(path, name, optics, settings, out, stem, msg, stack, fft_workers)
         return msg
     return RowResult(
         name=name,
         row=_star_row(est, lo, name, optics_group, settings, Path(outputs[2])),
         figure_of_merit=float(est.figure_of_merit),
         fit_resolution=float(est.fit_resolution),
-        warnings=tuple(est.warnings) + (lo.warnings if lo is not None else ()),
+        warnings=_all_warnings(est, lo),
         outputs=outputs + (lo.outputs if lo is not None else ()),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _all_warnings(est: CTFEstimate, lo: LocalOutcome | None) -> tuple[str, ...]:
+    """The micrograph's warnings, flags of implausible numbers first
+    (:mod:`anisoctf.records.flags`)."""
+    more = [figure_of_merit_flag(est.figure_of_merit)]
+    if lo is not None and lo.estimate is not None:
+        more.append(tilt_support_flag(lo.estimate.patch_outliers))
+    every = [w for w in more if w] + list(est.warnings) + list(lo.warnings if lo else ())
+    return tuple(sorted(dict.fromkeys(every), key=lambda w: not is_flag(w)))
+
+
+def _failure_picture(
+    path: str,
+    name: str,
+    optics: Optics,
+    settings: FitSettings,
+    out: Path,
+    stem: str,
+    message: str,
+    stack: bool,
+    fft_workers: int,
+) -> None:
+    """``<stem>_ctf.png`` of a failed micrograph: its averaged periodogram and the reason.
+    Best effort: a micrograph that cannot be read gets the reason alone, and nothing here
+    can turn the failure into another."""
+    power = None
+    try:
+        if stack or path.lower().endswith(".mrcs"):
+            power = stack_periodogram(read_stack(path), optics.pixel_size, workers=fft_workers)
+        else:
+            image = np.asarray(read_micrograph(path).data)
+            box = int(min(settings.box, 2 ** int(np.log2(max(min(image.shape), 2)))))
+            if box >= 64:
+                power = tile_periodogram(image, optics.pixel_size, box=box, workers=fft_workers)
+    except Exception:  # noqa: BLE001 - the picture shows what could be read
+        power = None
+    try:
+        render_failure(
+            out / f"{stem}_ctf.png",
+            name,
+            message.splitlines()[0],
+            power.power if power is not None else None,
+            power.pixel_size if power is not None else optics.pixel_size,
+        )
+    except Exception:  # noqa: BLE001 - e.g. an unwritable folder: the message says it
+        pass
 
 
 def _fit(
@@ -241,7 +295,7 @@ def _write_outputs(
             fit_resolution=res if math.isfinite(res) else 0.0,
             tilt_axis=loc.tilt_axis if loc is not None else None,
             tilt_angle=loc.tilt_angle if loc is not None else None,
-            thickness=(loc.thickness or 0.0) if loc is not None else None,
+            thickness=(loc.reported_thickness or 0.0) if loc is not None else None,
         ),
         input_file=name,
         optics=optics.with_pixel_size(micrograph_apix),
@@ -250,7 +304,7 @@ def _write_outputs(
         ),
         version_line=f"anisoctf {__version__}",
     )
-    render_diagnostic(est, png, title=name)
+    render_diagnostic(est, png, title=name, warnings=_all_warnings(est, lo))
     write_mrc(ctf, ctf_image_array(est), pixel_size=spectrum_apix)
     return str(txt), str(png), str(ctf)
 
@@ -278,6 +332,6 @@ def _star_row(
         phase_shift=float(p.phase_shift_deg) if settings.phase_plate else None,
         tilt_angle=loc.tilt_angle if loc is not None else None,
         tilt_axis=loc.tilt_axis if loc is not None else None,
-        thickness=loc.thickness if loc is not None else None,
+        thickness=loc.reported_thickness if loc is not None else None,
         surface=lo.surface_path if lo is not None else "",
     )

@@ -18,6 +18,7 @@ from anisoctf.fit.search import profile_scores
 from anisoctf.local.plane import peak
 from anisoctf.local.profiles import TileProfiles, _ctf2, modulation, tile_profiles
 from anisoctf.optics.ctf import Optics
+from anisoctf.records.flags import thickness_at_limit_flag
 from anisoctf.records.local import DefocusSurface, LocalSettings
 from anisoctf.spectrum.tiles import TileSpectra
 
@@ -76,6 +77,11 @@ def fit_thickness(
 ) -> tuple[float, float, list[str]]:
     """Sample thickness (Å), its standard error and remarks.
 
+    A thickness at the end of the search range (``local.max_thickness``) is no estimate: it
+    comes back as NaN with an infinite error and a flag
+    (:func:`anisoctf.records.flags.thickness_at_limit_flag`); no sign of thickness is 0 with
+    an infinite error.
+
     ``tiles`` may be larger than those of the defocus fit: the band reaches as far as a tile
     can sample the rings, beyond the global fit resolution (past the first node of a thick
     sample the rings come back with reversed contrast), and a larger tile samples finer rings.
@@ -123,7 +129,10 @@ def fit_thickness(
         return 0.0, float("inf"), warnings
     thickness = float(max(pos, 0.0))
     if thickness >= local.max_thickness - step:
-        warnings.append("thickness at the limit of the search range")
+        # the best thickness is where the search ends: the rings do not bound it, and the
+        # number says only "at least this thick"; it is no estimate and is not reported
+        warnings.append(thickness_at_limit_flag(local.max_thickness))
+        return float("nan"), float("inf"), warnings
     if thickness < t_limit:
         warnings.append(
             f"thickness {thickness:.0f} Å is below what the rings show reliably "

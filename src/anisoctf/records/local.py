@@ -210,7 +210,8 @@ class LocalEstimate:
     patches
         The patch estimates (row-major: y outer, x inner).
     thickness
-        Sample thickness (Å), or None when not estimated.
+        Sample thickness (Å), or None when not estimated; NaN when the search ended at its
+        limit (the rings do not bound it: no value, and a flag among ``warnings``).
     thickness_sigma
         Its standard error (Å); inf when the rings do not constrain it.
     astigmatism, angle_deg, phase_shift_deg
@@ -234,6 +235,19 @@ class LocalEstimate:
     n_tiles: int
     tile: int
     warnings: tuple[str, ...] = ()
+
+    @property
+    def reported_thickness(self) -> float | None:
+        """The thickness as tables write it: None when not estimated, 0.0 (CTFFIND 5's "not
+        estimated") when it was searched but is no value (NaN, at the search limit)."""
+        if self.thickness is None:
+            return None
+        return float(self.thickness) if np.isfinite(self.thickness) else 0.0
+
+    @property
+    def patch_outliers(self) -> tuple[bool, ...]:
+        """Each patch's outlier flag (True: left out of the surface), row-major."""
+        return tuple(bool(p.outlier) for p in self.patches)
 
     def defocus_at(self, x: NDArray, y: NDArray) -> tuple[NDArray, NDArray, float]:
         """``(U, V, angle)`` at micrograph pixel positions (Å, Å, degrees)."""

@@ -17,8 +17,9 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw
 
 from anisoctf.io.atomic import write_bytes_atomic
+from anisoctf.records.flags import FLAG_PREFIX, is_flag, tilt_support_flag
 from anisoctf.records.local import LocalEstimate
-from anisoctf.report.diagnostic import _fonts, _nice_ticks, encode_png
+from anisoctf.report.diagnostic import _ellipsize, _fonts, _nice_ticks, encode_png
 
 __all__ = ["render_defocus_map"]
 
@@ -107,12 +108,20 @@ def _compose(local: LocalEstimate, title: str, pixel_size: float) -> Image.Image
     parts = [f"tilt {local.tilt_angle:.1f}° (±{local.tilt_sigma:.1f}°)"]
     parts.append(f"axis {local.tilt_axis:.1f}°")
     if local.thickness is not None:
-        parts.append(f"thickness {local.thickness:.0f} Å")
+        known = np.isfinite(local.thickness)
+        parts.append(f"thickness {local.thickness:.0f} Å" if known else "thickness: at limit")
     n_out = sum(p.outlier for p in local.patches)
     parts.append(f"{len(local.patches) - n_out}/{len(local.patches)} patches used")
     draw.text((left, 32), "   ".join(parts), font=fonts["info"], fill=(0, 0, 0))
     foot = f"{nx}×{ny} px at {pixel_size:.3g} Å; discs: patch estimates; crosses: left out"
     draw.text((left, top + h_map + 8), foot, font=fonts["small"], fill=(90, 90, 90))
+    flags = [f for f in (tilt_support_flag(local.patch_outliers),) if f]
+    flags += [w for w in local.warnings if is_flag(w) and w not in flags]
+    if flags:  # implausible numbers, in the warning colour under the caption
+        more = f"   (+{len(flags) - 1} more)" if len(flags) > 1 else ""
+        small = fonts["small"]
+        line = _ellipsize("⚠ " + flags[0].removeprefix(FLAG_PREFIX), small, width - left - 8)
+        draw.text((left, top + h_map + 24), line + more, font=small, fill=(190, 85, 0))
     return img
 
 

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from anisoctf.fit.result import CTFEstimate, FitDiagnostics
 from anisoctf.io.atomic import write_bytes_atomic
+from anisoctf.report.display_model import display_ctf2, display_frequencies
 
 __all__ = ["render_diagnostic"]
 
@@ -79,7 +80,12 @@ _MIN_TICK_GAP = 40  # px between x tick labels
 # Public API
 
 
-def render_diagnostic(estimate: CTFEstimate, path: str | Path, title: str = "") -> None:
+def render_diagnostic(
+    estimate: CTFEstimate,
+    path: str | Path,
+    title: str = "",
+    warnings: Sequence[str] | None = None,
+) -> None:
     """Write the diagnostic picture of a CTF fit as a PNG.
 
     The file is written atomically (:func:`anisoctf.io.atomic.write_bytes_atomic`): the picture
@@ -94,6 +100,8 @@ def render_diagnostic(estimate: CTFEstimate, path: str | Path, title: str = "") 
         Where to write the PNG (conventionally ``<stem>_ctf.png``). The directory must exist.
     title
         Shown at the top (e.g. the micrograph's name).
+    warnings
+        The remarks to show (flags of implausible numbers first); default the estimate's.
 
     Raises
     ------
@@ -102,7 +110,7 @@ def render_diagnostic(estimate: CTFEstimate, path: str | Path, title: str = "") 
     OSError
         If the file cannot be written.
     """
-    data = encode_png(np.asarray(_compose(estimate, title)))
+    data = encode_png(np.asarray(_compose(estimate, title, warnings)))
     # a picture is cheap to make again: atomic (a hidden temporary renamed into place, which a
     # killed run's successor removes), but not fsynced
     write_bytes_atomic(path, data, durable=False)
@@ -141,7 +149,9 @@ def encode_png(rgb: NDArray[np.uint8]) -> bytes:
 # Composition
 
 
-def _compose(estimate: CTFEstimate, title: str) -> Image.Image:
+def _compose(
+    estimate: CTFEstimate, title: str, warnings: Sequence[str] | None = None
+) -> Image.Image:
     diag = estimate.diagnostics
     if diag is None:
         raise ValueError("the CTF estimate carries no diagnostics; fit with diagnostics to plot")
@@ -160,10 +170,10 @@ def _compose(estimate: CTFEstimate, title: str) -> Image.Image:
             fill=_TEXT,
         )
 
-    _draw_spectrum_panel(canvas, draw, diag, fonts)
+    _draw_spectrum_panel(canvas, draw, estimate, diag, fonts)
     _draw_info(draw, estimate, diag, fonts)
     _draw_profile_panel(canvas, draw, estimate, diag, fonts)
-    _draw_warnings(draw, estimate.warnings, fonts)
+    _draw_warnings(draw, estimate.warnings if warnings is None else warnings, fonts)
     return canvas
 
 
@@ -236,7 +246,7 @@ def _to_gray(a: NDArray[np.float32], lo: float, hi: float) -> NDArray[np.float32
     return np.nan_to_num(out, copy=False, nan=0.0)
 
 
-def _draw_spectrum_panel(canvas, draw, diag: FitDiagnostics, fonts) -> None:
+def _draw_spectrum_panel(canvas, draw, estimate: CTFEstimate, diag: FitDiagnostics, fonts) -> None:
     spec = np.asarray(diag.spectrum, dtype=np.float32)
     model = np.asarray(diag.model, dtype=np.float32)
     n = spec.shape[0]
@@ -249,19 +259,24 @@ def _draw_spectrum_panel(canvas, draw, diag: FitDiagnostics, fonts) -> None:
     s_lo, s_hi = _robust_range(_band_values(spec, kr, band), 1.0, 99.5)
     m_lo, m_hi = _robust_range(_band_values(model, kr, band), 0.5, 99.5)
 
-    # the model outside the fitted band is dimmed: it shows what was fitted, and its rings
-    # beyond the band (often finer than the display pixels) do not distract
-    model_gray = _to_gray(model, m_lo, m_hi)
-    model_gray[(kr < band[0]) | (kr > band[1])] *= np.float32(_DIM_OUTSIDE_BAND)
-    c0 = n // 2  # zero-frequency column after fftshift
-    composite = np.empty((n, n), dtype=np.float32)
-    composite[:, :c0] = full_plane(_to_gray(spec, s_lo, s_hi))[:, :c0]
-    composite[:, c0:] = full_plane(model_gray)[:, c0:]
-    gray = Image.fromarray(composite.astype(np.uint8))  # mode L
+    # observed half: the spectrum's grid reduced (or enlarged) to the display
+    obs = Image.fromarray(full_plane(_to_gray(spec, s_lo, s_hi)).astype(np.uint8))  # mode L
     if n != _SPEC_SIZE:
         resample = Image.Resampling.BOX if n > _SPEC_SIZE else Image.Resampling.BILINEAR
-        gray = gray.resize((_SPEC_SIZE, _SPEC_SIZE), resample=resample)
-    canvas.paste(gray, (_SPEC_X0, _SPEC_Y0))
+        obs = obs.resize((_SPEC_SIZE, _SPEC_SIZE), resample=resample)
+    composite = np.asarray(obs, dtype=np.float32).copy()
+    # fitted half: CTF² evaluated at the display's own pixels, rings finer than the display
+    # can draw faded to their mean (no aliasing rings: report.display_model); dimmed outside
+    # the fitted band, where it only shows what the fit implies
+    kx_d, ky_d = display_frequencies(n, _SPEC_SIZE, diag.pixel_size)
+    kr_d = np.hypot(kx_d, ky_d)
+    model_d = display_ctf2(estimate.params, estimate.optics, n, _SPEC_SIZE, diag.pixel_size)
+    model_gray = _to_gray(model_d, m_lo, m_hi)
+    model_gray[(kr_d < band[0]) | (kr_d > band[1])] *= np.float32(_DIM_OUTSIDE_BAND)
+    c0 = n // 2  # zero-frequency column after fftshift
+    split = int(round(_SPEC_SIZE * (c0 + 0.5) / n - 0.5))  # the zero column on the display
+    composite[:, split:] = model_gray[:, split:]
+    canvas.paste(Image.fromarray(composite.astype(np.uint8)), (_SPEC_X0, _SPEC_Y0))
 
     # dotted circles at the band limits (radius in display pixels: k / k_nyquist * size / 2)
     k_nyq = 0.5 / diag.pixel_size
@@ -441,15 +456,17 @@ def _draw_profile_panel(canvas, draw, estimate: CTFEstimate, diag: FitDiagnostic
         yv = float(py(t))
         pd.line((0, yv, w * ss, yv), fill=_GRID, width=ss)
 
-    # curves: quality underneath, then observed, then the fit on top
+    # curves: quality underneath, then the fit as a broad band, then the observed profile as
+    # a thin line on top: where the two agree the observed trace stays visible inside the
+    # fit's band (the fit must never hide what was measured), and the fit shows at its edges
     xs = px(k)
     band_k = (k >= k_lo_band) & (k <= k_hi_band)
     everywhere = np.ones(k.shape, dtype=bool)
     for ys, colour, width, where in (
         (qy(qual), _QUALITY, 2 * ss, everywhere),
         (py(fit), _FIT_FADED, ss, everywhere),  # the fit outside the band: faint
-        (py(obs), _OBSERVED, ss + 1, everywhere),
-        (py(fit), _FIT, 2 * ss, band_k),
+        (py(fit), _FIT, 3 * ss, band_k),
+        (py(obs), _OBSERVED, ss, everywhere),
     ):
         finite = np.isfinite(xs) & np.isfinite(ys) & np.isfinite(k) & where
         for seg in _runs(finite):
