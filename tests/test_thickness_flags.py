@@ -98,8 +98,13 @@ def test_real_tilt_from_a_minority_of_patches_is_flagged(fei_run) -> None:
     flags = flags_of(rec.warnings)
     assert any(f"tilt from only {used} of {len(doc['patches'])} patches" in f for f in flags)
     assert rec.warnings[: len(flags)] == flags  # flags come first
-    # the summary counts the flagged micrograph
+    # the summary counts the flagged micrograph, the report lists its flags
     assert "1 micrograph flagged as implausible" in printed
+    from anisoctf.jobs.report_job import run_report
+
+    page = run_report(out).read_text()
+    assert "1 flagged as implausible" in page and f"tilt from only {used} of" in page
+    assert "sample thickness at the search limit" in page
 
 
 def test_fit_thickness_at_the_limit_returns_no_value() -> None:

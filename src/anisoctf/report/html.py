@@ -9,9 +9,11 @@ It shows
   (:func:`anisoctf.magnification.detect.detect_anisomag`, its own plot), when there are enough
   micrographs;
 * a table of the micrographs (name, defocus U/V, astigmatism, angle, figure of merit, fit
-  resolution) with a thumbnail of each diagnostic picture ``<stem>_ctf.png``, sortable by any
-  column and first sorted by fit resolution (worst last);
-* the failures, with their one-line reasons (from the per-micrograph records of the batch).
+  resolution, the flags of implausible numbers: :mod:`anisoctf.records.flags`) with a thumbnail
+  of each diagnostic picture ``<stem>_ctf.png``, sortable by any column and first sorted by fit
+  resolution (worst last); the summary line counts the flagged micrographs;
+* the failures, with their one-line reasons (from the per-micrograph records of the batch) and
+  the thumbnail of each failure's own picture (its spectrum and the reason).
 
 Input: the folder written by ``anisoctf estimate`` (``micrographs_ctf.star``, ``*_ctf.png``,
 ``*.record.json``); any folder with a CTF STAR table works, with fewer details.
@@ -24,7 +26,7 @@ import html
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ from anisoctf.io.gctf import read_gctf_star
 from anisoctf.io.star import MicrographCTFRow
 from anisoctf.magnification.detection import AnisoDetection
 from anisoctf.optics.frames import defocus_table_to_observed
+from anisoctf.records.flags import FLAG_PREFIX, flags_of
 from anisoctf.report.detection_plot import detection_png
 
 __all__ = ["ReportData", "collect_report_data", "render_report", "write_report"]
@@ -53,6 +56,8 @@ class ReportData:
     thumbnails: dict[str, Path]  # micrograph name -> diagnostic PNG
     failures: list[tuple[str, str]]  # (stem or name, message)
     mag_matrices: dict[int, np.ndarray]  # optics group -> M, for groups with anisomag
+    flags: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> its flags
+    failure_pictures: dict[str, Path] = field(default_factory=dict)  # stem -> its picture
 
 
 def _stem_of(row: MicrographCTFRow) -> str | None:
@@ -86,19 +91,28 @@ def collect_report_data(directory: str | os.PathLike[str]) -> ReportData:
             thumbs[r.name] = png
     ok_names = {r.name for r in rows}
     failures: list[tuple[str, str]] = []
+    flags: dict[str, tuple[str, ...]] = {}
+    failure_pictures: dict[str, Path] = {}
     for rec_file in sorted(d.glob(f"*{RECORD_SUFFIX}")):
         rec = read_record(rec_file)
-        if rec is None or rec.ok:
+        if rec is None:
+            continue
+        if rec.ok:
+            if rec.row is not None and flags_of(rec.warnings):
+                flags[rec.row.name] = flags_of(rec.warnings)
             continue
         name = rec_file.name[: -len(RECORD_SUFFIX)]
         if name not in ok_names:
             failures.append((name, rec.message))
+            png = d / f"{name}_ctf.png"  # a failure's picture: its spectrum and the reason
+            if png.is_file():
+                failure_pictures[name] = png
     if not rows and not failures:
         raise InputError(
             f"holds no {STAR_NAME} and no records; give the output folder of anisoctf estimate",
             path=d,
         )
-    return ReportData(str(d), rows, thumbs, failures, mags)
+    return ReportData(str(d), rows, thumbs, failures, mags, flags, failure_pictures)
 
 
 def _png_uri(fig) -> str:
@@ -198,8 +212,9 @@ th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
 td.name,th.name{text-align:left}
 th{background:#eee;cursor:pointer;user-select:none}
 th.sorted-asc::after{content:" \\25B2"} th.sorted-desc::after{content:" \\25BC"}
-img.plot{max-width:100%} img.thumb{width:120px;height:auto}
+img.plot{max-width:100%} img.thumb,img.failthumb{width:120px;height:auto}
 .fail td{text-align:left}
+.flag{color:#b45500;font-size:0.9em;max-width:22em}
 """
 
 _SCRIPT = """
@@ -245,7 +260,8 @@ def render_report(
         f"<title>anisoctf report: {esc(data.title)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>anisoctf CTF report: {esc(data.title)}</h1>",
-        f'<p id="summary">{n_ok} micrographs fitted, {n_fail} failed.</p>',
+        f'<p id="summary">{n_ok} micrographs fitted, {n_fail} failed'
+        f"{_flag_count(data)}.</p>",
     ]
     if data.rows:
         res = np.array([r.max_resolution for r in data.rows], dtype=float)
@@ -288,6 +304,7 @@ def render_report(
             ("", "angle (°)"),
             ("", "figure of merit"),
             ("", "fit resolution (Å)"),
+            ("name", "flags"),
             ("name", "diagnostic"),
         ]
         parts.append('<table class="sortable" id="micrographs" data-initial-sort="6"><thead><tr>')
@@ -308,6 +325,7 @@ def render_report(
                 f"<td>{_num(r.figure_of_merit, '.4f')}</td>",
                 f'<td data-v="{r.max_resolution if math.isfinite(r.max_resolution) else 1e9}">'
                 f"{_num(r.max_resolution, '.2f')}</td>",
+                f'<td class="name flag">{_flag_cell(data.flags.get(r.name, ()))}</td>',
                 f'<td class="name">{thumb}</td>',
             ]
             parts.append("<tr>" + "".join(cells) + "</tr>")
@@ -315,14 +333,27 @@ def render_report(
     parts.append(f'<h2 id="failures-title">Failures ({n_fail})</h2>')
     if data.failures:
         parts.append('<table class="fail" id="failures"><thead><tr><th>micrograph</th>')
-        parts.append("<th>reason</th></tr></thead><tbody>")
-        for name, msg in data.failures:
-            parts.append(f"<tr><td>{esc(name)}</td><td>{esc(msg)}</td></tr>")
+        parts.append("<th>reason</th><th>spectrum</th></tr></thead><tbody>")
+        for i, (name, msg) in enumerate(data.failures):
+            pic = data.failure_pictures.get(name)
+            t = _thumbnail_uri(pic) if pic is not None and i < max_thumbnails else None
+            thumb = f'<img class="failthumb" alt="failure picture" src="{t}">' if t else ""
+            parts.append(f"<tr><td>{esc(name)}</td><td>{esc(msg)}</td><td>{thumb}</td></tr>")
         parts.append("</tbody></table>")
     else:
         parts.append("<p>none</p>")
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _flag_count(data: ReportData) -> str:
+    n = len(data.flags)
+    return f", {n} flagged as implausible" if n else ""
+
+
+def _flag_cell(flags: tuple[str, ...]) -> str:
+    """The flags of one micrograph (:mod:`anisoctf.records.flags`), one per line."""
+    return "<br>".join(html.escape("⚠ " + f.removeprefix(FLAG_PREFIX)) for f in flags)
 
 
 def write_report(
