@@ -91,12 +91,7 @@ def failure_picture(
     x0, y0, s = _SPEC_X0, _SPEC_Y0, _SPEC_SIZE
     gray = _spectrum_gray(power) if power is not None else None
     if gray is not None:
-        img = Image.fromarray(gray)
-        n = gray.shape[0]
-        if n != s:
-            resample = Image.Resampling.BOX if n > s else Image.Resampling.BILINEAR
-            img = img.resize((s, s), resample=resample)
-        canvas.paste(img, (x0, y0))
+        canvas.paste(Image.fromarray(gray), (x0, y0))
         label = "spectrum (log, radial mean removed)"
         if pixel_size and np.isfinite(pixel_size) and pixel_size > 0:
             label += f"  ·  edge: Nyquist {2 * pixel_size:.2f} Å"
@@ -120,7 +115,8 @@ def failure_picture(
 
 
 def _spectrum_gray(power: NDArray[np.floating]) -> NDArray[np.uint8] | None:
-    """Display gray levels of a half-plane periodogram: log power minus its radial mean."""
+    """Display gray levels (``_SPEC_SIZE`` square) of a half-plane periodogram: log power
+    minus its radial mean."""
     half = np.asarray(power, dtype=np.float64)
     if half.ndim != 2 or half.shape[0] < 4 or half.shape[1] != half.shape[0] // 2 + 1:
         return None
@@ -135,10 +131,19 @@ def _spectrum_gray(power: NDArray[np.floating]) -> NDArray[np.uint8] | None:
     radial = tot / np.maximum(cnt, 1)
     flat = np.where(finite, logp - radial[r], 0.0)
     flat[0, 0] = 0.0
-    band = (r >= max(2, n // 64)) & (r <= n // 2) & finite
-    lo, hi = _robust_range(flat[band], 1.0, 99.5)
-    gray = _to_gray(full_plane(flat.astype(np.float32)), lo, hi)
-    return gray.astype(np.uint8)
+    # reduce to the display first, then set the contrast on what is shown: a large box's
+    # per-pixel noise averages out there, and percentiles of the full grid would wash it out
+    img = Image.fromarray(full_plane(flat.astype(np.float32)), mode="F")
+    if n != _SPEC_SIZE:
+        resample = Image.Resampling.BOX if n > _SPEC_SIZE else Image.Resampling.BILINEAR
+        img = img.resize((_SPEC_SIZE, _SPEC_SIZE), resample=resample)
+    shown = np.asarray(img, dtype=np.float32)
+    c = _SPEC_SIZE / 2
+    yy, xx = np.mgrid[0:_SPEC_SIZE, 0:_SPEC_SIZE]
+    rd = np.hypot(yy + 0.5 - c, xx + 0.5 - c)
+    band = (rd >= _SPEC_SIZE / 64) & (rd <= c)
+    lo, hi = _robust_range(shown[band], 1.0, 99.5)
+    return _to_gray(shown.copy(), lo, hi).astype(np.uint8)
 
 
 def _wrap(text: str, font, width: float) -> list[str]:
