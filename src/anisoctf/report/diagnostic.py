@@ -268,14 +268,16 @@ def _draw_spectrum_panel(canvas, draw, estimate: CTFEstimate, diag: FitDiagnosti
     # fitted half: CTF² evaluated at the display's own pixels, rings finer than the display
     # can draw faded to their mean (no aliasing rings: report.display_model); dimmed outside
     # the fitted band, where it only shows what the fit implies
-    kx_d, ky_d = display_frequencies(n, _SPEC_SIZE, diag.pixel_size)
-    kr_d = np.hypot(kx_d, ky_d)
-    model_d = display_ctf2(estimate.params, estimate.optics, n, _SPEC_SIZE, diag.pixel_size)
-    model_gray = _to_gray(model_d, m_lo, m_hi)
-    model_gray[(kr_d < band[0]) | (kr_d > band[1])] *= np.float32(_DIM_OUTSIDE_BAND)
     c0 = n // 2  # zero-frequency column after fftshift
     split = int(round(_SPEC_SIZE * (c0 + 0.5) / n - 0.5))  # the zero column on the display
-    composite[:, split:] = model_gray[:, split:]
+    kx_d, ky_d = display_frequencies(n, _SPEC_SIZE, diag.pixel_size)
+    kr_d = np.hypot(kx_d[:, split:], ky_d)
+    model_d = display_ctf2(
+        estimate.params, estimate.optics, n, _SPEC_SIZE, diag.pixel_size, first_column=split
+    )
+    model_gray = _to_gray(model_d, m_lo, m_hi)
+    model_gray[(kr_d < band[0]) | (kr_d > band[1])] *= np.float32(_DIM_OUTSIDE_BAND)
+    composite[:, split:] = model_gray
     canvas.paste(Image.fromarray(composite.astype(np.uint8)), (_SPEC_X0, _SPEC_Y0))
 
     # dotted circles at the band limits (radius in display pixels: k / k_nyquist * size / 2)

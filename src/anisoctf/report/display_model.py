@@ -53,7 +53,12 @@ def display_frequencies(
 
 
 def display_ctf2(
-    params: CTFParams, optics: Optics, n_grid: int, size: int, pixel_size: float
+    params: CTFParams,
+    optics: Optics,
+    n_grid: int,
+    size: int,
+    pixel_size: float,
+    first_column: int = 0,
 ) -> NDArray[np.float32]:
     """The fitted ``CTF²`` (envelope free) on a ``size × size`` centred display of a
     ``n_grid``-pixel spectrum at ``pixel_size`` Å/px, rings beyond the display's Nyquist
@@ -71,8 +76,12 @@ def display_ctf2(
         Display pixels per side.
     pixel_size
         Pixel size (Å) of the spectrum: the display's edge is its Nyquist frequency.
+    first_column
+        Compute only the display columns from this one on (``size × (size − first_column)``;
+        the picture shows the model in its right half only).
     """
     kx, ky = display_frequencies(n_grid, size, pixel_size)
+    kx = kx[:, first_column:]
     feats = frequency_features(kx, ky, optics.M if optics.has_anisomag else None)
     phase = chi(feats, params, optics)
     # cycles of cos(2χ) per display pixel along each axis: 2 |∂χ/∂i| / 2π
