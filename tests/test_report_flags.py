@@ -54,3 +54,23 @@ def test_flags_in_the_report(tmp_path):
     assert "3 micrographs fitted, 0 failed, 1 flagged as implausible." in page
     assert "tilt from only 3 of 12 patches" in page
     assert "a remark" not in page  # remarks stay in the records; flags are shown
+
+
+def test_low_figure_of_merit_is_flagged_first_in_a_micrographs_warnings():
+    import dataclasses
+
+    from test_report_diagnostic import synthetic_estimate
+
+    from anisoctf.jobs.batch_state import flag_summary
+    from anisoctf.jobs.micrograph import RowResult, _all_warnings
+
+    est = synthetic_estimate(box=128, warnings=("estimate at the edge of the defocus range",))
+    assert _all_warnings(est, None) == est.warnings  # FOM 0.41: nothing to flag
+    low = dataclasses.replace(est, figure_of_merit=0.004)
+    warnings = _all_warnings(low, None)
+    assert warnings[0].startswith("implausible: figure of merit 0.004")
+    assert warnings[1:] == est.warnings
+    row = MicrographCTFRow("m.mrc", 1, "", 2.0, 1.0, 0.0, 0.004, 9.0)
+    line = flag_summary([RowResult("m.mrc", row, 0.004, 9.0, warnings)])
+    assert line is not None and line.startswith("1 micrograph flagged")
+    assert "figure of merit: 1" in line
