@@ -316,6 +316,7 @@ class _Batch:
                 [r.row for r in rows],
                 {g: o for g, o in current.optics.items() if g in used},
                 current.optics_names,
+                current.passthrough,
             )
         except (OSError, ValueError) as exc:
             return None, one_line(f"cannot write {star}: {exc}")
@@ -486,6 +487,8 @@ def run_batch(
     resolved = _resolve(request)
     _make_out_dir(out)
     if not request.quiet:
+        for line in resolved.provenance:
+            err.print(line, markup=False)
         for w in resolved.warnings:
             err.print(f"warning: {w}", markup=False)
     lock = _lock(out)
