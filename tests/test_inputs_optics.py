@@ -35,9 +35,11 @@ runner = CliRunner()
 _ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def _fei_mrc(path: Path, kv: float, apix: float, header_apix: float | None = None) -> None:
-    """A small MRC file with an FEI1 extended header saying ``kv`` and ``apix``, as EPU writes."""
-    ext = np.zeros(1, dtype=get_ext_header_dtype(b"FEI1", "<"))
+def _fei_mrc(
+    path: Path, kv: float, apix: float, header_apix: float | None = None, kind: bytes = b"FEI1"
+) -> None:
+    """A small MRC file with an FEI extended header saying ``kv`` and ``apix``, as EPU writes."""
+    ext = np.zeros(1, dtype=get_ext_header_dtype(kind, "<"))
     ext["Metadata size"] = 768
     ext["Bitmask 1"] = (1 << 5) | (1 << 14) | (1 << 15)  # HT, pixel size X and Y present
     ext["HT"] = kv * 1e3  # volts
@@ -45,7 +47,7 @@ def _fei_mrc(path: Path, kv: float, apix: float, header_apix: float | None = Non
     with mrcfile.new(path, overwrite=True) as m:
         m.set_data(np.zeros((64, 64), dtype=np.float32))
         m.set_extended_header(ext)
-        m.header.exttyp = b"FEI1"
+        m.header.exttyp = kind
         m.voxel_size = apix if header_apix is None else header_apix
 
 
@@ -64,8 +66,9 @@ def test_real_epu_micrograph_gives_its_voltage_and_pixel_size(shared_real) -> No
     assert "Cs 2.7 mm (default; pass --cs if not)" in line
 
 
-def test_fei_header_voltage_is_used_not_300(tmp_path) -> None:
-    _fei_mrc(tmp_path / "a.mrc", 200.0, 1.1)
+@pytest.mark.parametrize("kind", [b"FEI1", b"FEI2"])
+def test_fei_header_voltage_is_used_not_300(tmp_path, kind) -> None:
+    _fei_mrc(tmp_path / "a.mrc", 200.0, 1.1, kind=kind)
     assert read_mrc_header(tmp_path / "a.mrc").voltage_kv == 200.0
     r = resolve_inputs([str(tmp_path / "a.mrc")], cs=2.0, ac=0.1)
     o = r.optics[1]
@@ -170,8 +173,10 @@ def test_cs_non_dose_weighted_sum_is_read_by_default(tmp_path) -> None:
     _exposures(tmp_path / "e.cs", [row])
     t = resolve_inputs([str(tmp_path / "e.cs")]).tasks[0]
     assert t.path.endswith("J2/a.mrc") and t.name == "J2/a_doseweighted.mrc"
+    assert t.non_dw and t.stem == "a_doseweighted"  # outputs are named after the DW micrograph
     t = resolve_inputs([str(tmp_path / "e.cs")], use_non_dw=False).tasks[0]
     assert t.path.endswith("J2/a_doseweighted.mrc") and t.name == "J2/a_doseweighted.mrc"
+    assert not t.non_dw
 
 
 # ------------------------------------------------------- items 6 and 7: a RELION pipeline
@@ -245,6 +250,7 @@ def test_star_non_dw_is_fitted_and_every_column_kept(project) -> None:
     assert p.returncode == 0, p.stdout + p.stderr  # the NaN dose-weighted sum was not read
     assert "non-dose-weighted" in p.stderr
     assert "optics group 1: pixel size 1 Å (STAR optics table)" in p.stderr
+    assert (project / "CtfFind/job003/m.txt").exists()  # named after the DW micrograph
     blocks = starfile.read(project / "CtfFind/job003/micrographs_ctf.star", always_dict=True)
     o, m = blocks["optics"].iloc[0], blocks["micrographs"].iloc[0]
     # the name written is the dose-weighted micrograph's
@@ -261,8 +267,9 @@ def test_star_non_dw_is_fitted_and_every_column_kept(project) -> None:
     assert o["rlnMicrographOriginalPixelSize"] == 0.5  # the input's, not the pixel size
     assert o["rlnMicrographPixelSize"] == 1.0
     assert abs(0.5 * (m["rlnDefocusU"] + m["rlnDefocusV"]) - 15000.0) < 150.0
-    # switched off, the NaN dose-weighted sum is what gets read, and fails
-    p = _estimate(project, "CtfFind/job004", "--no-use-non-dw")
+    # switched off (same output directory: not taken as done), the NaN dose-weighted sum is
+    # what gets read, and fails
+    p = _estimate(project, "CtfFind/job003", "--no-use-non-dw")
     assert p.returncode == 1 and "m.mrc" in p.stderr and "NaN" in p.stderr, p.stderr
 
 

@@ -97,6 +97,7 @@ class CSMicrograph:
     path: Path
     optics_group: int
     uid: int
+    non_dw: bool = False  # ``path`` is the sum without dose weighting
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ def read_cs_micrographs(
             optics[key_of[key]] = o
         uid = int(uids[i]) if uids is not None else name_uid(name)
         read = non_dw[i] if non_dw is not None and non_dw[i] else name
-        out.append(CSMicrograph(name, root / read, key_of[key], uid))
+        out.append(CSMicrograph(name, root / read, key_of[key], uid, read != name))
     if not out:
         raise InputError("lists no micrographs", path=p)
     return CSMicrographs(out, optics, kind, notes, sources)

@@ -264,6 +264,7 @@ class _Batch:
             input=input_signature(t.path),
             out=str(self.out),  # the rows name their .ctf files by this path
             local=self.request.local,  # --patches/--tilt/--thickness change the outputs
+            **({"non_dw": True} if t.non_dw else {}),  # the sum read is not the one named
         )
 
     def _record_failure(self, t: MicrographTask, message: str) -> None:

@@ -80,6 +80,8 @@ class MicrographTask:
     stack
         The file is a stack of particle images (cryoSPARC's ``_particles.mrc``), estimated
         from its pooled periodograms like a ``.mrcs`` file.
+    non_dw
+        ``path`` is the non-dose-weighted sum of the micrograph ``name`` names.
     """
 
     index: int
@@ -89,6 +91,7 @@ class MicrographTask:
     stem: str
     error: str | None = None
     stack: bool = False  # a particle stack (pooled periodograms) whatever its suffix
+    non_dw: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,9 @@ def _resolve_star(
     ]
     stems = unique_stems([str(e.path) for e in entries])
     tasks = [
-        MicrographTask(i, p, e.name, e.optics_group, s, _name_error(e.name))
+        MicrographTask(
+            i, p, e.name, e.optics_group, s, _name_error(e.name), non_dw=p != str(e.path)
+        )
         for i, (e, p, s) in enumerate(zip(entries, paths, stems, strict=True))
     ]
     n_dw = sum(e.path_no_dw is not None for e in entries)
@@ -310,10 +315,17 @@ def _resolve_cs(
     found = read_cs_micrographs(path, kv=kv, cs=cs, use_non_dw=use_non_dw)
     optics = _override_optics(found.optics, apix, kv, cs, ac)
     paths = [str(m.path) for m in found.micrographs]
-    stems = unique_stems(paths)
+    stems = unique_stems([m.name if m.non_dw else str(m.path) for m in found.micrographs])
     tasks = [
         MicrographTask(
-            i, p, m.name, m.optics_group, s, _name_error(m.name), found.kind == "particles"
+            i,
+            p,
+            m.name,
+            m.optics_group,
+            s,
+            _name_error(m.name),
+            found.kind == "particles",
+            non_dw=m.non_dw,
         )
         for i, (m, p, s) in enumerate(zip(found.micrographs, paths, stems, strict=True))
     ]
