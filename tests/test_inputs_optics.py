@@ -294,3 +294,17 @@ def test_real_relion_columns_are_all_carried_through(shared_real) -> None:
         "12.099687",
     )
     assert len(kept.micrograph_values) == 24
+
+
+def test_relion30_per_row_optics_go_to_the_optics_table_not_the_rows(tmp_path) -> None:
+    (tmp_path / "m.star").write_text(
+        "data_\nloop_\n_rlnMicrographName #1\n_rlnVoltage #2\n_rlnSphericalAberration #3\n"
+        "_rlnAmplitudeContrast #4\n_rlnMicrographPixelSize #5\n_rlnAccumMotionTotal #6\n"
+        "_rlnDefocusU #7\n_rlnCtfPowerSpectrum #8\n"
+        "a.mrc 200 1.4 0.1 0.885 7.25 12345.6 a_PS.mrc\n"
+    )
+    kept = read_passthrough(tmp_path / "m.star")
+    # optics go to data_optics; an old defocus is replaced by the new fit
+    assert kept.micrograph_columns == ("rlnAccumMotionTotal", "rlnCtfPowerSpectrum")
+    assert kept.micrograph_values == {"a.mrc": ("7.25", "a_PS.mrc")}
+    assert kept.optics_columns == ()

@@ -9,7 +9,9 @@ text; :func:`anisoctf.io.star.write_micrographs_ctf_star` writes them back.
 
 CTF results already in the input (``_rlnDefocusU``, ``_rlnCtf*`` other than
 ``_rlnCtfPowerSpectrum``, ``_rlnPhaseShift``, anisoctf's tilt/thickness/surface labels) are not
-carried through: the new fit replaces them.
+carried through: the new fit replaces them. Nor are a RELION 3.0 table's per-row optics
+(voltage, Cs, amplitude contrast, pixel sizes, magnification): they are written, with any
+command-line override, into the ``data_optics`` table.
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ _OWN_MICROGRAPH = frozenset(
         L.TILT_ANGLE,
         L.TILT_AXIS_ANGLE,
         L.DEFOCUS_SURFACE,
+        # RELION 3.0 per-row optics: they go into the data_optics written
+        L.OPTICS_GROUP_NAME,
+        L.VOLTAGE,
+        L.SPHERICAL_ABERRATION,
+        L.AMPLITUDE_CONTRAST,
+        L.MICROGRAPH_PIXEL_SIZE,
+        L.MICROGRAPH_ORIGINAL_PIXEL_SIZE,
+        L.IMAGE_PIXEL_SIZE,
+        L.DETECTOR_PIXEL_SIZE,
+        L.MAGNIFICATION,
+        *L.MAGMAT,
     }
 )
 #: optics columns the CTF writer owns (``_rlnMicrographOriginalPixelSize`` is carried through)
