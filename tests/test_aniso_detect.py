@@ -338,7 +338,8 @@ def test_end_to_end_simulated_micrographs(tmp_path):
     write_specs(_e2e_specs(seed=2026), tmp_path / "mics", prefix="mic")
     est = subprocess.run(
         [sys.executable, "-m", "anisoctf.cli.main", "estimate", f"{tmp_path}/mics/*.mrc",
-         "--apix", "1.0", "--box", "256", "--jobs", "2", "--out", str(tmp_path / "ctf"), "-q"],
+         "--apix", "1.0", "--kv", "300", "--cs", "2.7", "--ac", "0.07", "--box", "256",
+         "--jobs", "2", "--out", str(tmp_path / "ctf"), "-q"],
         capture_output=True, text=True, env={**os.environ, **_ONE_THREAD}, timeout=600,
         check=False,
     )  # fmt: skip

@@ -29,9 +29,12 @@ from anisoctf.jobs.batch_state import (
 from anisoctf.jobs.estimate_micrographs import UsageError, run_estimate
 from anisoctf.jobs.simulate_micrographs import SimulationOptions, run_simulate
 
+#: the simulator's optics, given explicitly (MRC files carry no voltage)
+OPTICS = {"apix": 1.0, "kv": 300.0, "cs": 2.7, "ac": 0.07}
+
 N_MICS = 8
 SETTINGS = FitSettings(box=128)
-ARGS = ["--apix", "1.0", "--box", "128", "--quiet"]
+ARGS = ["--apix", "1.0", "--kv", "300", "--cs", "2.7", "--ac", "0.07", "--box", "128", "--quiet"]
 _ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
@@ -150,23 +153,23 @@ def test_interrupt_stops_cleanly_with_the_finished_rows(mics: Path, sig, jobs: i
 
 def test_continue_skips_done_and_overwrite_redoes(mics: Path) -> None:
     out = mics / "resume"
-    first = run_estimate([str(mics / "mics" / "*.mrc")], out, SETTINGS, apix=1.0, quiet=True)
+    first = run_estimate([str(mics / "mics" / "*.mrc")], out, SETTINGS, **OPTICS, quiet=True)
     assert first.n_skipped == 0 and first.n_ok >= N_MICS - 1
     # a stray temporary from a killed run is cleaned; a record lost means only that one is redone
     (out / ".micrograph_001.txt.abcd1234.tmp").write_text("half")
     ok_stem = Path(first.results[0].name).stem
     record_path(out, ok_stem).unlink()
-    again = run_estimate([str(mics / "mics" / "*.mrc")], out, SETTINGS, apix=1.0, quiet=True)
+    again = run_estimate([str(mics / "mics" / "*.mrc")], out, SETTINGS, **OPTICS, quiet=True)
     assert again.n_skipped == first.n_ok - 1
     assert [r.row for r in again.results] == [r.row for r in first.results]
     assert _strays(out) == []
     redo = run_estimate(
-        [str(mics / "mics" / "*.mrc")], out, SETTINGS, apix=1.0, quiet=True, overwrite=True
+        [str(mics / "mics" / "*.mrc")], out, SETTINGS, **OPTICS, quiet=True, overwrite=True
     )
     assert redo.n_skipped == 0
     # other parameters: a different fingerprint, everything redone
     other = run_estimate(
-        [str(mics / "mics" / "*.mrc")], out, FitSettings(box=128, max_res=5.0), apix=1.0, quiet=True
+        [str(mics / "mics" / "*.mrc")], out, FitSettings(box=128, max_res=5.0), **OPTICS, quiet=True
     )
     assert other.n_skipped == 0
 
@@ -176,13 +179,13 @@ def test_second_run_on_a_locked_directory_fails_with_one_line(mics: Path) -> Non
     out.mkdir()
     with BatchLock(out):
         with pytest.raises(UsageError, match="another anisoctf run .pid") as info:
-            run_estimate([str(mics / "mics" / "*.mrc")], out, SETTINGS, apix=1.0, quiet=True)
+            run_estimate([str(mics / "mics" / "*.mrc")], out, SETTINGS, **OPTICS, quiet=True)
         assert "\n" not in str(info.value)
         r = _run(mics, "--out", "locked")
         assert r.returncode == 2
         assert r.stderr.strip().count("\n") == 0 and "another anisoctf run" in r.stderr
     # released: the lock file left behind does not block
-    assert run_estimate([str(mics / "mics" / "*.mrc")], out, SETTINGS, apix=1.0, quiet=True).n_ok
+    assert run_estimate([str(mics / "mics" / "*.mrc")], out, SETTINGS, **OPTICS, quiet=True).n_ok
 
 
 def test_fingerprint_and_record_round_trip(tmp_path: Path) -> None:

@@ -30,7 +30,9 @@ runner = CliRunner()
 SIZE = 1024
 BOX = 256
 TOLERANCE = 100.0  # Å: defocus error allowed against the simulated truth
-FAST = ["--apix", "1.0", "--box", str(BOX)]
+#: the simulator's optics, given explicitly (MRC files carry no voltage)
+OPTICS = ["--kv", "300", "--cs", "2.7", "--ac", "0.07"]
+FAST = ["--apix", "1.0", "--box", str(BOX), *OPTICS]
 STAR_COLUMNS = {
     "rlnMicrographName",
     "rlnOpticsGroup",

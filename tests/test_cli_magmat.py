@@ -28,6 +28,8 @@ runner = CliRunner()
 _ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 MAG = MagMat.from_anisotropy(1.2, 35.0)
 BIG = MagMat.from_anisotropy(5.0, 35.0)
+#: the simulator's optics, given explicitly (MRC files carry no voltage)
+OPTICS = ("--kv", "300", "--cs", "2.7", "--ac", "0.07")
 MAG_LABELS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
 
 
@@ -82,7 +84,7 @@ def first_row(star: Path):
 
 def test_mag_matrix_gives_true_frame_defocus_and_is_written(sims, tmp_path):
     out = tmp_path / "ctf"
-    r = cli("estimate", sims / "aniso_001.mrc", "--apix", "1.0", "--out", out,
+    r = cli("estimate", sims / "aniso_001.mrc", "--apix", "1.0", *OPTICS, "--out", out,
             "--mag-matrix", *matrix_args(MAG))  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     optics, row = first_row(out / "micrographs_ctf.star")
@@ -97,7 +99,7 @@ def test_mag_matrix_gives_true_frame_defocus_and_is_written(sims, tmp_path):
         assert float(optics[label].iloc[0]) == value
     # without the matrix the same image gives the observed-frame CTF (the apparent astigmatism)
     out2 = tmp_path / "plain"
-    r = cli("estimate", sims / "aniso_001.mrc", "--apix", "1.0", "--out", out2, "-q")
+    r = cli("estimate", sims / "aniso_001.mrc", "--apix", "1.0", *OPTICS, "--out", out2, "-q")
     assert r.returncode == 0, r.stdout + r.stderr
     optics2, row2 = first_row(out2 / "micrographs_ctf.star")
     assert not any(label in optics2.columns for label in MAG_LABELS)
@@ -113,8 +115,8 @@ def test_large_anisomag_stays_inside_the_search_range(sims, tmp_path):
     observed = defocus_to_observed(truth, BIG)
     assert observed.astigmatism > 3000.0
     out = tmp_path / "ctf"
-    r = cli("estimate", sims / "big_001.mrc", "--apix", "1.0", "--out", out, "--max-astig", "1500",
-            "--mag-matrix", *matrix_args(BIG))  # fmt: skip
+    r = cli("estimate", sims / "big_001.mrc", "--apix", "1.0", *OPTICS, "--out", out,
+            "--max-astig", "1500", "--mag-matrix", *matrix_args(BIG))  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     _, row = first_row(out / "micrographs_ctf.star")
     du = float(row["rlnDefocusU"]) - truth.defocus_u
@@ -190,8 +192,8 @@ def test_star_magmat_is_used_and_the_option_overrides_it(sims, tmp_path):
 def test_bad_mag_matrix_exits_2_with_one_line(sims, tmp_path, values, fragment):
     r = runner.invoke(
         app,
-        ["estimate", str(sims / "aniso_001.mrc"), "--apix", "1.0", "--out", str(tmp_path / "o"),
-         "--mag-matrix", *values],
+        ["estimate", str(sims / "aniso_001.mrc"), "--apix", "1.0", *OPTICS,
+         "--out", str(tmp_path / "o"), "--mag-matrix", *values],
     )  # fmt: skip
     assert r.exit_code == 2, r.output
     lines = [line for line in r.stderr.splitlines() if line.strip()]

@@ -33,6 +33,12 @@ def test_particle_stack_is_pooled_and_fitted(tmp_path):
             str(tmp_path / "parts.mrcs"),
             "--apix",
             "1.0",
+            "--kv",
+            "300",
+            "--cs",
+            "2.7",
+            "--ac",
+            "0.07",
             "--out",
             str(tmp_path / "out"),
             "--quiet",
@@ -49,7 +55,8 @@ def test_stack_of_nan_images_fails_with_one_line(tmp_path):
     write_mrc(tmp_path / "bad.mrcs", np.full((4, 128, 128), np.nan, dtype=np.float32), 1.0)
     res = runner.invoke(
         app,
-        ["estimate", str(tmp_path / "bad.mrcs"), "--apix", "1.0", "--out", str(tmp_path / "out")],
+        ["estimate", str(tmp_path / "bad.mrcs"), "--apix", "1.0", "--kv", "300", "--out",
+         str(tmp_path / "out")],
     )
     assert res.exit_code == 1
     lines = [ln for ln in res.output.splitlines() if "bad.mrcs" in ln and "NaN" in ln]

@@ -34,6 +34,8 @@ from anisoctf.spectrum.periodogram import taper_window
 runner = CliRunner()
 SIZE = 2048
 OPTICS = Optics(pixel_size=1.0, voltage_kv=300.0)
+#: the simulator's optics as ``estimate`` options (MRC files carry no voltage)
+GIVEN = {"apix": 1.0, "kv": OPTICS.voltage_kv, "cs": OPTICS.cs_mm, "ac": OPTICS.amplitude_contrast}
 CTF = CTFParams(16000.0, 15000.0, 30.0, 0.0, 60.0)
 
 
@@ -264,13 +266,13 @@ def estimated(tilted, flat, tmp_path_factory) -> Path:
         [str(root / "tilted.mrc"), str(root / "flat.mrc")],
         out,
         FitSettings(),
-        apix=1.0,
+        **GIVEN,
         quiet=True,
         local=LocalSettings(patches=(4, 3), thickness=True),
     )
     assert report.exit_code == 0
     plain = run_estimate(
-        [str(root / "flat.mrc")], root / "plain", FitSettings(), apix=1.0, quiet=True
+        [str(root / "flat.mrc")], root / "plain", FitSettings(), **GIVEN, quiet=True
     )
     assert plain.exit_code == 0
     return root
@@ -450,11 +452,11 @@ def test_rerun_continues_only_with_the_same_local_settings(estimated: Path) -> N
     inputs = [str(root / "flat.mrc")]
     out = root / "rerun"
     local = LocalSettings(patches=(3, 3))
-    first = run_estimate(inputs, out, FitSettings(), apix=1.0, quiet=True, local=local)
+    first = run_estimate(inputs, out, FitSettings(), **GIVEN, quiet=True, local=local)
     assert (first.exit_code, first.n_skipped) == (0, 0)
-    again = run_estimate(inputs, out, FitSettings(), apix=1.0, quiet=True, local=local)
+    again = run_estimate(inputs, out, FitSettings(), **GIVEN, quiet=True, local=local)
     assert again.n_skipped == 1  # same parameters: continued, not redone
-    plain = run_estimate(inputs, out, FitSettings(), apix=1.0, quiet=True)
+    plain = run_estimate(inputs, out, FitSettings(), **GIVEN, quiet=True)
     assert plain.n_skipped == 0  # other outputs asked for: redone
     rows, _ = read_micrographs_ctf_star(out / "micrographs_ctf.star")
     assert rows[0].tilt_angle is None and rows[0].surface == ""

@@ -34,6 +34,9 @@ from anisoctf.jobs.report_job import run_report
 from anisoctf.jobs.simulate_micrographs import SimulationOptions, run_simulate
 from anisoctf.report.html import collect_report_data
 
+#: the simulator's optics, given explicitly (MRC files carry no voltage)
+OPTICS = {"apix": 1.0, "kv": 300.0, "cs": 2.7, "ac": 0.07}
+
 runner = CliRunner()
 SETTINGS = FitSettings(box=128)
 N = 6
@@ -219,13 +222,13 @@ def _chromium() -> str | None:
 @pytest.fixture(scope="module")
 def estimated(project: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "ctf"
-    report = run_estimate([str(project / "Movies" / "*.mrc")], out, SETTINGS, apix=1.0, quiet=True)
+    report = run_estimate([str(project / "Movies" / "*.mrc")], out, SETTINGS, **OPTICS, quiet=True)
     assert report.n_ok >= 3
     # one broken input so that the report has a failure to show
     bad = project / "broken" / "bad.mrc"
     bad.parent.mkdir(exist_ok=True)
     bad.write_bytes(b"\x00" * 100)
-    run_estimate([str(bad)], out, SETTINGS, apix=1.0, quiet=True)
+    run_estimate([str(bad)], out, SETTINGS, **OPTICS, quiet=True)
     return out
 
 
@@ -296,7 +299,7 @@ def test_watch_picks_up_new_micrographs(project: Path, tmp_path: Path) -> None:
     t = threading.Thread(target=later)
     t.start()
     report = run_estimate(
-        [str(incoming / "*.mrc")], tmp_path / "ctf", SETTINGS, apix=1.0, quiet=True,
+        [str(incoming / "*.mrc")], tmp_path / "ctf", SETTINGS, **OPTICS, quiet=True,
         watch=1.5, poll_seconds=0.2,
     )  # fmt: skip
     t.join()
@@ -311,11 +314,11 @@ def test_dask_local_cluster_gives_the_same_rows(project: Path, tmp_path: Path) -
     from anisoctf.jobs.backends import DaskBackend
 
     files = [str(p) for p in sorted((project / "Movies").glob("*.mrc"))[:3]]
-    serial = run_estimate(files, tmp_path / "serial", SETTINGS, apix=1.0, quiet=True)
+    serial = run_estimate(files, tmp_path / "serial", SETTINGS, **OPTICS, quiet=True)
     backend = DaskBackend("local", jobs=1, processes=False)
     try:
         dask = run_estimate(
-            files, tmp_path / "dask", SETTINGS, apix=1.0, quiet=True, backend=backend
+            files, tmp_path / "dask", SETTINGS, **OPTICS, quiet=True, backend=backend
         )
     finally:
         backend.close()

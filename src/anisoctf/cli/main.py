@@ -38,7 +38,7 @@ from anisoctf.jobs.demo import (
     run_demo,
 )
 from anisoctf.jobs.estimate_batch import STAR_NAME, run_batch
-from anisoctf.jobs.inputs import DEFAULT_AMPLITUDE_CONTRAST, DEFAULT_CS_MM, DEFAULT_VOLTAGE_KV
+from anisoctf.jobs.inputs import DEFAULT_AMPLITUDE_CONTRAST, DEFAULT_CS_MM
 from anisoctf.jobs.process_exit import fast_exit
 from anisoctf.jobs.requests import EstimateRequest, FitSettings, LocalSettings, mag_matrix_rows
 from anisoctf.jobs.simulate_micrographs import SimulationOptions, run_simulate
@@ -118,19 +118,33 @@ ApixOption = Annotated[
 ]
 KvOption = Annotated[
     float | None,
-    typer.Option(help=f"Voltage (kV) [MRC default {DEFAULT_VOLTAGE_KV:g}].", show_default=False),
+    typer.Option(
+        help="Voltage (kV). Required for MRC files without an FEI/EPU extended header; "
+        "overrides the STAR/.cs optics.",
+        show_default=False,
+    ),
 ]
 CsOption = Annotated[
     float | None,
     typer.Option(
-        help=f"Spherical aberration (mm) [MRC default {DEFAULT_CS_MM:g}].", show_default=False
+        help=f"Spherical aberration (mm) [MRC: {DEFAULT_CS_MM:g} when not given, as printed].",
+        show_default=False,
     ),
 ]
 AcOption = Annotated[
     float | None,
     typer.Option(
-        help=f"Amplitude contrast [MRC default {DEFAULT_AMPLITUDE_CONTRAST:g}].",
+        help=f"Amplitude contrast [MRC: {DEFAULT_AMPLITUDE_CONTRAST:g} when not given, as "
+        "printed; .cs without ctf/amp_contrast: 0.1].",
         show_default=False,
+    ),
+]
+NonDwOption = Annotated[
+    bool,
+    typer.Option(
+        "--use-non-dw/--no-use-non-dw",
+        help="Fit the non-dose-weighted sums a STAR (_rlnMicrographNameNoDW) or .cs "
+        "(micrograph_blob_non_dw/path) lists; the output names the dose-weighted ones.",
     ),
 ]
 AstigRestraintOption = Annotated[
@@ -235,6 +249,7 @@ def estimate(
     resume: ResumeOption = True,
     watch: WatchOption = None,
     scheduler: SchedulerOption = None,
+    use_non_dw: NonDwOption = True,
 ) -> None:
     """Estimate the CTF of micrographs; write micrographs_ctf.star, <stem>.txt, _ctf.png, .ctf.
 
@@ -270,6 +285,7 @@ def estimate(
             overwrite=not resume,
             watch=watch,
             scheduler=scheduler,
+            use_non_dw=use_non_dw,
         )
         report = run_batch(request, console=_out_console(), err_console=_err_console())
     except UsageError as exc:

@@ -7,9 +7,14 @@ Input (:func:`read_cs_micrographs`): the images to estimate, with their optics.
 * A *particles* dataset has ``blob/path`` (one particle stack per micrograph) and
   ``blob/psize_A``; every distinct stack is one input whose particles' periodograms are pooled.
 * Optics: voltage and Cs from ``mscope_params/accel_kv`` and ``mscope_params/cs_mm`` (else
-  ``ctf/accel_kv``, ``ctf/cs_mm``), amplitude contrast from ``ctf/amp_contrast`` (else 0.07),
-  the exposure group from ``mscope_params/exp_group_id`` (else ``ctf/exp_group_id``). Each
-  distinct combination becomes one optics group, numbered in order of appearance.
+  ``ctf/accel_kv``, ``ctf/cs_mm``), amplitude contrast from ``ctf/amp_contrast`` (else 0.1,
+  cryoSPARC's default), the exposure group from ``mscope_params/exp_group_id`` (else
+  ``ctf/exp_group_id``). Each
+  distinct combination becomes one optics group, numbered in order of appearance. Without a
+  voltage or Cs field the caller must give them (``--kv``/``--cs``); nothing is assumed.
+* An exposure with ``micrograph_blob_non_dw/path`` (Patch Motion Correction's sum without
+  dose weighting) is read from that file by default, as cryoSPARC Patch CTF does; its name
+  stays ``micrograph_blob/path``.
 * Paths in a ``.cs`` file are relative to the cryoSPARC *project* directory. They are taken
   relative to the current directory when the file is there, else relative to the folder two
   levels above the ``.cs`` file (``<project>/<job>/<file>.cs``), else relative to the ``.cs``
@@ -48,6 +53,7 @@ from anisoctf.optics.magmat import to_cryosparc_anisomag
 
 __all__ = [
     "CTF_FIELDS",
+    "DEFAULT_CS_AMP_CONTRAST",
     "CSMicrograph",
     "CSMicrographs",
     "ctf_results_array",
@@ -77,17 +83,21 @@ CTF_FIELDS: list[tuple] = [
     (L.CS_BFACTOR, "<f4"),
     (L.CS_FIT_TO, "<f4"),
 ]
-_DEFAULT_AC = 0.07
+#: cryoSPARC's amplitude contrast when an exposure has none (Patch CTF's default)
+DEFAULT_CS_AMP_CONTRAST = 0.1
+_NON_DW_PATH = "micrograph_blob_non_dw/path"
 
 
 @dataclass(frozen=True)
 class CSMicrograph:
-    """One image to estimate: ``name`` as in the file, ``path`` resolved, optics group, uid."""
+    """One image to estimate: ``name`` as in the file, ``path`` the file to read (resolved; the
+    non-dose-weighted sum where there is one), optics group, uid."""
 
     name: str
     path: Path
     optics_group: int
     uid: int
+    non_dw: bool = False  # ``path`` is the sum without dose weighting
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,8 @@ class CSMicrographs:
     optics: dict[int, Optics]
     kind: str  # "exposures" or "particles"
     notes: list[str] = field(default_factory=list)
+    #: where the voltage, Cs and amplitude contrast came from (field name, or "default")
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def name_uid(name: str) -> int:
@@ -128,7 +140,12 @@ def _project_root(cs_path: Path, names: Sequence[str]) -> Path:
 
 
 def read_cs_micrographs(
-    path: str | os.PathLike[str], project_dir: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    project_dir: str | os.PathLike[str] | None = None,
+    *,
+    kv: float | None = None,
+    cs: float | None = None,
+    use_non_dw: bool = True,
 ) -> CSMicrographs:
     """The micrographs (or particle stacks) of an exposures/particles ``.cs`` file.
 
@@ -138,12 +155,17 @@ def read_cs_micrographs(
         The ``.cs`` file.
     project_dir
         Directory the paths are relative to; default: see the module notes.
+    kv, cs
+        Voltage (kV) and Cs (mm) for a file without those fields (the command line's; the
+        caller replaces the file's values with them anyway).
+    use_non_dw
+        Read an exposure's ``micrograph_blob_non_dw/path`` where it has one.
 
     Raises
     ------
     InputError
         Unreadable file, no ``micrograph_blob/path`` nor ``blob/path`` field, no pixel size,
-        or optics values that are not physical.
+        no voltage or Cs field and none given, or optics values that are not physical.
     """
     p = Path(path)
     arr = read_cs(p).array
@@ -160,16 +182,36 @@ def read_cs_micrographs(
     psize = _field(arr, f"{prefix}/psize_A")
     if psize is None:
         raise InputError(f"has no {prefix}/psize_A field (pixel size)", path=p)
-    kv = _field(arr, "mscope_params/accel_kv", L.CS_VOLTAGE)
-    cs = _field(arr, "mscope_params/cs_mm", L.CS_CS)
+    fields = arr.dtype.names or ()
+    sources = {
+        what: next((n for n in names if n in fields), "")
+        for what, names in (
+            ("voltage", ("mscope_params/accel_kv", L.CS_VOLTAGE)),
+            ("Cs", ("mscope_params/cs_mm", L.CS_CS)),
+            ("amplitude contrast", (L.CS_AMP_CONTRAST,)),
+        )
+    }
+    kv_f, cs_f = _field(arr, "mscope_params/accel_kv", L.CS_VOLTAGE), _field(
+        arr, "mscope_params/cs_mm", L.CS_CS
+    )
     ac = _field(arr, L.CS_AMP_CONTRAST)
+    if (kv_f is None and kv is None) or (cs_f is None and cs is None):
+        raise InputError(
+            "has no voltage or Cs field (mscope_params/accel_kv, cs_mm or ctf/accel_kv, "
+            "cs_mm); pass the optics with --kv, --cs and --ac",
+            path=p,
+        )
+    sources = {k: (f".cs field {v}" if v else "default") for k, v in sources.items()}
+    non_dw = (
+        [_decode(v).lstrip(">") for v in arr[_NON_DW_PATH]]
+        if use_non_dw and kind == "exposures" and _NON_DW_PATH in fields
+        else None
+    )
     group = _field(arr, "mscope_params/exp_group_id", L.CS_EXP_GROUP)
     uids = _field(arr, "uid")
     names = [_decode(v).lstrip(">") for v in arr[f"{prefix}/path"]]
     root = Path(project_dir) if project_dir is not None else _project_root(p, names)
     notes: list[str] = []
-    if kv is None or cs is None:
-        notes.append("no voltage/Cs fields: 300 kV and 2.7 mm assumed unless given")
     key_of: dict[tuple, int] = {}
     optics: dict[int, Optics] = {}
     out: list[CSMicrograph] = []
@@ -182,9 +224,9 @@ def read_cs_micrographs(
         seen.add(name)
         values = (
             float(psize[i]),
-            300.0 if kv is None else float(kv[i]),
-            2.7 if cs is None else float(cs[i]),
-            _DEFAULT_AC if ac is None else float(ac[i]),
+            float(kv if kv_f is None else kv_f[i]),
+            float(cs if cs_f is None else cs_f[i]),
+            DEFAULT_CS_AMP_CONTRAST if ac is None else float(ac[i]),
             0 if group is None else int(group[i]),
         )
         key = tuple(round(v, 5) for v in values)
@@ -201,10 +243,11 @@ def read_cs_micrographs(
             key_of[key] = len(key_of) + 1
             optics[key_of[key]] = o
         uid = int(uids[i]) if uids is not None else name_uid(name)
-        out.append(CSMicrograph(name, root / name, key_of[key], uid))
+        read = non_dw[i] if non_dw is not None and non_dw[i] else name
+        out.append(CSMicrograph(name, root / read, key_of[key], uid, read != name))
     if not out:
         raise InputError("lists no micrographs", path=p)
-    return CSMicrographs(out, optics, kind, notes)
+    return CSMicrographs(out, optics, kind, notes, sources)
 
 
 def ctf_results_array(

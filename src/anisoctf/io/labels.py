@@ -63,6 +63,8 @@ MAGMAT: tuple[str, str, str, str] = RELION_MAGMAT_LABELS
 MICROGRAPH_NAME = "rlnMicrographName"
 MICROGRAPH_MOVIE_NAME = "rlnMicrographMovieName"
 MICROGRAPH_METADATA = "rlnMicrographMetadata"
+#: the sum without dose weighting (RELION motion correction with "save non-dose-weighted")
+MICROGRAPH_NAME_NO_DW = "rlnMicrographNameNoDW"
 IMAGE_NAME = "rlnImageName"
 IMAGE_ORIGINAL_NAME = "rlnImageOriginalName"
 RECONSTRUCT_IMAGE_NAME = "rlnReconstructImageName"
@@ -85,6 +87,7 @@ STRING_COLUMNS: tuple[str, ...] = (
     MICROGRAPH_NAME,
     MICROGRAPH_MOVIE_NAME,
     MICROGRAPH_METADATA,
+    MICROGRAPH_NAME_NO_DW,
     CTF_IMAGE,
     CTF_POWER_SPECTRUM,
     OPTICS_GROUP_NAME,

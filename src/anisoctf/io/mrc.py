@@ -53,6 +53,14 @@ _MODE_NAMES = {
     101: "4-bit packed",
 }
 _MODE_DTYPES = {0: "i1", 1: "i2", 2: "f4", 6: "u2", 12: "f2"}
+_EXTTYP = slice(104, 108)  # MRC2014 EXTTYP: the extended header's type
+_FEI_TYPES = (b"FEI1", b"FEI2")
+_FEI_RECORD = 768  # bytes of the FEI1 fields (FEI2 appends more); the first record is read
+#: byte offsets and bitmask-1 bits of the FEI1 fields used (Thermo Fisher, "EPU/Velox MRC
+#: extended header" v1; the layout of mrcfile.dtypes.get_ext_header_dtype)
+_FEI_BITMASK1 = 8
+_FEI_HT = (84, 5)
+_FEI_PIXEL_X = (156, 14)
 _CONVERT_HINT = "convert it to mode 2 (float32), e.g. with IMOD 'newstack -mode 2'"
 
 
@@ -74,6 +82,12 @@ class MRCHeader:
         Pixel size in Å from ``cella.x / mx``, or None when the header has none (<= 0).
     file_size
         Size of the file in bytes.
+    voltage_kv
+        Acceleration voltage (kV) from an FEI/EPU extended header (``FEI1``/``FEI2``, field
+        ``HT``), or None when the file carries none.
+    metadata_pixel_size
+        Pixel size (Å) from an FEI/EPU extended header (``Pixel size X``, stored in metres),
+        or None.
     """
 
     nx: int
@@ -84,6 +98,8 @@ class MRCHeader:
     data_offset: int
     pixel_size: float | None
     file_size: int
+    voltage_kv: float | None = None
+    metadata_pixel_size: float | None = None
 
     @property
     def expected_size(self) -> int:
@@ -233,13 +249,19 @@ def read_mrc_header(path: str | os.PathLike[str]) -> MRCHeader:
     mx, cella_x = int(h["mx"]), float(h["cella_x"])
     apix = cella_x / mx if mx > 0 else 0.0
     pixel_size = float(apix) if np.isfinite(apix) and apix > 0 else None
+    nsymbt = int(h["nsymbt"])
+    kv, fei_apix = (None, None)
+    if raw[_EXTTYP] in _FEI_TYPES and nsymbt >= _FEI_RECORD:
+        kv, fei_apix = _fei_optics(p, order)
     header = MRCHeader(
+        voltage_kv=kv,
+        metadata_pixel_size=fei_apix,
         nx=nx,
         ny=ny,
         nz=nz,
         mode=mode,
         dtype=dtype,
-        data_offset=_HEADER_BYTES + int(h["nsymbt"]),
+        data_offset=_HEADER_BYTES + nsymbt,
         pixel_size=pixel_size,
         file_size=file_size,
     )
@@ -250,6 +272,39 @@ def read_mrc_header(path: str | os.PathLike[str]) -> MRCHeader:
             path=p,
         )
     return header
+
+
+def _fei_optics(path: Path, order: str) -> tuple[float | None, float | None]:
+    """Voltage (kV) and pixel size (Å) of the first FEI/EPU extended-header record.
+
+    Fields flagged absent in ``Bitmask 1``, or implausible (voltage outside 10–1000 kV,
+    pixel size outside 0.01–100 Å), are None. Byte order is the main header's (FEI files are
+    little-endian in practice).
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(_HEADER_BYTES)
+            rec = fh.read(_FEI_RECORD)
+    except OSError:
+        return None, None
+    if len(rec) < _FEI_RECORD:
+        return None, None
+    mask = int(np.frombuffer(rec, dtype=f"{order}u4", count=1, offset=_FEI_BITMASK1)[0])
+
+    def value(field: tuple[int, int]) -> float | None:
+        offset, bit = field
+        if not mask >> bit & 1:
+            return None
+        v = float(np.frombuffer(rec, dtype=f"{order}f8", count=1, offset=offset)[0])
+        return v if np.isfinite(v) else None
+
+    ht, px = value(_FEI_HT), value(_FEI_PIXEL_X)
+    kv = ht / 1e3 if ht is not None and 1e4 <= ht <= 1e6 else None
+    apix = px * 1e10 if px is not None and 1e-12 <= px <= 1e-8 else None
+    return (
+        None if kv is None else float(f"{kv:.6g}"),
+        None if apix is None else float(f"{apix:.6g}"),
+    )
 
 
 def _memmap(path: Path, header: MRCHeader) -> np.memmap:

@@ -32,6 +32,7 @@ from anisoctf.errors import InputError
 from anisoctf.io import labels as L
 from anisoctf.io.atomic import atomic_write
 from anisoctf.io.star_optics import groups_and_optics, read_optics_group_names, read_optics_star
+from anisoctf.io.star_passthrough import StarPassthrough, read_passthrough
 from anisoctf.io.star_tables import (
     find_table,
     float_column,
@@ -51,6 +52,8 @@ from anisoctf.records.micrograph import MicrographCTFRow
 __all__ = [
     "MicrographCTFRow",
     "MicrographEntry",
+    "StarPassthrough",
+    "read_passthrough",
     "read_micrographs_ctf_star",
     "read_micrographs_star",
     "read_optics_group_names",
@@ -79,11 +82,14 @@ class MicrographEntry:
         Absolute path of the image: ``name`` joined to the project directory (RELION paths are
         relative to the directory RELION runs in). A trailing ``:mrc`` type tag is dropped;
         symbolic links are not resolved.
+    path_no_dw
+        Absolute path of the sum without dose weighting (``_rlnMicrographNameNoDW``), or None.
     """
 
     name: str
     optics_group: int
     path: Path
+    path_no_dw: Path | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,13 +133,19 @@ def read_micrographs_star(
     groups, optics = groups_and_optics(p, blocks, key, df)
     root = Path.cwd() if project_dir is None else Path(project_dir)
     root = root.absolute()
+    no_dw = (
+        string_column(p, df, L.MICROGRAPH_NAME_NO_DW, key)
+        if L.MICROGRAPH_NAME_NO_DW in df.columns
+        else [""] * len(names)
+    )
     entries: list[MicrographEntry] = []
     seen: set[str] = set()
-    for name, group in zip(names, groups.tolist(), strict=True):
+    for name, group, nd in zip(names, groups.tolist(), no_dw, strict=True):
         if name in seen:
             continue
         seen.add(name)
-        entries.append(MicrographEntry(name, int(group), root / strip_type_tag(name)))
+        nd_path = root / strip_type_tag(nd) if nd and nd != "None" else None
+        entries.append(MicrographEntry(name, int(group), root / strip_type_tag(name), nd_path))
     return entries, optics
 
 
@@ -282,11 +294,37 @@ def relion_micrograph_row(r: MicrographCTFRow, columns: Sequence[str]) -> list[s
     return line
 
 
+def _merge(
+    cols: list[str],
+    rows: list[list[str]],
+    keys: Sequence[object],
+    extra: Sequence[str],
+    values: dict,
+) -> None:
+    """Put the ``extra`` columns (cells ``values[key]``) into ``cols``/``rows``, in place: a
+    column already there gets the input's value, others are appended ("None" where a row has
+    no input values)."""
+    for j, c in enumerate(extra):
+        at = cols.index(c) if c in cols else None
+        if at is None:
+            cols.append(c)
+        for key, row in zip(keys, rows, strict=True):
+            cells = values.get(key)
+            if cells is None:
+                if at is None:
+                    row.append("None")
+            elif at is None:
+                row.append(cells[j])
+            else:
+                row[at] = cells[j]
+
+
 def write_micrographs_ctf_star(
     path: str | os.PathLike[str],
     rows: Sequence[MicrographCTFRow],
     optics: dict[int, Optics],
     optics_names: dict[int, str] | None = None,
+    passthrough: StarPassthrough | None = None,
 ) -> None:
     """Write CTF results as a RELION 3.1+ ``micrographs_ctf.star``, atomically.
 
@@ -300,6 +338,11 @@ def write_micrographs_ctf_star(
         Optics of every group used by ``rows`` (others are written too).
     optics_names
         ``_rlnOpticsGroupName`` per group; default ``opticsGroup<N>``.
+    passthrough
+        Columns of the input micrographs STAR to keep, with their values
+        (:func:`~anisoctf.io.star_passthrough.read_passthrough`), as RELION's CTF job does:
+        appended after the CTF columns; an input ``_rlnMicrographOriginalPixelSize`` replaces
+        the one written here.
 
     Notes
     -----
@@ -349,6 +392,10 @@ def write_micrographs_ctf_star(
 
     m_cols = relion_micrograph_columns(rows)
     m_rows = [relion_micrograph_row(r, m_cols) for r in rows]
+    if passthrough is not None:
+        _merge(o_cols, o_rows, groups, passthrough.optics_columns, passthrough.optics_values)
+        names = [r.name for r in rows]
+        _merge(m_cols, m_rows, names, passthrough.micrograph_columns, passthrough.micrograph_values)
 
     lines = format_loop("optics", o_cols, o_rows) + format_loop("micrographs", m_cols, m_rows)
     text = "\n".join(lines) + "\n"

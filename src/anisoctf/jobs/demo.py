@@ -159,6 +159,8 @@ def run_demo(
             FitSettings(),
             apix=DEMO_APIX,
             kv=DEMO_KV,
+            cs=files[0].spec.optics.cs_mm,  # the simulated optics, stated (MRC files carry none)
+            ac=files[0].spec.optics.amplitude_contrast,
             jobs=jobs,
         ),
         console=console,

@@ -265,6 +265,7 @@ class _Batch:
             input=input_signature(t.path),
             out=str(self.out),  # the rows name their .ctf files by this path
             local=self.request.local,  # --patches/--tilt/--thickness change the outputs
+            **({"non_dw": True} if t.non_dw else {}),  # the sum read is not the one named
         )
 
     def _record_failure(self, t: MicrographTask, message: str) -> None:
@@ -317,6 +318,7 @@ class _Batch:
                 [r.row for r in rows],
                 {g: o for g, o in current.optics.items() if g in used},
                 current.optics_names,
+                current.passthrough,
             )
         except (OSError, ValueError) as exc:
             return None, one_line(f"cannot write {star}: {exc}")
@@ -487,6 +489,8 @@ def run_batch(
     resolved = _resolve(request)
     _make_out_dir(out)
     if not request.quiet:
+        for line in resolved.provenance:
+            err.print(line, markup=False)
         for w in resolved.warnings:
             err.print(f"warning: {w}", markup=False)
     lock = _lock(out)

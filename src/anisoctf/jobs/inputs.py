@@ -24,7 +24,12 @@ from numpy.typing import ArrayLike
 from anisoctf.errors import AnisoctfError, UsageError
 from anisoctf.io.cryosparc_ctf import read_cs_micrographs
 from anisoctf.io.mrc import read_mrc_header
-from anisoctf.io.star import read_micrographs_star, read_optics_group_names
+from anisoctf.io.star import (
+    StarPassthrough,
+    read_micrographs_star,
+    read_optics_group_names,
+    read_passthrough,
+)
 from anisoctf.optics.ctf import Optics
 from anisoctf.optics.magmat import MagMat
 
@@ -48,6 +53,8 @@ DEFAULT_AMPLITUDE_CONTRAST = _OPTICS_DEFAULTS.amplitude_contrast
 
 #: header pixel size that is almost always a placeholder rather than a measurement
 _PLACEHOLDER_PIXEL_SIZE = 1.0
+#: relative difference between --apix and a header pixel size that is warned about
+APIX_MISMATCH = 0.02
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -73,6 +80,8 @@ class MicrographTask:
     stack
         The file is a stack of particle images (cryoSPARC's ``_particles.mrc``), estimated
         from its pooled periodograms like a ``.mrcs`` file.
+    non_dw
+        ``path`` is the non-dose-weighted sum of the micrograph ``name`` names.
     """
 
     index: int
@@ -82,6 +91,7 @@ class MicrographTask:
     stem: str
     error: str | None = None
     stack: bool = False  # a particle stack (pooled periodograms) whatever its suffix
+    non_dw: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,10 @@ class ResolvedInputs:
     optics_names: dict[int, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     uids: dict[str, int] = field(default_factory=dict)  # cryoSPARC uid by name (.cs input)
+    #: input STAR columns that ``micrographs_ctf.star`` keeps (STAR input only)
+    passthrough: StarPassthrough | None = None
+    #: where each optics value came from, one line per optics group (printed by the job)
+    provenance: list[str] = field(default_factory=list)
 
 
 
@@ -192,12 +206,18 @@ def _name_error(name: str) -> str | None:
 
 
 def _resolve_star(
-    star: str, apix: float | None, kv: float | None, cs: float | None, ac: float | None
+    star: str,
+    apix: float | None,
+    kv: float | None,
+    cs: float | None,
+    ac: float | None,
+    use_non_dw: bool = True,
 ) -> ResolvedInputs:
     entries, optics = read_micrographs_star(star)
     if not entries:
         raise UsageError(f"{star}: lists no micrographs")
     names = read_optics_group_names(star)
+    found = "STAR optics table" if optics else None
     if not optics:
         missing = _missing_options(apix, kv, cs, ac)
         if missing:
@@ -207,13 +227,53 @@ def _resolve_star(
         optics = {g: _optics(apix, kv, cs, ac) for g in sorted({e.optics_group for e in entries})}
     else:
         optics = _override_optics(optics, apix, kv, cs, ac)
-    paths = [str(e.path) for e in entries]
-    stems = unique_stems(paths)
+    paths = [
+        str(e.path_no_dw if use_non_dw and e.path_no_dw is not None else e.path) for e in entries
+    ]
+    stems = unique_stems([str(e.path) for e in entries])
     tasks = [
-        MicrographTask(i, p, e.name, e.optics_group, s, _name_error(e.name))
+        MicrographTask(
+            i, p, e.name, e.optics_group, s, _name_error(e.name), non_dw=p != str(e.path)
+        )
         for i, (e, p, s) in enumerate(zip(entries, paths, stems, strict=True))
     ]
-    return ResolvedInputs(tasks=tasks, optics=optics, optics_names=names)
+    n_dw = sum(e.path_no_dw is not None for e in entries)
+    remarks = (
+        [f"fitting the non-dose-weighted sums (_rlnMicrographNameNoDW) of {n_dw} micrographs"]
+        if use_non_dw and n_dw
+        else []
+    )
+    given = {"voltage": kv, "Cs": cs, "amplitude contrast": ac}
+    return ResolvedInputs(
+        tasks=tasks,
+        optics=optics,
+        optics_names=names,
+        provenance=remarks + _provenance(optics, apix, given, {k: found for k in given}),
+        passthrough=read_passthrough(star),
+    )
+
+
+def _provenance(
+    optics: dict[int, Optics],
+    apix: float | None,
+    given: dict[str, float | None],
+    found: dict[str, str | None],
+) -> list[str]:
+    """One line per optics group: each value and where it came from."""
+    lines = []
+    for g, o in sorted(optics.items()):
+        values = (
+            ("pixel size", o.pixel_size, " Å", apix),
+            ("voltage", o.voltage_kv, " kV", given["voltage"]),
+            ("Cs", o.cs_mm, " mm", given["Cs"]),
+            ("amplitude contrast", o.amplitude_contrast, "", given["amplitude contrast"]),
+        )
+        where = found.get("voltage")
+        parts = [
+            _source(v, unit, what, opt, found.get(what, where)) for what, v, unit, opt in values
+        ]
+        lines.append(f"optics group {g}: " + ", ".join(parts))
+    return lines
 
 
 def _override_optics(
@@ -244,25 +304,119 @@ def _override_optics(
 
 
 def _resolve_cs(
-    path: str, apix: float | None, kv: float | None, cs: float | None, ac: float | None
+    path: str,
+    apix: float | None,
+    kv: float | None,
+    cs: float | None,
+    ac: float | None,
+    use_non_dw: bool = True,
 ) -> ResolvedInputs:
     """Micrographs (or particle stacks) and optics of a cryoSPARC exposures/particles file."""
-    found = read_cs_micrographs(path)
+    found = read_cs_micrographs(path, kv=kv, cs=cs, use_non_dw=use_non_dw)
     optics = _override_optics(found.optics, apix, kv, cs, ac)
     paths = [str(m.path) for m in found.micrographs]
-    stems = unique_stems(paths)
+    stems = unique_stems([m.name if m.non_dw else str(m.path) for m in found.micrographs])
     tasks = [
         MicrographTask(
-            i, p, m.name, m.optics_group, s, _name_error(m.name), found.kind == "particles"
+            i,
+            p,
+            m.name,
+            m.optics_group,
+            s,
+            _name_error(m.name),
+            found.kind == "particles",
+            non_dw=m.non_dw,
         )
         for i, (m, p, s) in enumerate(zip(found.micrographs, paths, stems, strict=True))
     ]
+    given = {"voltage": kv, "Cs": cs, "amplitude contrast": ac}
+    where: dict[str, str | None] = {
+        k: (None if v == "default" else v) for k, v in found.sources.items()
+    }
+    where["pixel size"] = ".cs psize_A"
+    if where.get("amplitude contrast") is None and ac is None:
+        where["amplitude contrast"] = "cryoSPARC's default"
     return ResolvedInputs(
         tasks=tasks,
         optics=optics,
         warnings=list(found.notes),
         uids={m.name: m.uid for m in found.micrographs},
+        provenance=_provenance(optics, apix, given, where),
     )
+
+
+def _header_optics(paths: Sequence[str]) -> tuple[list, list[str | None]]:
+    """Each path's header (None where unreadable) and its one-line read error."""
+    headers: list = []
+    errors: list[str | None] = []
+    for p in paths:
+        try:
+            headers.append(read_mrc_header(p))
+            errors.append(None)
+        except AnisoctfError as exc:  # reported as this micrograph's failure
+            headers.append(None)
+            errors.append(one_line(str(exc)))
+    return headers, errors
+
+
+def _pixel_and_source(h) -> tuple[float | None, str]:
+    """The header's pixel size when it is a measurement (not none, not the 1.0 placeholder):
+    the MRC header's own (``cella / mx``, the file's geometry) first, else the FEI/EPU
+    metadata's; with where it came from."""
+    if h is None:
+        return None, ""
+    for v, where in ((h.pixel_size, "MRC header"), (h.metadata_pixel_size, "FEI/EPU metadata")):
+        if v is not None:
+            v = float(f"{v:.6g}")  # the header holds float32: 1.2999999523 means 1.3
+            if v > 0 and v != _PLACEHOLDER_PIXEL_SIZE:
+                return v, where
+    return None, ""
+
+
+def _usable_pixel(h) -> float | None:
+    """The header's plausible pixel size (:func:`_pixel_and_source`), or None."""
+    return _pixel_and_source(h)[0]
+
+
+def _header_pixel(path: str, h) -> float:
+    """The pixel size of an MRC header (:func:`_pixel_and_source`), or a UsageError."""
+    v = _usable_pixel(h)
+    if v is None:
+        raise UsageError(
+            f"--apix is required: the MRC header of {path} has no usable pixel size "
+            f"(none, or the placeholder {_PLACEHOLDER_PIXEL_SIZE:g} Å)"
+        )
+    return v
+
+
+def _apix_check(paths: Sequence[str], headers: list, apix: float) -> list[str]:
+    """A warning when ``--apix`` differs by more than 2 % from a plausible header pixel size."""
+    for p, h in zip(paths, headers, strict=True):
+        v = _usable_pixel(h)
+        if v is not None and abs(apix / v - 1.0) > APIX_MISMATCH:
+            return [
+                f"--apix {apix:g} Å differs by {100 * abs(apix / v - 1):.1f} % from the pixel "
+                f"size in the header of {p} ({v:.4g} Å); check which one is right"
+            ]
+    return []
+
+
+def _no_voltage(path: str) -> UsageError:
+    return UsageError(
+        f"{path}: no voltage in the file's metadata (no FEI/EPU extended header); pass the "
+        "optics with --kv, --cs and --ac (e.g. --kv 300 --cs 2.7 --ac 0.07)"
+    )
+
+
+def _source(value: float, unit: str, what: str, given: float | None, found: str | None) -> str:
+    if given is not None:
+        return f"{what} {given:g}{unit} (command line)"
+    if found is not None:
+        return f"{what} {value:g}{unit} ({found})"
+    return f"{what} {value:g}{unit} (default; pass --{_OPTION[what]} if not)"
+
+
+_OPTION = {"pixel size": "apix", "voltage": "kv", "Cs": "cs", "amplitude contrast": "ac"}
 
 
 def _resolve_mrcs(
@@ -272,63 +426,60 @@ def _resolve_mrcs(
     cs: float | None,
     ac: float | None,
 ) -> ResolvedInputs:
-    kv = DEFAULT_VOLTAGE_KV if kv is None else kv
-    cs = DEFAULT_CS_MM if cs is None else cs
-    ac = DEFAULT_AMPLITUDE_CONTRAST if ac is None else ac
+    """Micrographs given as MRC files: pixel size and voltage from the option or the header.
+
+    The voltage comes from ``--kv`` or the FEI/EPU extended header (``HT``); without either
+    the inputs are refused (a 200 kV micrograph fitted at 300 kV is 26 % off in defocus with a
+    good-looking fit). Cs and amplitude contrast, which no MRC header carries, come from
+    ``--cs/--ac`` or the defaults 2.7 mm / 0.07, stated in the optics provenance.
+    """
+    cs_v = DEFAULT_CS_MM if cs is None else cs
+    ac_v = DEFAULT_AMPLITUDE_CONTRAST if ac is None else ac
+    headers, errors = _header_optics(paths)
     warnings: list[str] = []
-    pixel: list[float | None] = []
-    errors: list[str | None] = []
     if apix is not None:
-        _optics(apix, kv, cs, ac)  # check the values once, before any work
-        pixel = [apix] * len(paths)
-        errors = [None] * len(paths)
-    else:
-        no_pixel: list[str] = []
-        from_header: list[float] = []
-        for p in paths:
-            try:
-                h = read_mrc_header(p).pixel_size
-            except AnisoctfError as exc:  # reported as this micrograph's failure
-                pixel.append(None)
-                errors.append(one_line(str(exc)))
-                continue
-            if h is not None:
-                h = float(f"{h:.6g}")  # the header holds float32: 1.2999999523 means 1.3
-            errors.append(None)
-            pixel.append(h)
-            if h is None or not h > 0 or h == _PLACEHOLDER_PIXEL_SIZE:
-                no_pixel.append(p)
-            else:
-                from_header.append(h)
-        if no_pixel:
-            more = f" (and {len(no_pixel) - 1} more)" if len(no_pixel) > 1 else ""
-            raise UsageError(
-                f"--apix is required: the MRC header of {no_pixel[0]}{more} has no usable "
-                f"pixel size (none, or the placeholder {_PLACEHOLDER_PIXEL_SIZE:g} Å)"
-            )
-        if from_header:
-            sizes = ", ".join(f"{v:.4g}" for v in sorted(set(from_header)))
-            warnings.append(
-                f"no --apix given: using the pixel size from the MRC header ({sizes} Å); "
-                "pass --apix if that is wrong"
-            )
-    # one optics group per distinct pixel size, numbered in order of appearance
-    group_of: dict[float, int] = {}
+        warnings += _apix_check(paths, headers, apix)
+    key_of: dict[tuple[float, float], int] = {}
     optics: dict[int, Optics] = {}
-    stems = unique_stems(paths)
+    provenance: list[str] = []
+    from_header: list[float] = []
     tasks: list[MicrographTask] = []
-    for i, (p, a, err, s) in enumerate(zip(paths, pixel, errors, stems, strict=True)):
-        if a is None:
-            group = next(iter(group_of.values()), 1)
-        else:
-            if a not in group_of:
-                group_of[a] = len(group_of) + 1
-                optics[group_of[a]] = _optics(a, kv, cs, ac)
-            group = group_of[a]
+    stems = unique_stems(paths)
+    for i, (p, h, err, s) in enumerate(zip(paths, headers, errors, stems, strict=True)):
+        group = next(iter(key_of.values()), 1)
+        if h is not None:
+            a = apix if apix is not None else _header_pixel(p, h)
+            if apix is None:
+                from_header.append(a)
+            v = kv if kv is not None else h.voltage_kv
+            if v is None:
+                raise _no_voltage(p)
+            if (a, v) not in key_of:
+                key_of[(a, v)] = group = len(key_of) + 1
+                optics[group] = _optics(a, v, cs_v, ac_v)
+                where = _pixel_and_source(h)[1]
+                provenance.append(
+                    f"optics group {group}: "
+                    + ", ".join(
+                        (
+                            _source(a, " Å", "pixel size", apix, where),
+                            _source(v, " kV", "voltage", kv, "FEI/EPU extended header"),
+                            _source(cs_v, " mm", "Cs", cs, None),
+                            _source(ac_v, "", "amplitude contrast", ac, None),
+                        )
+                    )
+                )
+            group = key_of[(a, v)]
         tasks.append(MicrographTask(i, p, p, group, s, err or _name_error(p)))
+    if from_header:
+        sizes = ", ".join(f"{v:.4g}" for v in sorted(set(from_header)))
+        warnings.append(
+            f"no --apix given: using the pixel size from the MRC header ({sizes} Å); "
+            "pass --apix if that is wrong"
+        )
     if not optics:  # every header unreadable: any group will do, nothing gets written
-        optics[1] = _optics(1.0, kv, cs, ac)
-    return ResolvedInputs(tasks=tasks, optics=optics, warnings=warnings)
+        optics[1] = _optics(1.0 if apix is None else apix, kv or DEFAULT_VOLTAGE_KV, cs_v, ac_v)
+    return ResolvedInputs(tasks=tasks, optics=optics, warnings=warnings, provenance=provenance)
 
 
 def resolve_inputs(
@@ -339,6 +490,7 @@ def resolve_inputs(
     cs: float | None = None,
     ac: float | None = None,
     mag_matrix: ArrayLike | None = None,
+    use_non_dw: bool = True,
 ) -> ResolvedInputs:
     """Turn the command line's inputs into micrographs with optics.
 
@@ -348,14 +500,21 @@ def resolve_inputs(
         MRC paths and/or glob patterns (expanded, sorted, de-duplicated), one ``.star`` file,
         or one cryoSPARC exposures/particles ``.cs`` file.
     apix, kv, cs, ac
-        Optics from the command line. For a STAR file they replace the optics table's values;
-        for MRC files ``apix`` falls back to a plausible header pixel size and the others to
-        300 kV, 2.7 mm and 0.07.
+        Optics from the command line. For a STAR or ``.cs`` file they replace the file's
+        values. For MRC files ``apix`` falls back to a plausible header pixel size (the MRC
+        header's, else the FEI/EPU metadata's) and ``kv`` to the FEI/EPU extended header's
+        voltage; without either voltage the inputs are refused. ``cs`` and ``ac`` fall back
+        to 2.7 mm and 0.07 (MRC; stated in :attr:`ResolvedInputs.provenance`) and, for
+        ``.cs`` files without ``ctf/amp_contrast``, ``ac`` to cryoSPARC's 0.1.
     mag_matrix
         Magnification matrix ``M`` (``k_true = M k_obs``, 2×2) given to every micrograph's
         optics; it replaces the ``_rlnMagMat`` of a STAR file's optics groups. Without it, a
         STAR file's optics groups keep their own matrices (identity when absent) and MRC files
         get the identity. With a matrix the fits, and the defoci written, are true-frame.
+    use_non_dw
+        Fit the non-dose-weighted sums (``_rlnMicrographNameNoDW``,
+        ``micrograph_blob_non_dw/path``) where the input lists them; the names written stay
+        the dose-weighted micrographs'.
 
     Raises
     ------
@@ -372,12 +531,12 @@ def resolve_inputs(
     if css:
         if len(inputs) > 1:
             raise UsageError("give either one .cs file or MRC files, not both or several")
-        return _with_mag_matrix(_resolve_cs(css[0], apix, kv, cs, ac), mag_matrix)
+        return _with_mag_matrix(_resolve_cs(css[0], apix, kv, cs, ac, use_non_dw), mag_matrix)
     stars = [x for x in inputs if x.lower().endswith(".star")]
     if stars:
         if len(inputs) > 1:
             raise UsageError("give either one .star file or MRC files, not both or several")
-        resolved = _resolve_star(stars[0], apix, kv, cs, ac)
+        resolved = _resolve_star(stars[0], apix, kv, cs, ac, use_non_dw)
     else:
         resolved = _resolve_mrcs(expand_patterns(inputs), apix, kv, cs, ac)
     return _with_mag_matrix(resolved, mag_matrix)

@@ -90,6 +90,10 @@ class EstimateRequest:
         processes.
     poll_seconds
         Watch mode: time between polls (default min(2 s, watch / 4)).
+    use_non_dw
+        Fit the non-dose-weighted sums that a STAR (``_rlnMicrographNameNoDW``) or ``.cs``
+        (``micrograph_blob_non_dw/path``) input lists; the output names the dose-weighted
+        micrographs either way.
     """
 
     inputs: tuple[str, ...]
@@ -108,6 +112,7 @@ class EstimateRequest:
     watch: float | None = None
     scheduler: str | None = None
     poll_seconds: float | None = None
+    use_non_dw: bool = True
 
     @classmethod
     def of(
@@ -121,8 +126,10 @@ class EstimateRequest:
         return cls(tuple(str(x) for x in inputs), Path(out_dir), settings, **options)
 
     def optics_overrides(self) -> dict[str, object]:
-        """The command line's optics (``apix``, ``kv``, ``cs``, ``ac``, ``mag_matrix``)."""
+        """The keywords of :func:`~anisoctf.jobs.inputs.resolve_inputs`: the command line's
+        optics (``apix``, ``kv``, ``cs``, ``ac``, ``mag_matrix``) and ``use_non_dw``."""
         return {
+            "use_non_dw": self.use_non_dw,
             "apix": self.apix,
             "kv": self.kv,
             "cs": self.cs,
