@@ -1,6 +1,19 @@
 """How good is a fit: figure of merit, CTF fit resolution, and the 1D/2D views for plots.
 
-Fit resolution: the spectrum is cut into *ring windows*, the pixels between two consecutive
+Fit resolution (:func:`ring_resolution`, documented in docs/estimator.md): every pixel of the
+full-resolution spectrum (no binning, no subsampling, so the statistic does not depend on the box)
+gets its CTF phase under the fitted parameters; the pixels are averaged in bins of equal phase,
+``RES_BINS_PER_RING`` per Thon ring (an equiphase average along the fitted CTF's ellipses). Over a
+sliding window of ``RES_WINDOW_RINGS`` consecutive rings this profile is regressed on a local
+quadratic background (in phase) and the fitted CTF²; the window *follows the fit* when the CTF²
+coefficient is positive with t ≥ ``RES_T_MIN``. The noise of every profile point is estimated
+from the window's own residuals, so neither the number of tiles nor their size enters. The fit
+resolution is the outer edge of the centre ring of the last following window before
+``RES_MISSES`` consecutive windows fail, or where the rings become finer than
+``RES_MIN_PERIOD_PX`` spectrum pixels (the box's sampling limit), or Nyquist, or the Cs
+turnaround of the phase.
+
+Ring statistics for the figure of merit and the plots: the spectrum is cut into *ring windows*, the pixels between two consecutive
 zeros of the fitted CTF² (so one window holds exactly one Thon ring, whatever the astigmatism:
 an equiphase average). In each window we regress the observed power on a local linear
 background and the fitted CTF²; the ring "agrees" when the CTF² coefficient is positive and
@@ -17,11 +30,28 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from anisoctf.fit.band import Band
+from anisoctf.fit.band import Band, make_band
 from anisoctf.optics.ctf import CTFParams, Optics, chi
 from anisoctf.optics.kernel import ctf2_from_chi, ctf_constants
+from anisoctf.spectrum.periodogram import Spectrum
 
-__all__ = ["RingStats", "equiphase_radius", "ring_statistics"]
+__all__ = [
+    "RingResolution",
+    "equiphase_radius",
+    "ring_resolution",
+    "ring_statistics",
+]
+
+#: phase bins per Thon ring of the equiphase profile
+RES_BINS_PER_RING = 8
+#: rings per sliding window
+RES_WINDOW_RINGS = 3
+#: t of the CTF² coefficient in a window for the rings there to follow the fit
+RES_T_MIN = 3.0
+#: consecutive failing windows that end the rings
+RES_MISSES = 2
+#: rings finer than this many spectrum pixels (one period) are beyond the box's sampling
+RES_MIN_PERIOD_PX = 2.5
 
 
 @dataclass(frozen=True)
@@ -179,3 +209,148 @@ def equiphase_radius(band: Band, params: CTFParams, optics: Optics) -> NDArray:
     disc = b * b - 4 * a * x
     k2 = np.where(disc >= 0, (b - np.sqrt(np.maximum(disc, 0))) / (2 * a), b / (2 * a))
     return np.sqrt(np.maximum(k2, 0.0))
+
+
+@dataclass(frozen=True)
+class RingResolution:
+    """The sliding-window ring check behind the fit resolution (see module doc).
+
+    Attributes
+    ----------
+    k_outer
+        Outer edge (Å⁻¹, equivalent isotropic frequency) of the centre ring of each window.
+    t
+        t-statistic of the fitted CTF² in each window (positive: rings in phase with the fit).
+    ring
+        Ring number (floor(phase / pi)) of each window's centre ring.
+    fit_resolution
+        Å; where the rings stop following the fit.
+    limit
+        What ended the rings: ``"rings"`` (the windows stopped agreeing), ``"sampling"`` (rings
+        finer than the box can resolve: a larger box may see further), ``"nyquist"`` or
+        ``"turnaround"`` (the Cs turnaround of the phase).
+    """
+
+    k_outer: NDArray[np.float64]
+    t: NDArray[np.float64]
+    ring: NDArray[np.int64]
+    fit_resolution: float
+    limit: str
+
+    def agreeing(self, k_min: float, k_max: float, t_min: float = RES_T_MIN) -> int:
+        """Windows in [k_min, k_max] whose rings follow the fit significantly."""
+        sel = (self.k_outer >= k_min) & (self.k_outer <= k_max) & (self.t > t_min)
+        return int(np.sum(sel))
+
+
+def _phase_limits(params: CTFParams, optics: Optics) -> float:
+    """Frequency (Å⁻¹) of the Cs turnaround of the phase for the smaller defocus (inf if none)."""
+    consts = ctf_constants(optics)
+    dmin = min(params.defocus_u, params.defocus_v)
+    if consts.cs_coef_rad <= 0 or dmin <= 0:
+        return np.inf
+    return float(np.sqrt(consts.defocus_coef_rad * dmin / (2.0 * consts.cs_coef_rad)))
+
+
+def ring_resolution(
+    spectrum: Spectrum, params: CTFParams, optics: Optics, k_min: float
+) -> RingResolution:
+    """Where the Thon rings stop following the fitted CTF (module doc, docs/estimator.md).
+
+    Parameters
+    ----------
+    spectrum
+        The averaged periodogram the CTF was fitted to (any box).
+    params, optics
+        The fitted CTF and the optics (pixel size of ``spectrum``; the magnification matrix,
+        if any, maps the spectrum's frequencies to the true frame).
+    k_min
+        Low-frequency limit of the fit (Å⁻¹).
+    """
+    nyq = 0.5 / spectrum.pixel_size
+    k_turn = _phase_limits(params, optics)
+    k_hi = min(nyq, 0.98 * k_turn)
+    band = make_band(spectrum, optics, k_min, k_hi, 1)
+    x = (_chi_eff(band, params, optics) - np.deg2rad(params.phase_shift_deg)) / np.pi
+    c2 = optics_ctf2(band, params, optics)
+    first = int(np.floor(x.min()))
+    pos = np.floor((x - first) * RES_BINS_PER_RING).astype(np.int64)
+    nb = int(pos.max()) + 1
+    cnt = np.bincount(pos, minlength=nb).astype(float)
+    prof = np.bincount(pos, weights=band.values, minlength=nb) / np.maximum(cnt, 1)
+    cprof = np.bincount(pos, weights=c2, minlength=nb) / np.maximum(cnt, 1)
+    nr = nb // RES_BINS_PER_RING + 1
+    # equivalent isotropic frequency of each ring's edges (where its phase starts and ends)
+    consts = ctf_constants(optics)
+    chi_edges = (np.arange(nr + 1) + first) * np.pi - consts.amplitude_phase_rad
+    k_edges = _iso_frequency(chi_edges + np.deg2rad(params.phase_shift_deg), params, optics)
+    width_px = np.diff(k_edges) / band.pixel_step
+    ts, rings, kouts = [], [], []
+    limit = "nyquist" if k_hi >= nyq else "turnaround"
+    last, misses, seen, sampled_out = -1, 0, 0, False
+    half = RES_WINDOW_RINGS // 2
+    for j in range(half, nr - half):
+        lo, hi = (j - half) * RES_BINS_PER_RING, (j + half + 1) * RES_BINS_PER_RING
+        c = cnt[lo:hi]
+        full_rings = bool(np.all(c > 0))
+        if not full_rings:
+            continue  # a partial ring at the band's inner edge
+        if not width_px[j + half] >= RES_MIN_PERIOD_PX:
+            sampled_out = True
+            break
+        t = _window_t(prof[lo:hi], cprof[lo:hi])
+        ts.append(t)
+        rings.append(j + first)
+        kouts.append(k_edges[j + 1])
+        seen += 1
+        if t >= RES_T_MIN:
+            last, misses = len(ts) - 1, 0
+        elif last >= 0 or seen > 4:  # strong low-frequency background may hide the first rings
+            misses += 1
+            if misses >= RES_MISSES:
+                limit = "rings"
+                break
+    if sampled_out and limit != "rings":
+        limit = "sampling"
+    k_arr = np.asarray(kouts, dtype=np.float64)
+    fit_res = 1.0 / k_arr[last] if last >= 0 else 1.0 / k_min
+    return RingResolution(
+        k_outer=k_arr,
+        t=np.asarray(ts, dtype=np.float64),
+        ring=np.asarray(rings, dtype=np.int64),
+        fit_resolution=float(fit_res),
+        limit=limit,
+    )
+
+
+def _iso_frequency(chi_value: NDArray, params: CTFParams, optics: Optics) -> NDArray:
+    """|k| at which a CTF without astigmatism (the mean defocus) has phase ``chi_value``
+    (NaN beyond the Cs turnaround)."""
+    consts = ctf_constants(optics)
+    a = consts.cs_coef_rad
+    b = consts.defocus_coef_rad * params.mean_defocus
+    x = np.asarray(chi_value, dtype=np.float64)
+    if a <= 0:
+        return np.sqrt(np.maximum(x / b, 0.0))
+    disc = b * b - 4 * a * x
+    with np.errstate(invalid="ignore"):
+        k2 = (b - np.sqrt(disc)) / (2 * a)
+    return np.sqrt(np.maximum(k2, 0.0))
+
+
+def _window_t(p: NDArray, c: NDArray) -> float:
+    """t of ``c``'s coefficient in ``p ~ 1 + u + u² + c`` (u the position in the window)."""
+    n = p.size
+    u = np.linspace(-1.0, 1.0, n)
+    a = np.stack([np.ones(n), u, u * u, c], axis=1)
+    scale = float(np.mean(p)) or 1.0
+    y = p / scale
+    coef, _, rank, _ = np.linalg.lstsq(a, y, rcond=None)
+    if rank < 4:
+        return 0.0
+    res = y - a @ coef
+    dof = n - 4
+    s2 = float(res @ res) / dof
+    cov = np.linalg.inv(a.T @ a)
+    se = np.sqrt(max(s2 * cov[3, 3], 1e-300))
+    return float(coef[3] / se)
