@@ -48,7 +48,7 @@ RES_BINS_PER_RING = 8
 #: rings per sliding window
 RES_WINDOW_RINGS = 3
 #: t of the CTF² coefficient in a window for the rings there to follow the fit
-RES_T_MIN = 2.5
+RES_T_MIN = 2.0
 #: consecutive failing windows that end the rings
 RES_MISSES = 2
 #: rings finer than this many spectrum pixels (one period) are beyond the box's sampling
@@ -238,7 +238,7 @@ class RingResolution:
     fit_resolution: float
     limit: str
 
-    def agreeing(self, k_min: float, k_max: float, t_min: float = RES_T_MIN) -> int:
+    def agreeing(self, k_min: float, k_max: float, t_min: float = 3.0) -> int:
         """Windows in [k_min, k_max] whose rings follow the fit significantly."""
         sel = (self.k_outer >= k_min) & (self.k_outer <= k_max) & (self.t > t_min)
         return int(np.sum(sel))

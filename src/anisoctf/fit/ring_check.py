@@ -9,12 +9,12 @@ that they share none of its steps but the CTF formula (:mod:`anisoctf.optics.ker
     equiphase average along the fitted CTF's ellipses in bins of equal *frequency* (half a
     spectrum pixel), the background removed by a running mean over one local ring period, and
     the Pearson correlation with the equally filtered CTF² over windows of three rings. A window
-    agrees when the correlation is significant at ``t >= 3`` (``n / 2`` independent bins: the
-    half-pixel bins are correlated in pairs).
+    agrees when the correlation is significant at ``t >= T_MIN`` (``n / 2`` independent bins:
+    the half-pixel bins are correlated in pairs); the rings stop after two failing windows.
 :func:`expected_ring_extent`
     For a simulation whose expected spectrum is known: the last ring at which an ideal detector
     using all of the image's Fourier samples would still see a three-ring window of the CTF²
-    modulation at ``t >= 3`` (Fisher information of the modulation's amplitude under the
+    modulation at ``t >= TRUTH_T = 3`` (Fisher information of the modulation's amplitude under the
     exponential noise of a periodogram). This is where the rings *truly* vanish at that
     threshold; estimators lose a little information to tapering and tiling, so they sit at or
     slightly below it.
@@ -32,8 +32,12 @@ from anisoctf.optics.kernel import ctf_constants, ctf_from_chi, frequency_featur
 
 __all__ = ["RingCheck", "expected_ring_extent", "independent_ring_check", "iso_frequency"]
 
-#: significance of a three-ring window
-T_MIN = 2.5
+#: significance at which an ideal detector still sees a three-ring window: the definition of
+#: where the rings truly vanish (:func:`expected_ring_extent`)
+TRUTH_T = 3.0
+#: significance of a window in the independent check; like the estimator's, lower than
+#: ``TRUTH_T`` because a real periodogram carries less information than the ideal one
+T_MIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ def expected_ring_extent(
         if n[j - 1] == 0 or n[j + 1] == 0:
             continue
         t = np.sqrt(info[j - 1] + info[j] + info[j + 1])
-        if t >= T_MIN:
+        if t >= TRUTH_T:
             last = j
         elif last >= 0:
             break
