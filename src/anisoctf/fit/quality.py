@@ -48,7 +48,7 @@ RES_BINS_PER_RING = 8
 #: rings per sliding window
 RES_WINDOW_RINGS = 3
 #: t of the CTF² coefficient in a window for the rings there to follow the fit
-RES_T_MIN = 2.0
+RES_T_MIN = 2.5
 #: consecutive failing windows that end the rings
 RES_MISSES = 2
 #: rings finer than this many spectrum pixels (one period) are beyond the box's sampling
