@@ -26,6 +26,7 @@ from anisoctf.fit.quality import (
     RingStats,
     equiphase_radius,
     optics_ctf2,
+    ring_resolution,
     ring_statistics,
 )
 from anisoctf.fit.refine import RefineResult, background_only_nll, refine_ml
@@ -342,7 +343,9 @@ def refine_spectrum(
         params,
         opt,
     )
-    n_agree = rings.agreeing(k_min, k_max)
+    # where the rings stop following the fit: every pixel of the spectrum, whatever the box
+    resolution = ring_resolution(spectrum, params, opt, k_min)
+    n_agree = resolution.agreeing(k_min, k_max)
     if n_agree < MIN_AGREEING_RINGS:
         raise FitError(
             f"no Thon rings agree with the best fit ({n_agree} significant ring(s) between "
@@ -359,7 +362,7 @@ def refine_spectrum(
         params=params,
         optics=optics,
         figure_of_merit=fom,
-        fit_resolution=rings.fit_resolution,
+        fit_resolution=resolution.fit_resolution,
         n_tiles=spectrum.n_eff,
         diagnostics=diag,
         warnings=tuple(warnings),
