@@ -48,6 +48,27 @@ static PyObject *mix_rows(PyObject *self, PyObject *args) {
         float *o = out + i * ncols;
         const int32_t *ii = idx + i * taps;
         const float *wi = w + i * taps;
+        if (taps == 8) { /* all taps in one pass over the row (the same sums, in tap order) */
+            const float *restrict s0 = src + (Py_ssize_t)ii[0] * ncols, *restrict s1 = src + (Py_ssize_t)ii[1] * ncols;
+            const float *restrict s2 = src + (Py_ssize_t)ii[2] * ncols, *restrict s3 = src + (Py_ssize_t)ii[3] * ncols;
+            const float *restrict s4 = src + (Py_ssize_t)ii[4] * ncols, *restrict s5 = src + (Py_ssize_t)ii[5] * ncols;
+            const float *restrict s6 = src + (Py_ssize_t)ii[6] * ncols, *restrict s7 = src + (Py_ssize_t)ii[7] * ncols;
+            const float w0 = wi[0], w1 = wi[1], w2 = wi[2], w3 = wi[3];
+            const float w4 = wi[4], w5 = wi[5], w6 = wi[6], w7 = wi[7];
+            float *restrict oo = o;
+            for (Py_ssize_t c = 0; c < ncols; c++) {
+                float a = w0 * s0[c];
+                a += w1 * s1[c];
+                a += w2 * s2[c];
+                a += w3 * s3[c];
+                a += w4 * s4[c];
+                a += w5 * s5[c];
+                a += w6 * s6[c];
+                a += w7 * s7[c];
+                oo[c] = a;
+            }
+            continue;
+        }
         const float *s0 = src + (Py_ssize_t)ii[0] * ncols;
         const float w0 = wi[0];
         for (Py_ssize_t c = 0; c < ncols; c++) o[c] = w0 * s0[c];
@@ -118,6 +139,24 @@ static PyObject *shear_transpose(PyObject *self, PyObject *args) {
             const float *s = buf + b * n_src + start[r0 + b];
             const float *wr = w + (r0 + b) * taps;
             float *o = out + (r0 + b) * n_out;
+            if (taps == 8) { /* all taps in one pass (the same sums, in tap order) */
+                const float w0 = wr[0], w1 = wr[1], w2 = wr[2], w3 = wr[3];
+                const float w4 = wr[4], w5 = wr[5], w6 = wr[6], w7 = wr[7];
+                const float *restrict ss = s;
+                float *restrict oo = o;
+                for (Py_ssize_t m = 0; m < n_out; m++) {
+                    float a = w0 * ss[m];
+                    a += w1 * ss[m + 1];
+                    a += w2 * ss[m + 2];
+                    a += w3 * ss[m + 3];
+                    a += w4 * ss[m + 4];
+                    a += w5 * ss[m + 5];
+                    a += w6 * ss[m + 6];
+                    a += w7 * ss[m + 7];
+                    oo[m] = a;
+                }
+                continue;
+            }
             const float w0 = wr[0];
             for (Py_ssize_t m = 0; m < n_out; m++) o[m] = w0 * s[m];
             for (Py_ssize_t j = 1; j < taps; j++) {

@@ -32,14 +32,13 @@ Methods (accuracy and speed measured by ``benchmarks/bench_resample.py``):
     scale has the same weights for every line (one sparse matrix product that mixes rows), a
     shear one fractional offset per line. The shears run on cache-sized strips that are
     transposed on the fly, so every pass reads contiguous memory; two buffers are used in turn
-    (about 2x the image's memory). Edges: symmetric reflection (nothing wraps).
+    (about 2x the image's memory). Edges: symmetric reflection (nothing wraps). Where the
+    optional compiled kernels are built (:mod:`.sinc_compiled`), each pass is one C loop over
+    the same taps (the same numbers); the plan (tap indices and weights) is cached per image
+    shape and matrix, so a batch of micrographs or particle boxes builds it once.
 ``"fourier"``
     Exact trigonometric (band-limited) interpolation of every line, in two passes
-    (``A = B C``: a per-column affine map along y, then a per-row affine map along x). Each pass
-    evaluates the line's Fourier series at uniformly spaced points with a chirp-z transform
-    (Bluestein), so arbitrary scale and sub-pixel offset are exact for each line. The image is
-    padded by symmetric reflection and the padding tapered to the mean, so the periodic
-    continuation is smooth and nothing wraps into the image. Slow (a reference).
+    (:mod:`.resample_fourier`). Slow (a reference).
 ``"spline"``
     :func:`scipy.ndimage.affine_transform`, cubic B-spline (order 3) with its prefilter,
     ``mode="reflect"``.
