@@ -1,10 +1,11 @@
-"""Build of the two optional compiled modules (everything else is in pyproject.toml).
+"""Build of the three optional compiled modules (everything else is in pyproject.toml).
 
 * ``anisoctf.fit._cells``: the pixel loop of :func:`anisoctf.fit.band.compressed_zone`;
 * ``anisoctf.spectrum._kernels``: the periodogram's power and its 2×2 binning in one pass,
-  and the block sums of the outlier-tile statistics.
+  and the block sums of the outlier-tile statistics;
+* ``anisoctf.magnification._sinc``: the row-mixing and shear passes of the sinc resampling.
 
-Both are plain C on Python's headers (no numpy headers). They are optional: where no C compiler
+All are plain C on Python's headers (no numpy headers). All are optional: where no C compiler
 is found the build goes on without them and the package uses the numpy versions of the same
 loops, which give the same numbers (``tests/test_spectrum.py``).
 """
@@ -27,6 +28,12 @@ setup(
             "anisoctf.spectrum._kernels",
             ["src/anisoctf/spectrum/_kernels.c"],
             extra_compile_args=flags,
+            optional=True,
+        ),
+        Extension(
+            "anisoctf.magnification._sinc",
+            ["src/anisoctf/magnification/_sinc.c"],
+            extra_compile_args=[] if os.name == "nt" else ["-O3"],  # vectorised tap loops
             optional=True,
         ),
     ]

@@ -248,12 +248,15 @@ def refine_ml(
         if np.all(np.abs(step[:nt]) < tol * sd):
             break
 
+    # a NaN model never improves (NaN < x is False): a failure, never a result
+    if not (np.isfinite(nll) and np.all(np.isfinite(theta)) and np.all(np.isfinite(lin))):
+        raise FloatingPointError("the refinement found no finite likelihood")
     cov = _covariance(jacobian(m, env, c2, dc2), n_eff, restr, nt)
     return RefineResult(
         z=float(theta[0]),
         a1=float(theta[1]),
         a2=float(theta[2]),
-        phase_deg=float(np.rad2deg(theta[3])),
+        phase_deg=float(np.rad2deg(theta[3]) % 180.0),  # CTF²'s period: in [0°, 180°)
         nll=nll,
         covariance=cov,
         background=bg,

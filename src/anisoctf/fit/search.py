@@ -18,6 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
+from anisoctf.errors import FitError
 from anisoctf.fit.band import Band, radial_basis
 from anisoctf.optics.ctf import Optics
 from anisoctf.optics.kernel import (
@@ -47,6 +48,34 @@ def _ctf2_1d(k: NDArray, df: NDArray, phase_rad: NDArray, optics: Optics) -> NDA
     feats = FrequencyFeatures(k2=k2, c2=k2, s2=k2, k4=k2 * k2)  # c2, s2 unused: no astigmatism
     x = chi_rad(feats, ctf_constants(optics), df, phase_shift_rad=phase_rad)
     return ctf2_from_chi_fast(x, ctf_constants(optics))
+
+
+#: a candidate whose CTF² column keeps less than this fraction of its weighted norm once the
+#: smooth background is projected out is (to rounding) a background shape: it explains nothing
+#: the background cannot, and its projected Gram matrix is rounding noise
+_MIN_PROJECTED_FRACTION = 1e-6
+
+
+def _projected_drop(g0: NDArray, g: NDArray, h: NDArray, psi: NDArray) -> NDArray:
+    """Residual drop ``h^T g^-1 h`` of each candidate (0 where the envelope comes out negative).
+
+    ``g0`` is the Gram matrix of a candidate's envelope × CTF² columns, ``g`` the same after
+    projecting out the background (``g = g0 - P``, shapes ``(..., pA, pA)``). Where the CTF²
+    varies too little across the band to be told from a smooth background (rings far finer
+    than the bins, where CTF² averages to ½, or a phase shift that turns the few rings of a
+    small defocus into a smooth slope), ``g`` is the difference of two nearly equal numbers,
+    and its inverse is rounding noise: such candidates score 0, and the regularisation is
+    relative to ``g0``, not to ``g``, for the same reason.
+    """
+    scale = np.trace(g0, axis1=-2, axis2=-1)
+    kept = np.trace(g, axis1=-2, axis2=-1)
+    eye = np.eye(g.shape[-1])
+    g = g + (1e-9 * scale)[..., None, None] * eye
+    coef = np.linalg.solve(g, h[..., None])[..., 0]
+    drop = np.einsum("...a,...a->...", h, coef)
+    amp = coef @ psi.mean(axis=0)
+    live = (kept > _MIN_PROJECTED_FRACTION * scale) & (amp > 0)
+    return np.where(live, drop, 0.0)
 
 
 def profile_scores(
@@ -95,14 +124,10 @@ def profile_scores(
     qtz = np.einsum("ib,ia->abi", q, u)  # (pA, pB, nb): q_b * u_a
     proj = np.stack([ctf2 @ qtz[a].T for a in range(u.shape[1])], axis=1)  # (J, pA, pB)
     uu = np.einsum("ia,ib->abi", u, u).reshape(-1, k.size)  # (pA*pA, nb)
-    g = ((ctf2 * ctf2) @ uu.T).reshape(-1, u.shape[1], u.shape[1])
-    g = g - np.einsum("jab,jcb->jac", proj, proj)
+    g0 = ((ctf2 * ctf2) @ uu.T).reshape(-1, u.shape[1], u.shape[1])
+    g = g0 - np.einsum("jab,jcb->jac", proj, proj)
     h = ctf2 @ (u * yp[:, None])  # (J, pA); yp is orthogonal to q so no correction
-    g = g + 1e-9 * np.trace(g, axis1=1, axis2=2)[:, None, None] * np.eye(g.shape[1])
-    coef = np.linalg.solve(g, h[..., None])[..., 0]
-    drop = np.einsum("ja,ja->j", h, coef)
-    amp = coef @ psi.mean(axis=0)
-    return np.where(amp > 0, drop, 0.0)
+    return _projected_drop(g0, g, h, psi)
 
 
 def _bin_profile(
@@ -191,14 +216,21 @@ def _sector_scores(
         uy[p] = (u * yp[:, None]).T
     nj = ctf2.shape[0]
     proj = (ctf2 @ qtz.reshape(-1, nb).T).reshape(nj, n_p, pa, n_bg)
-    g = ((ctf2 * ctf2) @ uu.reshape(-1, nb).T).reshape(nj, n_p, pa, pa)
-    g -= np.einsum("jpab,jpcb->jpac", proj, proj)
+    g0 = ((ctf2 * ctf2) @ uu.reshape(-1, nb).T).reshape(nj, n_p, pa, pa)
+    g = g0 - np.einsum("jpab,jpcb->jpac", proj, proj)
     h = (ctf2 @ uy.reshape(-1, nb).T).reshape(nj, n_p, pa)
-    g += 1e-9 * np.trace(g, axis1=2, axis2=3)[..., None, None] * np.eye(pa)
-    coef = np.linalg.solve(g, h[..., None])[..., 0]
-    drop = np.einsum("jpa,jpa->jp", h, coef)
-    amp = coef @ psi.mean(axis=0)
-    return np.where(amp > 0, drop, 0.0).T
+    return _projected_drop(g0, g, h, psi).T
+
+
+def _require_finite(scores: NDArray, what: str) -> None:
+    """A NaN or Inf score is a failure, never a candidate: ``np.argmax`` takes a NaN for the
+    maximum, so one non-finite score would otherwise become the search's answer."""
+    if not np.all(np.isfinite(scores)):
+        bad = int(np.count_nonzero(~np.isfinite(scores)))
+        raise FitError(
+            f"the coarse search's {what} scores hold {bad} NaN/Inf value(s) (a degenerate "
+            "spectrum or CTF model); check the micrograph, --apix and the optics"
+        )
 
 
 def coarse_search(
@@ -224,12 +256,20 @@ def coarse_search(
     max_astig
         Largest |U − V| (Å) considered.
     phase_plate
-        Search the phase shift too.
+        Search the phase shift too, over [0°, 180°) in 15° steps (CTF² has period 180° in
+        the phase shift, so this is every shift; the refinement takes it from there).
     n_sectors
         Angular sectors over 180°.
     n_best
         Number of distinct candidates returned.
+
+    Raises
+    ------
+    FitError
+        Where the spectrum or any score is NaN or Inf (:func:`_require_finite`).
     """
+    if not np.all(np.isfinite(band.values)) or not np.all(np.isfinite(band.weights)):
+        raise FitError("the spectrum holds NaN or Inf values; check the micrograph's pixels")
     lam = optics.wavelength
     kc = band.k_max
     step = 0.25 / (np.pi * lam * kc * kc)  # phase change of ≤ 0.25 rad at the band edge
@@ -244,6 +284,7 @@ def coarse_search(
     ph_all = np.tile(phases, len(grid))
     s_all = profile_scores(k, y, n, _ctf2_1d(k, df_all, ph_all, optics), band.k_min, band.k_max)
     s_all = s_all.reshape(len(grid), len(phases))
+    _require_finite(s_all, "defocus and phase")
     best_phase = phases[int(np.argmax(s_all.max(axis=0)))]
     profile_score = s_all[:, int(np.argmax(s_all.max(axis=0)))]
 
@@ -260,6 +301,7 @@ def coarse_search(
         )
         c2 = _ctf2_1d(ks, grid, np.full(grid.size, best_phase), optics)
         curves[live_s] = _sector_scores(ks, ys[live_s], ns[live_s], c2, band.k_min, band.k_max)
+        _require_finite(curves, "sector")
 
     # 3. grid over (z, a1, a2): sum of sector scores at the sector defocus
     h_max = 0.5 * max_astig

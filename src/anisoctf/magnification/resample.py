@@ -32,14 +32,13 @@ Methods (accuracy and speed measured by ``benchmarks/bench_resample.py``):
     scale has the same weights for every line (one sparse matrix product that mixes rows), a
     shear one fractional offset per line. The shears run on cache-sized strips that are
     transposed on the fly, so every pass reads contiguous memory; two buffers are used in turn
-    (about 2x the image's memory). Edges: symmetric reflection (nothing wraps).
+    (about 2x the image's memory). Edges: symmetric reflection (nothing wraps). Where the
+    optional compiled kernels are built (:mod:`.sinc_compiled`), each pass is one C loop over
+    the same taps (the same numbers); the plan (tap indices and weights) is cached per image
+    shape and matrix, so a batch of micrographs or particle boxes builds it once.
 ``"fourier"``
     Exact trigonometric (band-limited) interpolation of every line, in two passes
-    (``A = B C``: a per-column affine map along y, then a per-row affine map along x). Each pass
-    evaluates the line's Fourier series at uniformly spaced points with a chirp-z transform
-    (Bluestein), so arbitrary scale and sub-pixel offset are exact for each line. The image is
-    padded by symmetric reflection and the padding tapered to the mean, so the periodic
-    continuation is smooth and nothing wraps into the image. Slow (a reference).
+    (:mod:`.resample_fourier`). Slow (a reference).
 ``"spline"``
     :func:`scipy.ndimage.affine_transform`, cubic B-spline (order 3) with its prefilter,
     ``mode="reflect"``.
@@ -63,10 +62,11 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from anisoctf._lazy import lazy
+from anisoctf.magnification import sinc_compiled
+from anisoctf.magnification.resample_fourier import fourier_apply
 from anisoctf.optics.magmat import MagMat, as_matrix
 
 ndi = lazy("scipy.ndimage")
-sfft = lazy("scipy.fft")
 sps = lazy("scipy.sparse")
 special = lazy("scipy.special")
 
@@ -104,10 +104,9 @@ _GROUP_ELEMENTS = 1 << 18
 _SPARSE_CHUNK_ELEMENTS = 1 << 19
 # pixels per batch when a stack is resampled by the sinc method (bounds its memory)
 _BATCH_PIXELS = 1 << 24
-# taper width (pixels) of the Fourier method's padding
-_TAPER = 32
-# lines per chunk in the Fourier method (bounds its memory)
-_FOURIER_CHUNK = 256
+# the sinc method's passes through the compiled kernels where they are built
+# (:mod:`.sinc_compiled`); False: the numpy passes below (the same numbers to float32 rounding)
+_USE_COMPILED = sinc_compiled.AVAILABLE
 
 
 # ============================================================================ geometry
@@ -258,17 +257,22 @@ def _sinc_weights(frac: NDArray[np.float64]) -> NDArray[np.float64]:
     return w / w.sum(axis=1, keepdims=True)
 
 
-def _line_matrix(pos: NDArray[np.float64], n_src: int) -> sps.csr_matrix:
-    """Sparse ``(len(pos), n_src)`` interpolation matrix: row i samples the lines at ``pos[i]``.
-
-    Taps outside ``[0, n_src)`` are reflected (half-sample symmetric); repeated columns in a row
-    are kept as separate entries, which the product sums.
-    """
+def _line_taps(pos: NDArray[np.float64], n_src: int) -> tuple[NDArray, NDArray[np.float32]]:
+    """Source lines ``(len(pos), K)`` (reflected, half-sample symmetric, into ``[0, n_src)``)
+    and float32 weights that sample the lines at ``pos``."""
     base = np.floor(pos)
     w = _sinc_weights(pos - base).astype(np.float32)
     h = _SINC_TAPS // 2
     cols = base.astype(np.int64)[:, None] + np.arange(-h + 1, h + 1)[None, :]
-    cols = _reflect_index(cols, n_src).astype(np.int32)
+    return _reflect_index(cols, n_src).astype(np.int32), w
+
+
+def _line_matrix(pos: NDArray[np.float64], n_src: int) -> sps.csr_matrix:
+    """Sparse ``(len(pos), n_src)`` interpolation matrix: row i samples the lines at ``pos[i]``.
+
+    Repeated (reflected) columns in a row are kept as separate entries, which the product sums.
+    """
+    cols, w = _line_taps(pos, n_src)
     indptr = np.arange(0, len(pos) * _SINC_TAPS + 1, _SINC_TAPS, dtype=np.int32)
     return sps.csr_matrix((w.ravel(), cols.ravel(), indptr), shape=(len(pos), n_src))
 
@@ -426,7 +430,12 @@ def _decompose_passes(a: NDArray[np.float64]) -> tuple[float, float, float, floa
     return q, l_, r, u
 
 
-def _sinc_plan(shape: tuple[int, int], a: NDArray[np.float64], count: int = 1) -> _SincPlan:
+def _sinc_plan(
+    shape: tuple[int, int], a: NDArray[np.float64], count: int = 1, compiled: bool = False
+) -> _SincPlan | sinc_compiled.CompiledPlan:
+    """The passes of :class:`_SincPlan` for ``count`` images, or with ``compiled`` the
+    :class:`~.sinc_compiled.CompiledPlan` of one image shape (the same passes, for the
+    compiled kernels)."""
     ny, nx = shape
     cx, cy = image_centre(shape)
     q, l_, r, u = _decompose_passes(a)
@@ -440,7 +449,6 @@ def _sinc_plan(shape: tuple[int, int], a: NDArray[np.float64], count: int = 1) -
     n3x = x3hi - x3lo + 1
     pos_x = xt[0] + shift - x3lo
     # pass 3, x scale: J3(x3, .) = J2(r x3, .); J2's rows are the input columns (reflected)
-    sx = _line_matrix(r * np.arange(x3lo, x3hi + 1, dtype=np.float64) + cx, nx)
     # pass 2, y shear: J2(x, y) = T1(x, y + l x); T1's rows are y1lo..y1hi (relative y)
     shift = l_ * xt
     y1lo = math.floor(yt[0] + shift.min()) - h - 1
@@ -448,7 +456,21 @@ def _sinc_plan(shape: tuple[int, int], a: NDArray[np.float64], count: int = 1) -
     n1y = y1hi - y1lo + 1
     pos_y = yt[0] + shift - y1lo
     # pass 1, y scale: T1(., y1) = I(., q y1), input rows reflected
-    sy = _line_matrix(q * np.arange(y1lo, y1hi + 1, dtype=np.float64) + cy, ny)
+    sy_pos = q * np.arange(y1lo, y1hi + 1, dtype=np.float64) + cy
+    if compiled:
+        sx_pos = r * np.arange(x3lo, x3hi + 1, dtype=np.float64) + cx
+        return sinc_compiled.CompiledPlan(
+            ny,
+            nx,
+            n1y,
+            n3x,
+            _taps(_line_taps(sy_pos, ny)),
+            _shear_taps(pos_y),
+            _taps(_line_taps(sx_pos, nx)),
+            _shear_taps(pos_x),
+        )
+    sx = _line_matrix(r * np.arange(x3lo, x3hi + 1, dtype=np.float64) + cx, nx)
+    sy = _line_matrix(sy_pos, ny)
     if count > 1:
         eye = sps.identity(count, dtype=np.float32, format="csr")
         sx = sps.kron(eye, sx, format="csr")
@@ -466,6 +488,26 @@ def _sinc_plan(shape: tuple[int, int], a: NDArray[np.float64], count: int = 1) -
     )
 
 
+def _taps(line: tuple[NDArray, NDArray[np.float32]]) -> sinc_compiled.LineTaps:
+    return sinc_compiled.LineTaps.of(*line)
+
+
+def _shear_taps(pos0: NDArray[np.float64]) -> sinc_compiled.LineTaps:
+    """A shear's first source sample and weights for each row (see :class:`_RowPass`)."""
+    base = np.floor(pos0)
+    return sinc_compiled.LineTaps.of(base - (_SINC_TAPS // 2 - 1), _sinc_weights(pos0 - base))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_plan(
+    shape: tuple[int, int], a: tuple[float, ...], count: int, compiled: bool
+) -> _SincPlan | sinc_compiled.CompiledPlan:
+    """:func:`_sinc_plan`, kept for the next call: every micrograph of an optics group, and
+    every particle box of a size, shares one matrix (the plan cost 0.8–1.5 ``rfft2`` at
+    512²–1024²). ``compiled`` is part of the key so that switching paths rebuilds."""
+    return _sinc_plan(shape, np.array(a, dtype=np.float64).reshape(2, 2), count, compiled)
+
+
 def _sinc_apply(plan: _SincPlan, images: NDArray) -> NDArray[np.float32]:
     """Resample ``images`` of shape ``(count, ny, nx)``; returns float32 of the same shape."""
     count, ny, nx = plan.count, plan.ny, plan.nx
@@ -480,105 +522,6 @@ def _sinc_apply(plan: _SincPlan, images: NDArray) -> NDArray[np.float32]:
     _sparse_pass(plan.sx, j2.reshape(count * nx, ny), j3)
     out = buf_b.reshape(count, ny, nx)
     _apply_row_pass(plan.shear_x, j3.reshape(count, n3x, ny), out)
-    return out
-
-
-# ============================================================================ fourier method
-def _taper_pad(image: NDArray, pad: tuple[int, int, int, int]) -> NDArray[np.float32]:
-    """Pad by symmetric reflection, then taper the padding to the mean (raised cosine).
-
-    The taper goes from 1 at the image edge to 0 at the outer edge of the padding, on both
-    sides, so the periodic continuation of every row and column is smooth and at the mean.
-    """
-    top, bottom, left, right = pad
-    img = np.asarray(image, dtype=np.float32)
-    p = np.pad(img, ((top, bottom), (left, right)), "symmetric")
-    mean = np.float32(np.mean(img, dtype=np.float64))
-    p -= mean
-
-    def ramp(n_in: int, lo: int, hi: int) -> NDArray[np.float32]:
-        w = np.ones(n_in + lo + hi, dtype=np.float32)
-        if lo:
-            w[:lo] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(lo) + 0.5) / lo)
-        if hi:
-            w[n_in + lo :] = (0.5 - 0.5 * np.cos(np.pi * (np.arange(hi) + 0.5) / hi))[::-1]
-        return w
-
-    p *= ramp(img.shape[0], top, bottom)[:, None]
-    p *= ramp(img.shape[1], left, right)[None, :]
-    p += mean
-    return p
-
-
-def _fourier_lines(
-    src: NDArray, t0: NDArray[np.float64], scale: float, out: NDArray[np.float32]
-) -> None:
-    """``out[r, m] = f_r(t0[r] + scale m)``, ``f_r`` the trigonometric interpolant of ``src[r]``.
-
-    Rows are periodic with their length ``L``; ``f_r(t) = Re sum_k c_k F_k exp(2 pi i k t / L)``
-    over ``k = 0 .. L/2`` (``c_k = 2/L``, ``1/L`` for ``k = 0`` and the Nyquist term). The sum
-    at uniformly spaced points is a chirp-z transform, computed with Bluestein's identity
-    ``k m = (k² + m² - (m - k)²) / 2`` as one FFT convolution per row; the per-row start ``t0``
-    is a phase ramp. ``src`` and ``out`` may be strided views (rows are copied in chunks);
-    the arithmetic is in double precision.
-    """
-    rows, length = src.shape
-    n_out = out.shape[1]
-    nk = length // 2 + 1
-    c = np.full(nk, 2.0 / length)
-    c[0] = 1.0 / length
-    if length % 2 == 0:
-        c[-1] = 1.0 / length
-    k = np.arange(nk, dtype=np.float64)
-    m = np.arange(n_out, dtype=np.float64)
-    nfft = sfft.next_fast_len(nk + n_out - 1)
-
-    def chirp(x: NDArray[np.float64]) -> NDArray[np.complex128]:
-        # exp(2 pi i scale x / L), the phase reduced to [0, 1) turns in double precision
-        return np.exp(2j * np.pi * np.mod(scale * x / length, 1.0))
-
-    pre = c * chirp(0.5 * k * k)
-    post = chirp(0.5 * m * m)
-    n = np.arange(-(nk - 1), n_out, dtype=np.float64)
-    b = np.zeros(nfft, dtype=np.complex128)
-    b[np.mod(n, nfft).astype(np.int64)] = chirp(-0.5 * n * n)
-    bf = sfft.fft(b)
-    for r0 in range(0, rows, _FOURIER_CHUNK):
-        r1 = min(rows, r0 + _FOURIER_CHUNK)
-        f = sfft.rfft(np.asarray(src[r0:r1], dtype=np.float64), axis=1)
-        f *= np.exp(2j * np.pi * np.mod(np.outer(t0[r0:r1], k) / length, 1.0))
-        f *= pre
-        conv = sfft.ifft(sfft.fft(f, n=nfft, axis=1) * bf, axis=1)[:, :n_out]
-        out[r0:r1] = (conv * post).real
-
-
-def _fourier_apply(image: NDArray, a: NDArray[np.float64]) -> NDArray[np.float32]:
-    ny, nx = image.shape
-    cx, cy = image_centre(image.shape)
-    # A = B C, B = [[1, 0], [p, q]] (per-column map along y), C = [[r, s], [0, 1]] (along x)
-    r_, s_ = float(a[0, 0]), float(a[0, 1])
-    p_ = float(a[1, 0]) / r_
-    q_ = float(np.linalg.det(a)) / r_
-    yt = np.arange(ny, dtype=np.float64) - cy
-    xt = np.arange(nx, dtype=np.float64) - cx
-    # how far outside the image each pass reads
-    xs = r_ * xt[[0, -1]][:, None] + s_ * yt[[0, -1]][None, :]
-    mx = int(math.ceil(max(0.0, xt[0] - xs.min(), xs.max() - xt[-1]))) + _TAPER + 2
-    lx = sfft.next_fast_len(nx + 2 * mx, real=True)
-    left = (lx - nx) // 2
-    xcols = np.arange(lx, dtype=np.float64) - left - cx  # relative x of every padded column
-    ys = p_ * xcols[[0, -1]][:, None] + q_ * yt[[0, -1]][None, :]
-    my = int(math.ceil(max(0.0, yt[0] - ys.min(), ys.max() - yt[-1]))) + _TAPER + 2
-    ly = sfft.next_fast_len(ny + 2 * my, real=True)
-    top = (ly - ny) // 2
-    padded = _taper_pad(image, (top, ly - ny - top, left, lx - nx - left))
-    # y pass: T(x, y) = I(x, p x + q y), along the columns of the padded image
-    t = np.empty((ny, lx), dtype=np.float32)
-    _fourier_lines(padded.T, p_ * xcols + q_ * yt[0] + cy + top, q_, t.T)
-    del padded
-    # x pass: O(x, y) = T(r x + s y, y)
-    out = np.empty((ny, nx), dtype=np.float32)
-    _fourier_lines(t, r_ * xt[0] + s_ * yt + cx + left, r_, out)
     return out
 
 
@@ -600,7 +543,7 @@ def _ndimage_apply(image: NDArray, a: NDArray[np.float64], order: int) -> NDArra
 # ============================================================================ public
 def _per_image(method: str, a: NDArray[np.float64]) -> Callable[[NDArray], NDArray[np.float32]]:
     if method == "fourier":
-        return lambda img: _fourier_apply(img, a)
+        return lambda img: fourier_apply(img, a, image_centre(img.shape))
     if method == "spline":
         return lambda img: _ndimage_apply(img, a, 3)
     return lambda img: _ndimage_apply(img, a, 1)
@@ -658,8 +601,8 @@ def correct_image(
         raise ValueError(f"image must be at least 2x2 pixels, got {(ny, nx)}")
     out = np.empty(stack.shape, dtype=np.float32) if arr.ndim == 3 else None
     batch = max(1, _BATCH_PIXELS // (ny * nx)) if method == "sinc" else 1
-    plans: dict[int, _SincPlan] = {}
     run = _per_image(method, a)
+    key = tuple(float(v) for v in a.ravel())
     for i0 in range(0, n, batch):
         i1 = min(n, i0 + batch)
         part = np.asarray(stack[i0:i1])
@@ -668,11 +611,14 @@ def correct_image(
             bad = i0 + int(np.flatnonzero(~np.isfinite(part).reshape(i1 - i0, -1).all(1))[0])
             where = "image" if arr.ndim == 2 else f"image {bad + 1} of the stack"
             raise ValueError(f"{where} contains NaN or Inf values")
-        if method == "sinc":
-            count = i1 - i0
-            if count not in plans:
-                plans[count] = _sinc_plan((ny, nx), a, count)
-            res = _sinc_apply(plans[count], part)
+        if method == "sinc" and _USE_COMPILED:
+            plan = _cached_plan((ny, nx), key, 1, True)
+            assert isinstance(plan, sinc_compiled.CompiledPlan)
+            res = sinc_compiled.apply_plan(plan, part)
+        elif method == "sinc":
+            plan = _cached_plan((ny, nx), key, i1 - i0, False)
+            assert isinstance(plan, _SincPlan)
+            res = _sinc_apply(plan, part)
         else:
             res = np.stack([run(img) for img in part])
         if out is None:
