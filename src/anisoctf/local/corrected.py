@@ -38,6 +38,7 @@ from anisoctf.spectrum.periodogram import Spectrum
 from anisoctf.spectrum.tiles import TileSpectra, tile_spectra
 
 __all__ = [
+    "corrected_box",
     "corrected_power",
     "needs_tilt_correction",
     "refit_tilt_corrected",
@@ -74,7 +75,11 @@ def _bilinear_half_plane(power: NDArray, fx: NDArray, fy: NDArray) -> NDArray:
 
 
 def corrected_power(
-    tiles: TileSpectra, optics: Optics, params: CTFParams, offsets: NDArray
+    tiles: TileSpectra,
+    optics: Optics,
+    params: CTFParams,
+    offsets: NDArray,
+    k_max: float = np.inf,
 ) -> NDArray[np.float64]:
     """Weighted average of the tile periodograms, each rescaled in frequency so that a tile at
     defocus ``params.mean_defocus + offsets[t]`` has its rings where the centre has them.
@@ -89,6 +94,8 @@ def corrected_power(
         The centre's CTF (its astigmatism is shared by every tile).
     offsets
         Defocus of each tile's centre minus the micrograph centre's (Å).
+    k_max
+        Rescale only up to this frequency (true frame, Å⁻¹); beyond it, the plain average.
     """
     box = tiles.box
     apix = tiles.pixel_size
@@ -104,22 +111,25 @@ def corrected_power(
     form = params.mean_defocus * f.k2 + a1 * f.c2 + a2 * f.s2  # kᵀ D0 k
     chi0 = a * form - b * f.k2 * f.k2  # the centre's phase (no phase shift: it cancels)
     d_dir = form / k2  # the centre's defocus along each direction
-    d_dir[0, 0] = params.mean_defocus
     kxo, kyo = np.broadcast_arrays(kx * box * apix, ky * box * apix)  # frequency indices
-    total = np.zeros(f.k2.shape)
-    wsum = 0.0
+    wts = np.asarray(tiles.weights, dtype=np.float64)
+    wsum = max(float(wts.sum()), 1e-30)
+    # outside the band (and at k = 0) the plain weighted average
+    total = np.tensordot(wts, tiles.power, axes=1).astype(np.float64)
+    sel = np.flatnonzero((f.k2 <= k_max * k_max).ravel() & (f.k2 > 0).ravel())
+    d_sel, chi_sel, k2_sel = d_dir.ravel()[sel], chi0.ravel()[sel], k2.ravel()[sel]
+    fx, fy = kxo.ravel()[sel], kyo.ravel()[sel]
+    acc = np.zeros(sel.size)
     for t in range(tiles.n_tiles):
-        w = float(tiles.weights[t])
-        if w <= 0:
+        if wts[t] <= 0:
             continue
-        ad = a * (d_dir + offsets[t])
-        disc = np.maximum(ad * ad - 4.0 * b * chi0, 0.0)
-        u = 2.0 * chi0 / (ad + np.sqrt(disc))  # |s k|² where the tile's phase is chi0
-        s = np.sqrt(np.maximum(u, 0.0) / k2)
-        s[0, 0] = 1.0
-        total += w * _bilinear_half_plane(tiles.power[t].astype(np.float64), s * kxo, s * kyo)
-        wsum += w
-    return total / max(wsum, 1e-30)
+        ad = a * (d_sel + offsets[t])
+        disc = np.maximum(ad * ad - 4.0 * b * chi_sel, 0.0)
+        u = 2.0 * chi_sel / (ad + np.sqrt(disc))  # |s k|² where the tile's phase is chi0
+        s = np.sqrt(np.maximum(u, 0.0) / k2_sel)
+        acc += wts[t] * _bilinear_half_plane(tiles.power[t], s * fx, s * fy)
+    total.ravel()[sel] = acc
+    return total / wsum
 
 
 def tilt_corrected_spectrum(
@@ -130,6 +140,7 @@ def tilt_corrected_spectrum(
     box: int = 512,
     fit_pixel_size: float | None = None,
     workers: int = 1,
+    k_max: float = np.inf,
 ) -> Spectrum:
     """The tilt-corrected average spectrum of a micrograph (see the module docstring).
 
@@ -151,11 +162,13 @@ def tilt_corrected_spectrum(
         Fourier-crop the tiles to this pixel size.
     workers
         Threads for the FFTs.
+    k_max
+        Rescale only up to this frequency (Å⁻¹; beyond it the rings are not fitted).
     """
     ny, nx = np.shape(image)
     side = int(box * (fit_pixel_size or optics.pixel_size) / optics.pixel_size)
     # half-overlapping tiles where side-by-side ones would be few (Welch's averaging gain)
-    overlap = 0.5 if (ny // side) * (nx // side) < 36 else 0.0
+    overlap = 0.5 if (ny // side) * (nx // side) < 16 else 0.0
     tiles = tile_spectra(
         image,
         optics.pixel_size,
@@ -166,7 +179,7 @@ def tilt_corrected_spectrum(
     )
     _, gx, gy = plane
     offsets = gx * (tiles.centres[:, 0] - 0.5 * nx) + gy * (tiles.centres[:, 1] - 0.5 * ny)
-    power = corrected_power(tiles, optics.with_pixel_size(tiles.pixel_size), params, offsets)
+    power = corrected_power(tiles, optics.with_pixel_size(tiles.pixel_size), params, offsets, k_max)
     area_frac = (ny * nx) / (tiles.n_tiles * tiles.tile * tiles.tile)
     wsum = float(np.sum(tiles.weights))
     origins = np.round(tiles.centres[:, ::-1] - 0.5 * (tiles.tile - 1)).astype(np.int64)
@@ -212,9 +225,9 @@ def refit_tilt_corrected(
     if not needs_tilt_correction(glob, loc, optics, settings):
         return None
     ny, nx = np.shape(image)
-    box = settings.box
-    while box > 128 and min(ny, nx) < 2 * box:
-        box //= 2
+    sf = loc.surface
+    grad = float(np.hypot(sf.gx, sf.gy)) / optics.pixel_size
+    box, k_seen = _best_box(settings, optics, glob.params.defocus_u, grad, (ny, nx))
     z = glob.params.mean_defocus
     narrow = replace(
         settings,
@@ -222,7 +235,6 @@ def refit_tilt_corrected(
         df_max=min(settings.df_max, 1.3 * z),
         box=box,
     )
-    sf = loc.surface
     try:
         spec = tilt_corrected_spectrum(
             image,
@@ -232,6 +244,7 @@ def refit_tilt_corrected(
             box,
             settings.fit_pixel_size,
             workers,
+            k_max=min(1.15 / settings.max_res, 1.3 * k_seen),  # a little beyond the rings
         )
         est = fit_spectrum(
             spec, optics, narrow, diagnostics=glob.diagnostics is not None, name=name
@@ -240,7 +253,55 @@ def refit_tilt_corrected(
         return None
     if abs(est.params.mean_defocus - z) > 0.1 * z + 500.0:
         return None
+    if not est.fit_resolution < glob.fit_resolution:  # it must see rings further out
+        return None
     return est
+
+
+def corrected_box(
+    settings: FitSettings,
+    optics: Optics,
+    defocus: float,
+    gradient: float,
+    shape: tuple[int, int],
+) -> int:
+    """Tile size (pixels at the fitting pixel size) of the tilt-corrected spectrum.
+
+    Two limits pull apart: a tile of ``L`` Å samples the rings at ``1/L``, so the rings stop
+    being resolved where their period ``1/(2λzk)`` falls to 2.5 pixels (``k = L/(5λz)``), while
+    the defocus spread across it, ``w = |g|·L``, damps them by ``sinc(λk²w)`` (half at
+    ``λk²w = 0.6``). Of ``box/2 … 4·box`` (at least 2 tiles a side) the size whose lower limit
+    reaches furthest wins (``--box`` on a tie).
+    """
+    return _best_box(settings, optics, defocus, gradient, shape)[0]
+
+
+def _best_box(
+    settings: FitSettings,
+    optics: Optics,
+    defocus: float,
+    gradient: float,
+    shape: tuple[int, int],
+) -> tuple[int, float]:
+    """:func:`corrected_box` and the frequency (Å⁻¹) to which its tiles see the rings."""
+    apix = settings.fit_pixel_size or optics.pixel_size
+    lam = optics.wavelength
+    z = max(abs(defocus), 1000.0)
+    k_cap = min(1.0 / settings.max_res, 0.5 / apix)
+    side_max = min(shape) * optics.pixel_size / (2.0 * apix)  # box that leaves 2 tiles a side
+    best, best_k = settings.box, -1.0
+    for box in (settings.box, settings.box // 2, 2 * settings.box, 4 * settings.box):
+        if box < 128 or box > side_max:
+            continue
+        extent = box * apix
+        k_alias = extent / (5.0 * lam * z)
+        k_blur = np.sqrt(0.6 / (lam * max(gradient * extent, 1e-9)))
+        k = min(k_alias, k_blur, k_cap)
+        if k > 1.02 * best_k:
+            best, best_k = box, k
+    if best_k < 0:  # a small image: the largest even box with 2 tiles a side
+        best, best_k = max(64, int(side_max) // 2 * 2), k_cap
+    return best, best_k
 
 
 def with_global(loc: LocalEstimate, est: CTFEstimate) -> LocalEstimate:
