@@ -7,8 +7,8 @@ plane is found by an exhaustive coarse-to-fine search over the gradient disc
 (:func:`search_plane`), then refined continuously with Nelder–Mead (:func:`refine_plane`;
 Nelder & Mead, Comput. J. 7, 308 (1965)); tiles that no plane through the majority explains are
 found by RANSAC over tile triples (:func:`consensus_outliers`; Fischler & Bolles, Commun. ACM
-24, 381 (1981)); the final plane is refitted with Tukey biweights of each tile's own peak
-against it (:func:`robust_tile_weights`; an iteratively reweighted M-estimate: Beaton & Tukey,
+24, 381 (1981)); the final plane is refitted with flat-topped Tukey biweights of each tile's own
+peak against it (:func:`robust_tile_weights`; an iteratively reweighted M-estimate: Beaton & Tukey,
 Technometrics 16, 147 (1974)), so a mixed tile (half carbon, half ice) whose peak is pulled to
 the carbon's height cannot lean on the plane. The tilt's standard error is read from the
 curvature of the summed score (:func:`tilt_standard_error`).
@@ -249,14 +249,15 @@ def robust_tile_weights(
     ys: NDArray,
     plane: NDArray,
     floor: float = 30.0,
-    c: float = 4.0,
+    c: float = 3.0,
 ) -> NDArray:
-    """Tukey biweights of the tiles' own peaks against ``plane``.
+    """Flat-topped Tukey biweights of the tiles' own peaks against ``plane``.
 
     Each tile with significant rings (peak ``MIN_PEAK_SCORE`` above its median) has its own
     peak defocus and standard error ``sd`` (the curve's curvature: its fit quality); its
     standardised residual ``r = (peak − plane) / sqrt(sd² + floor²)`` (``floor``: the plane is
-    not exactly the specimen) gets the weight ``(1 − (r/c)²)²`` for ``|r| < c``, else 0. A
+    not exactly the specimen) keeps weight 1 for ``|r| ≤ c`` (a consistent tile keeps its whole
+    vote), then ``(1 − ((|r| − c)/c)²)²`` falls to 0 at ``|r| = 2c``. A
     significant peak on the edge of the offset grid (far from the plane) weighs 0; tiles
     without a significant peak keep weight 1 (their curves are flat and pull nothing).
     """
@@ -270,8 +271,8 @@ def robust_tile_weights(
         if not np.isfinite(sd):
             w[t] = 0.0
             continue
-        r = (pos - q[t]) / np.hypot(sd, floor)
-        w[t] = (1.0 - (r / c) ** 2) ** 2 if abs(r) < c else 0.0
+        r = max(abs(pos - q[t]) / float(np.hypot(sd, floor)) - c, 0.0)
+        w[t] = (1.0 - (r / c) ** 2) ** 2 if r < c else 0.0
     return w
 
 
