@@ -54,24 +54,20 @@ MIN_SPREAD_PHASE = 1.0
 
 def _bilinear_half_plane(power: NDArray, fx: NDArray, fy: NDArray) -> NDArray:
     """Values of an rfft2 half-plane ``power`` (box × box//2+1, FFT order) at fractional
-    frequency indices ``(fx, fy)`` (pixels; ``fx`` may be negative: ``P(−k) = P(k)``)."""
-    n = power.shape[0]
-    neg = fx < 0
-    fx = np.where(neg, -fx, fx)
-    fy = np.where(neg, -fy, fy)
-    fx = np.minimum(fx, power.shape[1] - 1.000001)
-    x0 = np.floor(fx).astype(np.int64)
-    y0 = np.floor(fy).astype(np.int64)
-    tx = fx - x0
-    ty = fy - y0
-    y0 %= n
-    y1 = (y0 + 1) % n
-    x1 = x0 + 1
-    p00 = power[y0, x0]
-    p01 = power[y0, x1]
-    p10 = power[y1, x0]
-    p11 = power[y1, x1]
-    return (p00 * (1 - tx) + p01 * tx) * (1 - ty) + (p10 * (1 - tx) + p11 * tx) * ty
+    frequency indices ``fx ≥ 0`` (columns) and ``fy`` (rows, periodic)."""
+    n, m = power.shape
+    flat = power.reshape(-1)
+    fx = np.minimum(fx, m - 1.000001)
+    x0 = fx.astype(np.int64)  # fx ≥ 0: truncation is the floor
+    y0f = np.floor(fy)
+    tx = (fx - x0).astype(np.float32)
+    ty = (fy - y0f).astype(np.float32)
+    y0 = y0f.astype(np.int64) % n
+    i00 = y0 * m + x0
+    i10 = ((y0 + 1) % n) * m + x0
+    top = np.take(flat, i00) * (1 - tx) + np.take(flat, i00 + 1) * tx
+    bottom = np.take(flat, i10) * (1 - tx) + np.take(flat, i10 + 1) * tx
+    return top * (1 - ty) + bottom * ty
 
 
 def corrected_power(
