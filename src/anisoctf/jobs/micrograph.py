@@ -257,7 +257,8 @@ def _fit(
     )
     if local is None:
         return est, None
-    return est, run_local_step(image, optics, est, settings, local, out, stem, name, fft_workers)
+    lo = run_local_step(image, optics, est, settings, local, out, stem, name, fft_workers)
+    return (lo.refit if lo.refit is not None else est), lo  # a tilt-corrected refit is reported
 
 
 def _pixel_sizes(optics: Optics, est: CTFEstimate) -> tuple[float, float]:

@@ -46,8 +46,8 @@ from anisoctf.local.band import (
 from anisoctf.local.patches import patch_estimates, robust_surface
 from anisoctf.local.plane import (
     consensus_outliers,
-    peak,
     refine_plane,
+    robust_tile_weights,
     search_plane,
     tilt_standard_error,
     vote_caps,
@@ -148,14 +148,18 @@ def _final_plane(
     n2 = int(np.ceil(max(600.0, 12.0 * h) / h))
     offsets2 = np.arange(-n2, n2 + 1) * h
     curves2 = score_curves(prof, opt, offsets2, p.phase_shift_deg, spreads=spreads)
-    # tiles whose own peak disagrees strongly with the plane (carbon at another height,
-    # contamination) are down-weighted before the final plane
-    wt = tiles.weights * np.minimum(cap, 1.0)
-    for t in range(tiles.n_tiles):
-        pos, sd, top = peak(curves2[t], offsets2)
-        if top - np.median(curves2[t]) > 4 * MIN_PEAK_SCORE and abs(pos) > 5 * sd + 150.0:
-            wt[t] *= 0.1
-    plane = refine_plane(curves2 * wt[:, None], offsets2, z_ref, xs, ys, plane)
+    # robust final plane (IRLS): tiles whose own peak disagrees with the plane (carbon at
+    # another height, contamination, a tile half on each) lose their vote by Tukey's biweight
+    # of the disagreement in units of the peak's own standard error, and the plane is refined
+    # again until the weights settle
+    w0 = tiles.weights * np.minimum(cap, 1.0)
+    wt = w0
+    for it in range(5):
+        plane = refine_plane(curves2 * wt[:, None], offsets2, z_ref, xs, ys, plane)
+        new = w0 * robust_tile_weights(curves2, offsets2, z_ref, xs, ys, plane)
+        if it == 4 or np.allclose(new, wt, atol=0.02):
+            break
+        wt = new
     return plane, z_ref, curves2 * wt[:, None], offsets2
 
 

@@ -7,8 +7,11 @@ plane is found by an exhaustive coarse-to-fine search over the gradient disc
 (:func:`search_plane`), then refined continuously with Nelder–Mead (:func:`refine_plane`;
 Nelder & Mead, Comput. J. 7, 308 (1965)); tiles that no plane through the majority explains are
 found by RANSAC over tile triples (:func:`consensus_outliers`; Fischler & Bolles, Commun. ACM
-24, 381 (1981)). The tilt's standard error is read from the curvature of the summed score
-(:func:`tilt_standard_error`).
+24, 381 (1981)); the final plane is refitted with flat-topped Tukey biweights of each tile's own
+peak against it (:func:`robust_tile_weights`; an iteratively reweighted M-estimate: Beaton & Tukey,
+Technometrics 16, 147 (1974)), so a mixed tile (half carbon, half ice) whose peak is pulled to
+the carbon's height cannot lean on the plane. The tilt's standard error is read from the
+curvature of the summed score (:func:`tilt_standard_error`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "peak",
     "plane_score",
     "refine_plane",
+    "robust_tile_weights",
     "search_plane",
     "tilt_standard_error",
     "vote_caps",
@@ -235,6 +239,41 @@ def consensus_outliers(
     out = np.zeros(nt, dtype=bool)
     out[idx[~good]] = True
     return out
+
+
+def robust_tile_weights(
+    curves: NDArray,
+    offsets: NDArray,
+    z_ref: NDArray,
+    xs: NDArray,
+    ys: NDArray,
+    plane: NDArray,
+    floor: float = 30.0,
+    c: float = 3.0,
+) -> NDArray:
+    """Flat-topped Tukey biweights of the tiles' own peaks against ``plane``.
+
+    Each tile with significant rings (peak ``MIN_PEAK_SCORE`` above its median) has its own
+    peak defocus and standard error ``sd`` (the curve's curvature: its fit quality); its
+    standardised residual ``r = (peak − plane) / sqrt(sd² + floor²)`` (``floor``: the plane is
+    not exactly the specimen) keeps weight 1 for ``|r| ≤ c`` (a consistent tile keeps its whole
+    vote), then ``(1 − ((|r| − c)/c)²)²`` falls to 0 at ``|r| = 2c``. A
+    significant peak on the edge of the offset grid (far from the plane) weighs 0; tiles
+    without a significant peak keep weight 1 (their curves are flat and pull nothing).
+    """
+    nt = len(curves)
+    w = np.ones(nt)
+    q = plane[0] + plane[1] * xs + plane[2] * ys - z_ref
+    for t in range(nt):
+        pos, sd, top = peak(curves[t], offsets)
+        if not top - float(np.median(curves[t])) > MIN_PEAK_SCORE:
+            continue
+        if not np.isfinite(sd):
+            w[t] = 0.0
+            continue
+        r = max(abs(pos - q[t]) / float(np.hypot(sd, floor)) - c, 0.0)
+        w[t] = (1.0 - (r / c) ** 2) ** 2 if r < c else 0.0
+    return w
 
 
 def peak(curve: NDArray, grid: NDArray) -> tuple[float, float, float]:
