@@ -23,10 +23,11 @@ from rich.table import Table
 from anisoctf.cli.aniso import aniso_app
 from anisoctf.cli.assign import assign_command
 from anisoctf.cli.errors import error_exit, usage_exit
-from anisoctf.cli.options import DebugOption, QuietOption, mag_matrix_option
+from anisoctf.cli.options import DebugOption, QuietOption, SlurmOption, mag_matrix_option
 from anisoctf.cli.production import RELION_CONTEXT, relion_external_command, report_command
 from anisoctf.cli.refine import refine_command, simulate_particles_command
 from anisoctf.errors import AnisoctfError, UsageError
+from anisoctf.jobs.cluster import parse_slurm_options
 from anisoctf.jobs.demo import (
     DEMO_APIX,
     DEMO_CASES,
@@ -191,8 +192,9 @@ SchedulerOption = Annotated[
     str | None,
     typer.Option(
         metavar="ADDRESS",
-        help="Run on Dask: a scheduler address (tcp://host:8786) or 'local' for a local "
-        "cluster of --jobs workers. Needs pip install 'anisoctf[dask]'.",
+        help="Run on Dask: a scheduler address (tcp://host:8786), 'local' for a local "
+        "cluster of --jobs workers, or 'slurm' for workers submitted as SLURM jobs (see "
+        "--slurm). Needs pip install 'anisoctf[dask]' ('anisoctf[slurm]' for SLURM).",
         show_default=False,
     ),
 ]
@@ -235,6 +237,7 @@ def estimate(
     resume: ResumeOption = True,
     watch: WatchOption = None,
     scheduler: SchedulerOption = None,
+    slurm: SlurmOption = None,
 ) -> None:
     """Estimate the CTF of micrographs; write micrographs_ctf.star, <stem>.txt, _ctf.png, .ctf.
 
@@ -270,6 +273,7 @@ def estimate(
             overwrite=not resume,
             watch=watch,
             scheduler=scheduler,
+            cluster=parse_slurm_options(slurm),
         )
         report = run_batch(request, console=_out_console(), err_console=_err_console())
     except UsageError as exc:

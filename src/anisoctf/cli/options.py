@@ -18,6 +18,7 @@ __all__ = [
     "MagMatrix",
     "MagMatrixOption",
     "QuietOption",
+    "SlurmOption",
     "mag_matrix_option",
 ]
 
@@ -55,3 +56,16 @@ QuietOption = Annotated[
 
 #: ``--debug``
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
+
+#: ``--slurm KEY=VALUE`` (repeatable): resources of ``--scheduler slurm``
+SlurmOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--slurm",
+        metavar="KEY=VALUE",
+        help="With --scheduler slurm: workers=N (SLURM jobs), cores=N (per job), memory=8GB "
+        "(per job), partition=P, walltime=HH:MM:SS, account=A, config=jobqueue.yaml "
+        "(dask-jobqueue), extra='--qos=x' (#SBATCH line), timeout=S, logs=DIR. Repeatable.",
+        show_default=False,
+    ),
+]
