@@ -166,3 +166,33 @@ def test_killing_a_slurm_worker_loses_nothing(micrographs: Path, tmp_path: Path)
     names = [Path(r.name).name for r in _rows(out)]
     assert sorted(names) == sorted(Path(f).name for f in files)  # each exactly once
     assert len(set(names)) == N
+
+
+@pytest.mark.parametrize("scheduler", ["local", "slurm"])
+def test_correct_on_dask_and_slurm_writes_the_serial_files(
+    micrographs: Path, tmp_path: Path, scheduler: str
+) -> None:
+    """``aniso correct --scheduler local|slurm`` writes the images and pixel sizes of
+    ``--jobs 1`` (bit for bit; the header's time-stamped label may differ)."""
+    import mrcfile
+
+    pytest.importorskip("dask.distributed")
+    if scheduler == "slurm":
+        _slurm_or_skip()
+    files = sorted(str(p) for p in (micrographs / "mics").glob("*.mrc"))[:3]
+    m = ["--mag-matrix", "1.01", "0.004", "0.004", "0.992", "--apix", "1", "-q"]
+    serial = _cli("aniso", "correct", *files, *m, "--out", str(tmp_path / "serial"))
+    serial.communicate(timeout=300)
+    extra = ["--slurm", "workers=2", "--slurm", "memory=2GB", "--slurm", "timeout=120",
+             "--slurm", f"logs={tmp_path / 'logs'}"] if scheduler == "slurm" else ["--jobs", "2"]
+    p = _cli("aniso", "correct", *files, *m, "--out", str(tmp_path / "dist"),
+             "--scheduler", scheduler, *extra)  # fmt: skip
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    a = sorted((tmp_path / "serial").glob("*.mrc"))
+    b = sorted((tmp_path / "dist").glob("*.mrc"))
+    assert [x.name for x in a] == [x.name for x in b] and len(a) == 3
+    for x, y in zip(a, b, strict=True):
+        with mrcfile.open(x) as fa, mrcfile.open(y) as fb:
+            np.testing.assert_array_equal(fa.data, fb.data, err_msg=x.name)
+            assert fa.voxel_size == fb.voxel_size

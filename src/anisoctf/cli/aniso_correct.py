@@ -26,9 +26,10 @@ import typer
 from rich.console import Console
 
 from anisoctf.cli.errors import usage_exit
-from anisoctf.cli.options import FromJsonOption, MagMatrixOption
+from anisoctf.cli.options import FromJsonOption, MagMatrixOption, SchedulerOption, SlurmOption
 from anisoctf.errors import AnisoctfError
 from anisoctf.jobs.apply_tables import matrix_from_options
+from anisoctf.jobs.cluster import parse_slurm_options
 from anisoctf.jobs.correct_images import (
     DEFAULT_METHOD,
     METHODS,
@@ -122,6 +123,8 @@ def correct_command(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
+    scheduler: SchedulerOption = None,
+    slurm: SlurmOption = None,
 ) -> None:
     """Resample micrographs or particle stacks into the true (corrected) frame.
 
@@ -141,6 +144,8 @@ def correct_command(
             apix=apix,
             micrograph_size=micrograph_size,
             project_dir=project_dir,
+            scheduler=scheduler,
+            cluster=parse_slurm_options(slurm),
         )
         summary = correct_images(request)
     except AnisoctfError as exc:

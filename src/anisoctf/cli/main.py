@@ -23,7 +23,13 @@ from rich.table import Table
 from anisoctf.cli.aniso import aniso_app
 from anisoctf.cli.assign import assign_command
 from anisoctf.cli.errors import error_exit, usage_exit
-from anisoctf.cli.options import DebugOption, QuietOption, SlurmOption, mag_matrix_option
+from anisoctf.cli.options import (
+    DebugOption,
+    QuietOption,
+    SchedulerOption,
+    SlurmOption,
+    mag_matrix_option,
+)
 from anisoctf.cli.production import RELION_CONTEXT, relion_external_command, report_command
 from anisoctf.cli.refine import refine_command, simulate_particles_command
 from anisoctf.errors import AnisoctfError, UsageError
@@ -188,16 +194,7 @@ WatchOption = Annotated[
         show_default=False,
     ),
 ]
-SchedulerOption = Annotated[
-    str | None,
-    typer.Option(
-        metavar="ADDRESS",
-        help="Run on Dask: a scheduler address (tcp://host:8786), 'local' for a local "
-        "cluster of --jobs workers, or 'slurm' for workers submitted as SLURM jobs (see "
-        "--slurm). Needs pip install 'anisoctf[dask]' ('anisoctf[slurm]' for SLURM).",
-        show_default=False,
-    ),
-]
+
 
 
 @app.command()

@@ -47,11 +47,12 @@ from pathlib import Path
 
 import numpy as np
 
-from anisoctf.errors import AnisoctfError, InputError
+from anisoctf.errors import AnisoctfError, InputError, UsageError
 from anisoctf.io.atomic import atomic_path
 from anisoctf.io.mrc import read_mrc_header, read_stack, write_mrc
 from anisoctf.io.star_tables import write_star_tables
-from anisoctf.jobs.backends import process_pool
+from anisoctf.jobs.backends import Backend, BackendError, make_backend, process_pool
+from anisoctf.jobs.cluster import ClusterSpec
 from anisoctf.jobs.correct_plan import (
     CorrectPlan,
     FileTask,
@@ -181,7 +182,41 @@ def _plan_images(
 
 
 # ============================================================================ the job
-def _run_tasks(tasks: list[FileTask], jobs: int, on_file: Callable[[FileTask, int], None]) -> int:
+def _run_on_backend(
+    tasks: list[FileTask], backend: Backend, on_file: Callable[[FileTask, int], None]
+) -> int:
+    """The files as work items of ``backend`` (Dask, SLURM); the first failure stops the run."""
+    total = 0
+    try:
+        items = ((i, correct_file, (t,), {}) for i, t in enumerate(tasks))
+        for key, outcome in backend.run(items):
+            t = tasks[key]
+            if isinstance(outcome, AnisoctfError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                raise InputError(
+                    f"internal error: {type(outcome).__name__}: {outcome}", t.src
+                ) from outcome
+            total += int(outcome)
+            on_file(t, int(outcome))
+    finally:
+        backend.close()
+    return total
+
+
+def _run_tasks(
+    tasks: list[FileTask],
+    jobs: int,
+    on_file: Callable[[FileTask, int], None],
+    scheduler: str | None = None,
+    cluster: ClusterSpec | None = None,
+) -> int:
+    if scheduler is not None:
+        try:
+            backend = make_backend(jobs, scheduler, cluster=cluster)
+        except BackendError as exc:
+            raise UsageError(str(exc)) from None
+        return _run_on_backend(tasks, backend, on_file)
     total = 0
     if jobs <= 1 or len(tasks) <= 1:
         for t in tasks:
@@ -224,7 +259,13 @@ class CorrectRequest:
     method, keep_pixel_size
         As :func:`~anisoctf.magnification.resample.correct_image`.
     jobs
-        Files corrected in parallel (worker processes).
+        Files corrected in parallel (worker processes; Dask workers with
+        ``scheduler="local"``).
+    scheduler
+        Dask scheduler address, ``"local"`` or ``"slurm"`` (see
+        :mod:`anisoctf.jobs.backends`); None: local worker processes.
+    cluster
+        SLURM resources for ``scheduler="slurm"``.
     apix
         Pixel size (Å) of the inputs, overriding the STAR file and the headers.
     micrograph_size
@@ -246,6 +287,8 @@ class CorrectRequest:
     micrograph_size: tuple[int, int] | None = None
     project_dir: str | os.PathLike[str] | None = None
     on_file: Callable[[FileTask, int], None] | None = None
+    scheduler: str | None = None
+    cluster: ClusterSpec | None = None
 
 
 def _check_request(r: CorrectRequest) -> None:
@@ -302,7 +345,13 @@ def correct_images(request: CorrectRequest) -> CorrectSummary:
         raise InputError(
             f"cannot create the output directory ({exc.strerror or exc})", out
         ) from exc
-    n_images = _run_tasks(list(plan.tasks), request.jobs, request.on_file or (lambda t, n: None))
+    n_images = _run_tasks(
+        list(plan.tasks),
+        request.jobs,
+        request.on_file or (lambda t, n: None),
+        request.scheduler,
+        request.cluster,
+    )
     if plan.star is not None and plan.star_blocks is not None:
         write_star_tables(plan.star, plan.star_blocks)
     return CorrectSummary(
