@@ -52,6 +52,7 @@ from anisoctf.io.atomic import atomic_path
 from anisoctf.io.mrc import read_mrc_header, read_stack, write_mrc
 from anisoctf.io.star_tables import write_star_tables
 from anisoctf.jobs.backends import Backend, BackendError, make_backend, process_pool
+from anisoctf.jobs.batch_state import BatchLock, BatchLockedError, remove_stray_temporaries
 from anisoctf.jobs.cluster import ClusterSpec
 from anisoctf.jobs.correct_plan import (
     CorrectPlan,
@@ -63,6 +64,7 @@ from anisoctf.jobs.correct_plan import (
     same_file,
 )
 from anisoctf.jobs.correct_star import plan_star
+from anisoctf.jobs.correct_state import done_images, mark_done
 from anisoctf.magnification.resample import DEFAULT_METHOD, METHODS, correct_image
 from anisoctf.optics.magmat import MagMat
 
@@ -149,6 +151,7 @@ class CorrectSummary:
     transformed: tuple[str, ...] = ()  # STAR columns rewritten in the corrected frame
     warnings: tuple[str, ...] = ()
     pixel_sizes: tuple[tuple[float, float], ...] = ()  # (input, output) pixel sizes seen
+    n_skipped: int = 0  # files already complete from an earlier run (resumed)
 
 
 # ============================================================================ MRC inputs
@@ -266,6 +269,9 @@ class CorrectRequest:
         :mod:`anisoctf.jobs.backends`); None: local worker processes.
     cluster
         SLURM resources for ``scheduler="slurm"``.
+    resume
+        Skip files whose output a previous (interrupted) run completed, as recorded by
+        :mod:`~anisoctf.jobs.correct_state` (``--continue``, the default); False redoes all.
     apix
         Pixel size (Å) of the inputs, overriding the STAR file and the headers.
     micrograph_size
@@ -289,6 +295,7 @@ class CorrectRequest:
     on_file: Callable[[FileTask, int], None] | None = None
     scheduler: str | None = None
     cluster: ClusterSpec | None = None
+    resume: bool = True
 
 
 def _check_request(r: CorrectRequest) -> None:
@@ -345,15 +352,19 @@ def correct_images(request: CorrectRequest) -> CorrectSummary:
         raise InputError(
             f"cannot create the output directory ({exc.strerror or exc})", out
         ) from exc
-    n_images = _run_tasks(
-        list(plan.tasks),
-        request.jobs,
-        request.on_file or (lambda t, n: None),
-        request.scheduler,
-        request.cluster,
-    )
-    if plan.star is not None and plan.star_blocks is not None:
-        write_star_tables(plan.star, plan.star_blocks)
+    lock = BatchLock(out)
+    try:
+        lock.acquire()
+    except BatchLockedError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        for folder in {out, *(Path(t.dst).parent for t in plan.tasks)}:
+            remove_stray_temporaries(folder)  # of a killed run, under the lock
+        n_images, n_skipped = _run_resumable(plan, request, out)
+        if plan.star is not None and plan.star_blocks is not None:
+            write_star_tables(plan.star, plan.star_blocks)
+    finally:
+        lock.release()
     return CorrectSummary(
         kind=plan.kind,
         files=plan.files,
@@ -363,7 +374,31 @@ def correct_images(request: CorrectRequest) -> CorrectSummary:
         transformed=plan.transformed,
         warnings=plan.warnings,
         pixel_sizes=tuple(sorted({(t.pixel_size_in, t.pixel_size) for t in plan.tasks})),
+        n_skipped=n_skipped,
     )
+
+
+def _run_resumable(plan: CorrectPlan, request: CorrectRequest, out: Path) -> tuple[int, int]:
+    """Correct the files not already complete (:mod:`~anisoctf.jobs.correct_state`); returns
+    (images in all outputs, files skipped as already complete)."""
+    on_file = request.on_file or (lambda t, n: None)
+    todo: list[FileTask] = []
+    n_done = n_skipped = 0
+    for t in plan.tasks:
+        n = done_images(t, out) if request.resume else None
+        if n is None:
+            todo.append(t)
+        else:
+            n_done += n
+            n_skipped += 1
+            on_file(t, n)
+
+    def finished(t: FileTask, n: int) -> None:
+        mark_done(t, n, out)
+        on_file(t, n)
+
+    n_new = _run_tasks(todo, request.jobs, finished, request.scheduler, request.cluster)
+    return n_done + n_new, n_skipped
 
 
 def run_correct(
