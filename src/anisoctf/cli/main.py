@@ -30,7 +30,12 @@ from anisoctf.cli.options import (
     SlurmOption,
     mag_matrix_option,
 )
-from anisoctf.cli.production import RELION_CONTEXT, relion_external_command, report_command
+from anisoctf.cli.production import (
+    RELION_CONTEXT,
+    relion_external_command,
+    relion_external_refine_command,
+    report_command,
+)
 from anisoctf.cli.refine import refine_command, simulate_particles_command
 from anisoctf.errors import AnisoctfError, UsageError
 from anisoctf.jobs.cluster import parse_slurm_options
@@ -479,6 +484,9 @@ def _print_demo(console: Console, request: DemoRequest, report: DemoReport) -> N
 app.add_typer(aniso_app, name="aniso")
 app.command("assign")(assign_command)
 app.command("relion-external", context_settings=RELION_CONTEXT)(relion_external_command)
+app.command("relion-external-refine", context_settings=RELION_CONTEXT)(
+    relion_external_refine_command
+)
 app.command("report")(report_command)
 app.command("refine")(refine_command)
 app.command("simulate-particles")(simulate_particles_command)
