@@ -16,9 +16,16 @@ Three measurements (each can be run alone with ``--only``):
    each; a few of these small images fail to fit, which exercises the failure path too). Target:
    the two peaks within ± 10 %.
 
+4. **slurm** (only with ``--only slurm``; needs a SLURM controller and dask-jobqueue): the same
+   N micrographs (``--slurm-size``, default 2048²) with ``--jobs J`` on the local pool and with
+   ``--scheduler slurm --slurm workers=J`` on the same machine, micrographs per hour of each;
+   then the kill-a-worker check: one of the J worker jobs is ``scancel``-ed (SIGKILL) after the
+   first micrographs, and the batch must still end with every micrograph exactly once.
+
 Usage::
 
     python benchmarks/bench_batch.py                 # all three, small defaults
+    python benchmarks/bench_batch.py --only slurm --n 16 --jobs 2
     python benchmarks/bench_batch.py --only kill --kills 10 --n-kill 50
     python benchmarks/bench_batch.py --only throughput --n 200
 """
@@ -234,12 +241,73 @@ def bench_memory(work: Path, sizes: list[int]) -> bool:
     return ok
 
 
+def _squeue_running(name: str = "anisoctf") -> list[str]:
+    run = subprocess.run(
+        ["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True, check=False
+    )
+    return [ln.split()[0] for ln in run.stdout.splitlines() if "RUNNING" in ln]
+
+
+def bench_slurm(work: Path, n: int, jobs: int, size: int) -> bool:
+    """Micrographs per hour on SLURM against the local pool, and the kill-a-worker check."""
+    from anisoctf.jobs.cluster import slurm_available
+
+    why = slurm_available()
+    if why is not None:
+        print(f"== slurm: skipped ({why})")
+        return True
+    print(f"== slurm: {n} simulated {size}² micrographs, {jobs} workers, local pool vs SLURM")
+    simulate(work / "sl", n, size, seed=3)
+    inputs = str(work / "sl" / "*.mrc")
+    slurm = ["--scheduler", "slurm", "--slurm", f"workers={jobs}", "--slurm", "memory=3GB",
+             "--slurm", "timeout=300", "--slurm", f"logs={work / 'slurm_logs'}"]  # fmt: skip
+    walls: dict[str, float] = {}
+    for label, extra in (("local pool", ()), ("SLURM", tuple(slurm))):
+        out = work / f"sl_{label.split()[0]}"
+        t0 = time.perf_counter()
+        p = subprocess.run(
+            estimate_cmd(inputs, out, jobs, "--kv", "300", *extra),
+            env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        walls[label] = time.perf_counter() - t0
+        n_rows = len(read_micrographs_ctf_star(out / "micrographs_ctf.star")[0])
+        print(
+            f"{label:>10}: {walls[label]:.1f} s wall, {n / walls[label] * 3600:,.0f} "
+            f"micrographs/hour ({n_rows} rows, exit {p.returncode})"
+        )
+    print(f"SLURM / local wall time: {walls['SLURM'] / walls['local pool']:.2f}× "
+          "(includes submitting the worker jobs and their start-up)")  # fmt: skip
+    out = work / "sl_kill"
+    proc = subprocess.Popen(
+        estimate_cmd(inputs, out, jobs, "--kv", "300", *slurm),
+        env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    killed = None
+    while proc.poll() is None:
+        done = len(list(out.glob("*.record.json"))) if out.is_dir() else 0
+        running = _squeue_running()
+        if 1 <= done < n and len(running) == jobs:
+            killed = running[0]
+            subprocess.run(["scancel", "--signal=KILL", "--full", killed], check=False)
+            print(f"killed worker job {killed} after {done} of {n} micrographs")
+            break
+        time.sleep(0.05)
+    proc.communicate()
+    names = [Path(r.name).name for r in read_micrographs_ctf_star(out / "micrographs_ctf.star")[0]]
+    ok = proc.returncode == 0 and len(names) == n == len(set(names))
+    print(f"kill a worker: exit {proc.returncode}, {len(names)} rows, {len(set(names))} distinct "
+          f"of {n}: {'PASS' if ok else 'FAIL'}{'' if killed else ' (no worker was killed)'}")
+    return ok
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--mem-child":
         _mem_child(sys.argv[2], sys.argv[3])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", choices=["throughput", "kill", "memory"])
+    ap.add_argument("--only", choices=["throughput", "kill", "memory", "slurm"])
+    ap.add_argument("--slurm-size", type=int, default=2048, help="micrograph size for slurm")
     ap.add_argument("--n", type=int, default=8, help="4096² micrographs for the throughput")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--n-kill", type=int, default=50)
@@ -257,6 +325,8 @@ def main() -> None:
             ok &= bench_kill(work, a.n_kill, a.kills, a.jobs, a.seed)
         if a.only in (None, "memory"):
             ok &= bench_memory(work, a.mem_sizes)
+        if a.only == "slurm":
+            ok &= bench_slurm(work, a.n, a.jobs, a.slurm_size)
     finally:
         if a.keep:
             print(f"scratch kept in {work}")

@@ -111,6 +111,7 @@ def test_estimate_from_exposures_cs_writes_ctf_cs(tmp_path: Path, monkeypatch) -
     assert report.n_ok >= 2
     rows, _ = read_micrographs_ctf_star(tmp_path / "out" / "micrographs_ctf.star")
     cs = read_cs(tmp_path / "out" / CS_NAME).array
+    assert (tmp_path / "out" / CS_NAME).with_suffix(".csg").is_file()  # for Import Result Group
     assert [r.name for r in rows] == [n.decode() for n in cs["micrograph_blob/path"]]
     uid_of = {n: 1000 + i for i, n in enumerate(names)}
     assert list(cs["uid"]) == [uid_of[r.name] for r in rows]

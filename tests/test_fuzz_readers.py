@@ -161,6 +161,24 @@ def test_corrupted_cs(data) -> None:
         assert cs.array.ndim == 1
 
 
+def _csdat_bytes() -> bytes:
+    """The same dataset in cryoSPARC's compressed stream format (needs cryosparc-tools)."""
+    cstools = pytest.importorskip("cryosparc.dataset", reason="cryosparc-tools is not installed")
+    buf = io.BytesIO()
+    cstools.Dataset(np.load(io.BytesIO(CS))).save(buf, format=cstools.CSDAT_FORMAT)
+    return buf.getvalue()
+
+
+@FUZZ
+@given(st.data())
+def test_corrupted_compressed_cs(data) -> None:
+    """Damaged CSDAT streams (read through cryosparc-tools) end in a one-line InputError."""
+    blob = _corrupt(_csdat_bytes(), data)
+    cs = _check(read_cs, blob, ".cs")
+    if cs is not None:
+        assert cs.array.ndim == 1
+
+
 @FUZZ
 @given(st.data())
 def test_corrupted_text_results(data) -> None:

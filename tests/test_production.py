@@ -123,10 +123,10 @@ def test_relion_external_bad_parameter_fails_cleanly(project: Path) -> None:
 
 def test_relion_abort_file_interrupts_the_run(tmp_path: Path) -> None:
     from anisoctf.jobs.estimate_micrographs import _sigterm_as_interrupt
-    from anisoctf.jobs.relion_external import ABORT_NOW, _abort_watcher
+    from anisoctf.jobs.relion_external import ABORT_NOW, abort_watcher
 
     with pytest.raises(KeyboardInterrupt):
-        with _sigterm_as_interrupt(), _abort_watcher(tmp_path, period=0.02):
+        with _sigterm_as_interrupt(), abort_watcher(tmp_path, period=0.02):
             (tmp_path / ABORT_NOW).write_text("")
             time.sleep(5)  # interrupted long before
 

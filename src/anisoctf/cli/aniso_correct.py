@@ -19,16 +19,19 @@ exit status 2. Inputs are never modified; every output is written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from anisoctf.cli.errors import usage_exit
-from anisoctf.cli.options import FromJsonOption, MagMatrixOption
+from anisoctf.cli.options import FromJsonOption, MagMatrixOption, SchedulerOption, SlurmOption
 from anisoctf.errors import AnisoctfError
 from anisoctf.jobs.apply_tables import matrix_from_options
+from anisoctf.jobs.cluster import parse_slurm_options
 from anisoctf.jobs.correct_images import (
     DEFAULT_METHOD,
     METHODS,
@@ -54,7 +57,23 @@ def _summary_line(out: Path, s: CorrectSummary, mag: MagMat | None, method: str)
         line += f"; pixel size {', '.join(f'{p:g}' for p in pix)} A"
     if s.star is not None:
         line += f"; {s.star}: {s.n_rows} rows"
+    if s.n_skipped:
+        line += f"; {s.n_skipped} file(s) already done by an earlier run (--overwrite redoes them)"
     return line
+
+
+def _progress(quiet: bool) -> Progress:
+    """A progress bar over the files (on a terminal only, and not with --quiet)."""
+    err = Console(stderr=True)
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+        transient=True,
+    )
 
 
 def correct_command(
@@ -122,10 +141,22 @@ def correct_command(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
+    scheduler: SchedulerOption = None,
+    slurm: SlurmOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--continue/--overwrite",
+            help="Skip files a previous (interrupted) run already completed with the same "
+            "matrix and settings (--continue), or redo them all (--overwrite).",
+        ),
+    ] = True,
 ) -> None:
     """Resample micrographs or particle stacks into the true (corrected) frame.
 
-    Exit status: 0 written, 2 bad options or input (one line on stderr).
+    Reruns continue where a previous (interrupted, even killed) run stopped. Exit status: 0
+    written, 2 bad options or input, or the output directory in use (one line on stderr),
+    130 interrupted.
     """
     if mag_matrix is not None and from_json is not None:
         usage_exit("give only one of --mag-matrix M00 M01 M10 M11 and --from-json FILE")
@@ -141,10 +172,23 @@ def correct_command(
             apix=apix,
             micrograph_size=micrograph_size,
             project_dir=project_dir,
+            scheduler=scheduler,
+            cluster=parse_slurm_options(slurm),
+            resume=resume,
         )
-        summary = correct_images(request)
+        with _progress(quiet) as bar:
+            task = bar.add_task("correcting", total=None)
+            request = dataclasses.replace(request, on_file=lambda t, n: bar.advance(task))
+            summary = correct_images(request)
     except AnisoctfError as exc:
         usage_exit(str(exc))
+    except KeyboardInterrupt:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"interrupted: the finished files are in {out}; run the same command again to "
+            "finish the rest",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
     except OSError as exc:
         usage_exit(f"{exc.filename or out}: cannot write ({exc.strerror or exc})")
     if not quiet:

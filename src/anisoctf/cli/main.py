@@ -23,10 +23,22 @@ from rich.table import Table
 from anisoctf.cli.aniso import aniso_app
 from anisoctf.cli.assign import assign_command
 from anisoctf.cli.errors import error_exit, usage_exit
-from anisoctf.cli.options import DebugOption, QuietOption, mag_matrix_option
-from anisoctf.cli.production import RELION_CONTEXT, relion_external_command, report_command
+from anisoctf.cli.options import (
+    DebugOption,
+    QuietOption,
+    SchedulerOption,
+    SlurmOption,
+    mag_matrix_option,
+)
+from anisoctf.cli.production import (
+    RELION_CONTEXT,
+    relion_external_command,
+    relion_external_refine_command,
+    report_command,
+)
 from anisoctf.cli.refine import refine_command, simulate_particles_command
 from anisoctf.errors import AnisoctfError, UsageError
+from anisoctf.jobs.cluster import parse_slurm_options
 from anisoctf.jobs.demo import (
     DEMO_APIX,
     DEMO_CASES,
@@ -201,15 +213,7 @@ WatchOption = Annotated[
         show_default=False,
     ),
 ]
-SchedulerOption = Annotated[
-    str | None,
-    typer.Option(
-        metavar="ADDRESS",
-        help="Run on Dask: a scheduler address (tcp://host:8786) or 'local' for a local "
-        "cluster of --jobs workers. Needs pip install 'anisoctf[dask]'.",
-        show_default=False,
-    ),
-]
+
 
 
 @app.command()
@@ -250,6 +254,7 @@ def estimate(
     watch: WatchOption = None,
     scheduler: SchedulerOption = None,
     use_non_dw: NonDwOption = True,
+    slurm: SlurmOption = None,
 ) -> None:
     """Estimate the CTF of micrographs; write micrographs_ctf.star, <stem>.txt, _ctf.png, .ctf.
 
@@ -286,6 +291,7 @@ def estimate(
             watch=watch,
             scheduler=scheduler,
             use_non_dw=use_non_dw,
+            cluster=parse_slurm_options(slurm),
         )
         report = run_batch(request, console=_out_console(), err_console=_err_console())
     except UsageError as exc:
@@ -494,6 +500,9 @@ def _print_demo(console: Console, request: DemoRequest, report: DemoReport) -> N
 app.add_typer(aniso_app, name="aniso")
 app.command("assign")(assign_command)
 app.command("relion-external", context_settings=RELION_CONTEXT)(relion_external_command)
+app.command("relion-external-refine", context_settings=RELION_CONTEXT)(
+    relion_external_refine_command
+)
 app.command("report")(report_command)
 app.command("refine")(refine_command)
 app.command("simulate-particles")(simulate_particles_command)

@@ -18,6 +18,8 @@ __all__ = [
     "MagMatrix",
     "MagMatrixOption",
     "QuietOption",
+    "SchedulerOption",
+    "SlurmOption",
     "mag_matrix_option",
 ]
 
@@ -55,3 +57,28 @@ QuietOption = Annotated[
 
 #: ``--debug``
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
+
+#: ``--slurm KEY=VALUE`` (repeatable): resources of ``--scheduler slurm``
+SlurmOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--slurm",
+        metavar="KEY=VALUE",
+        help="With --scheduler slurm: workers=N (SLURM jobs), cores=N (per job), memory=8GB "
+        "(per job), partition=P, walltime=HH:MM:SS, account=A, config=jobqueue.yaml "
+        "(dask-jobqueue), extra='--qos=x' (#SBATCH line), timeout=S, logs=DIR. Repeatable.",
+        show_default=False,
+    ),
+]
+
+#: ``--scheduler ADDRESS|local|slurm``
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="ADDRESS",
+        help="Run on Dask: a scheduler address (tcp://host:8786), 'local' for a local "
+        "cluster of --jobs workers, or 'slurm' for workers submitted as SLURM jobs (see "
+        "--slurm). Needs pip install 'anisoctf[dask]' ('anisoctf[slurm]' for SLURM).",
+        show_default=False,
+    ),
+]

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-__all__ = ["relion_external_command", "report_command"]
+__all__ = ["relion_external_command", "relion_external_refine_command", "report_command"]
 
 RELION_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -48,6 +48,44 @@ def relion_external_command(
         console=Console(highlight=False, soft_wrap=True),
         err_console=_err(),
     )
+    raise typer.Exit(code)
+
+
+def relion_external_refine_command(
+    ctx: typer.Context,
+    in_parts: Annotated[
+        str,
+        typer.Option(
+            "--in_parts", help="Particles STAR with 3D poses (RELION's input node).",
+            show_default=False,
+        ),
+    ],
+    o: Annotated[
+        str, typer.Option("--o", help="The job directory (External/jobNNN/).", show_default=False)
+    ],
+    in_3dref: Annotated[
+        str | None,
+        typer.Option("--in_3dref", help="Reference map of the refinement.", show_default=False),
+    ] = None,
+    in_mask: Annotated[
+        str | None, typer.Option("--in_mask", help="Mask for the reference.", show_default=False)
+    ] = None,
+    j: Annotated[int, typer.Option("--j", help="Threads.")] = 1,
+) -> None:
+    """Run refine as a RELION 4/5 External job (CtfRefine-like): --in_parts X.star --in_3dref
+    MAP --o External/jobNNN/ [--label value].
+
+    Writes particles_ctf_refine.star (true-frame defocus and _rlnMagMat), the per-group JSON
+    and PNG, RELION_OUTPUT_NODES.star and RELION_JOB_EXIT_SUCCESS (or _FAILURE / _ABORTED).
+    Parameters: fit (defocus,astigmatism,anisomag) min_res max_res rounds defocus_range
+    ref_apix.
+    """
+    from anisoctf.jobs.relion_external_refine import run_relion_external_refine
+
+    code = run_relion_external_refine(
+        in_parts, o, in_3dref=in_3dref, in_mask=in_mask, threads=j, params=list(ctx.args),
+        err_console=_err(),
+    )  # fmt: skip
     raise typer.Exit(code)
 
 

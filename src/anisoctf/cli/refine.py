@@ -69,6 +69,14 @@ def refine_command(
         typer.Option(help="Reference pixel size (Å) if the header has none.", show_default=False),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--continue/--overwrite",
+            help="Take optics groups an earlier (interrupted) run into --out already refined "
+            "with the same inputs and settings (--continue), or refine them all (--overwrite).",
+        ),
+    ] = True,
 ) -> None:
     """Refine per-particle defocus and the magnification matrix against a reference.
 
@@ -105,6 +113,7 @@ def refine_command(
             settings=settings,
             ref_apix=ref_apix,
             log=None if quiet else (lambda m: con.print(m, markup=False)),
+            resume=resume,
         )
     except (AnisoctfError, ValueError) as exc:
         usage_exit(str(exc))

@@ -5,9 +5,10 @@ the ``.npy`` format (``numpy.save``), one field per column: ``uid`` (``<u8``), `
 (fixed-length bytes ``|S…``), ``blob/shape`` (``<u4``, (2,)), ``ctf/df1_A``, ``ctf/df2_A``,
 ``ctf/df_angle_rad``, ``ctf/anisomag`` (``<f4``, (4,)), ``ctf/exp_group_id`` (``<u4``) and so on.
 This is the "NUMPY_FORMAT" of cryosparc-tools, still its default when saving; cryosparc-tools
-also knows a newer compressed stream format whose files start with ``b"\\x95CSDAT"``, which is
-recognised here and refused with a message. No field is ever unpickled: files whose dtype holds
-Python objects are refused.
+also knows a newer compressed stream format whose files start with ``b"\\x95CSDAT"``: it is
+read through cryosparc-tools where that is installed (an optional dependency) and refused with a
+line naming the fix where it is not. No field is ever unpickled: files whose dtype holds Python
+objects are refused.
 
 The array is kept exactly as stored: field order, byte order, offsets, string widths and
 sub-array shapes. :func:`write_cs` writes the data bytes of the array and, when the dtype and the
@@ -16,14 +17,18 @@ header to 16 bytes, newer ones to 64), so a rewritten file differs from the orig
 bytes of the values that were changed. The real files in ``shared/data/real/cryodrgn`` round-trip
 byte for byte (a test checks it).
 
-cryosparc-tools (``Dataset``) was not used: it pulls in httpx and pydantic and is not a
-dependency of anisoctf; plain NumPy reads the same format.
+cryosparc-tools (``Dataset``) is not a run-time dependency (it pulls in httpx and pydantic);
+plain NumPy reads the NumPy format, and cryosparc-tools is imported only for a CSDAT file.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +50,7 @@ __all__ = [
 
 #: First bytes of a ``.cs`` file in NumPy ``.npy`` format.
 NUMPY_MAGIC = b"\x93NUMPY"
-#: First bytes of cryosparc-tools' compressed stream format (not supported).
+#: First bytes of cryosparc-tools' compressed stream format (read through cryosparc-tools).
 CSDAT_MAGIC = b"\x95CSDAT"
 
 
@@ -119,10 +124,11 @@ def read_cs(path: str | os.PathLike[str]) -> CSFile:
     Raises
     ------
     InputError
-        Missing file, a directory, the compressed CSDAT format, not an ``.npy`` file, a header
-        that cannot be parsed, a dtype that is not a one-dimensional structured array of plain
-        values (Python objects are refused, never unpickled), or a data section shorter or longer
-        than the header announces (a truncated or damaged file). Always one line.
+        Missing file, a directory, a compressed (CSDAT) file without cryosparc-tools, not an
+        ``.npy`` file, a header that cannot be parsed, a dtype that is not a one-dimensional
+        structured array of plain values (Python objects are refused, never unpickled), or a
+        data section shorter or longer than the header announces (a truncated or damaged
+        file). Always one line.
     """
     p = Path(path)
     if not p.exists():
@@ -136,11 +142,7 @@ def read_cs(path: str | os.PathLike[str]) -> CSFile:
     with fh:
         magic = fh.read(len(NUMPY_MAGIC))
         if magic == CSDAT_MAGIC:
-            raise InputError(
-                "cryoSPARC compressed (CSDAT) dataset, which anisoctf cannot read; save it in the "
-                "NumPy format (cryosparc-tools: Dataset.save(path, format=NUMPY_FORMAT))",
-                path=p,
-            )
+            return CSFile(array=_read_csdat(p), header=b"", path=p)
         if magic != NUMPY_MAGIC:
             what = "empty file" if not magic else "no NumPy header"
             raise InputError(f"not a cryoSPARC .cs file ({what}); check the path", path=p)
@@ -188,6 +190,54 @@ def read_cs(path: str | os.PathLike[str]) -> CSFile:
     if fortran_order:  # irrelevant for 1-D data, but keep the array as numpy would return it
         array = np.asfortranarray(array)
     return CSFile(array=array, header=header, path=p)
+
+
+#: Converts a CSDAT file to the NumPy format in a child process (argv: source, destination).
+_CSDAT_TO_NUMPY = (
+    "import sys\n"
+    "from cryosparc.dataset import NUMPY_FORMAT, Dataset\n"
+    "Dataset.load(sys.argv[1]).save(sys.argv[2], format=NUMPY_FORMAT)\n"
+)
+
+
+def _read_csdat(p: Path) -> np.ndarray:
+    """A compressed (CSDAT) dataset, converted by cryosparc-tools in a child process.
+
+    cryosparc-tools' decoder is compiled code that crashes the whole interpreter (SIGSEGV) on
+    some damaged streams (the fuzz test found it), so it runs in a child process that writes the
+    NumPy format to a temporary file, which is then read and checked like any ``.cs``. Without
+    cryosparc-tools the file is refused with a line naming the fix.
+    """
+    if importlib.util.find_spec("cryosparc") is None:
+        raise InputError(
+            "cryoSPARC compressed (CSDAT) dataset: install cryosparc-tools "
+            "(pip install cryosparc-tools) to read it, or save it in the NumPy format "
+            "(Dataset.save(path, format=NUMPY_FORMAT))",
+            path=p,
+        )
+    with tempfile.TemporaryDirectory(prefix="anisoctf-csdat-") as tmp:
+        out = Path(tmp) / "converted.cs"
+        try:
+            run = subprocess.run(
+                [sys.executable, "-c", _CSDAT_TO_NUMPY, str(p), str(out)],
+                capture_output=True,
+                text=True,
+                timeout=3600,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise InputError(f"cannot convert the compressed (CSDAT) .cs: {exc}", path=p) from exc
+        if run.returncode != 0 or not out.is_file():
+            lines = (run.stderr or "").strip().splitlines()
+            why = lines[-1] if lines else f"cryosparc-tools exited with status {run.returncode}"
+            raise InputError(
+                f"damaged or truncated compressed (CSDAT) .cs ({why}); copy it again", path=p
+            )
+        try:
+            return read_cs(out).array
+        except InputError as exc:  # name the user's file, not the temporary one
+            why = str(exc).removeprefix(f"{exc.path}: ") if exc.path else str(exc)
+            raise InputError(f"compressed (CSDAT) .cs: {why}", path=p) from None
 
 
 def require_fields(

@@ -27,7 +27,9 @@ types of the real files in ``shared/data/real/cryodrgn`` (``ctf/type`` ``|S9``,
 ``ctf/df1_A``, ``ctf/df2_A``, ``ctf/df_angle_rad``, ``ctf/phase_shift_rad``, ``ctf/scale``,
 ``ctf/scale_const``, ``ctf/bfactor`` ``<f4``; ``ctf/shift_A``, ``ctf/tilt_A``,
 ``ctf/trefoil_A`` ``<f4 (2,)``; ``ctf/tetra_A``, ``ctf/anisomag`` ``<f4 (4,)``), plus
-``ctf/ctf_fit_to_A`` (fit resolution, Å). ``df1_A``/``df2_A``/``df_angle_rad`` are RELION's
+``ctf/ctf_fit_to_A`` (fit resolution, Å), and ``mscope_params/accel_kv``, ``cs_mm`` and
+``exp_group_id``; a ``.csg`` result group is written beside it for cryoSPARC's Import Result
+Group job (:mod:`anisoctf.io.cryosparc_csg`). ``df1_A``/``df2_A``/``df_angle_rad`` are RELION's
 DefocusU/DefocusV/DefocusAngle (angle in radians); ``ctf/anisomag`` is ``M^-1 - I`` row-major
 (:func:`~anisoctf.optics.magmat.to_cryosparc_anisomag`). The uid of an input row is
 kept; otherwise the uid is the first 8 bytes of the SHA-256 of the micrograph name.
@@ -46,7 +48,8 @@ import numpy as np
 
 from anisoctf.errors import InputError
 from anisoctf.io import labels as L
-from anisoctf.io.cryosparc import read_cs, write_cs
+from anisoctf.io.cryosparc import read_cs
+from anisoctf.io.cryosparc_csg import write_cs_with_group
 from anisoctf.io.star import MicrographCTFRow
 from anisoctf.optics.ctf import Optics
 from anisoctf.optics.magmat import to_cryosparc_anisomag
@@ -54,12 +57,21 @@ from anisoctf.optics.magmat import to_cryosparc_anisomag
 __all__ = [
     "CTF_FIELDS",
     "DEFAULT_CS_AMP_CONTRAST",
+    "MSCOPE_FIELDS",
     "CSMicrograph",
     "CSMicrographs",
     "ctf_results_array",
     "name_uid",
     "read_cs_micrographs",
     "write_ctf_cs",
+]
+
+#: ``mscope_params/*`` fields written (the microscope of each exposure, as cryoSPARC's own
+#: exposures carry them; its jobs read voltage and Cs from here)
+MSCOPE_FIELDS: list[tuple] = [
+    ("mscope_params/accel_kv", "<f4"),
+    ("mscope_params/cs_mm", "<f4"),
+    ("mscope_params/exp_group_id", "<u4"),
 ]
 
 #: ``ctf/*`` fields written, with the dtypes of real cryoSPARC files
@@ -270,6 +282,7 @@ def ctf_results_array(
             ("uid", "<u8"),
             ("micrograph_blob/path", f"S{width}"),
             ("micrograph_blob/psize_A", "<f4"),
+            *MSCOPE_FIELDS,
             *CTF_FIELDS,
         ]
     )
@@ -283,6 +296,9 @@ def ctf_results_array(
         out["uid"][i] = uids.get(r.name, name_uid(r.name))
         out["micrograph_blob/path"][i] = r.name.encode("utf-8")
         out["micrograph_blob/psize_A"][i] = o.pixel_size
+        out["mscope_params/accel_kv"][i] = o.voltage_kv
+        out["mscope_params/cs_mm"][i] = o.cs_mm
+        out["mscope_params/exp_group_id"][i] = groups.index(r.optics_group)
         out[L.CS_TYPE][i] = ctf_type.encode("ascii")[:9]
         out[L.CS_EXP_GROUP][i] = groups.index(r.optics_group)
         out[L.CS_VOLTAGE][i] = o.voltage_kv
@@ -305,5 +321,6 @@ def write_ctf_cs(
     *,
     uids: dict[str, int] | None = None,
 ) -> None:
-    """Write :func:`ctf_results_array` as a ``.cs`` file, atomically."""
-    write_cs(path, ctf_results_array(rows, optics, uids=uids))
+    """Write :func:`ctf_results_array` as a ``.cs`` file and its ``.csg`` result group beside it
+    (:func:`~anisoctf.io.cryosparc_csg.write_cs_with_group`), each atomically."""
+    write_cs_with_group(path, ctf_results_array(rows, optics, uids=uids))

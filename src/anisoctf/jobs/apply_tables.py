@@ -32,6 +32,7 @@ from numpy.typing import ArrayLike
 from anisoctf.errors import InputError
 from anisoctf.io import labels as L
 from anisoctf.io.cryosparc import is_cryosparc_file, read_cs, write_cs
+from anisoctf.io.cryosparc_csg import group_type, write_cs_with_group
 from anisoctf.io.cryosparc_defocus import (
     anisomag_rows,
     cryosparc_row_mask,
@@ -466,7 +467,14 @@ def _apply_cs(
     notes: list[str] = []
     if L.CS_ANISOMAG not in cs.fields:
         notes.append(f"added the {L.CS_ANISOMAG} field")
-    write_cs(dst, new, header=cs.header)
+    try:
+        group_type(new)
+    except ValueError:  # e.g. a passthrough file with ctf/* only: no result group to describe
+        write_cs(dst, new, header=cs.header)
+        notes.append("no .csg written: the dataset has no blob or micrograph_blob fields")
+    else:
+        csg = write_cs_with_group(dst, new, header=cs.header)
+        notes.append(f"wrote {csg.name} for cryoSPARC's Import Result Group job")
     return ApplySummary(
         kind="cryosparc",
         n_rows=len(cs),

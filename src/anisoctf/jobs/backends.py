@@ -10,9 +10,11 @@ flight, so memory does not grow with the number of micrographs.
 * :class:`LocalPoolBackend`: ``--jobs N`` single-threaded worker processes (fork on Linux).
   Workers die with their parent (``PR_SET_PDEATHSIG``), so a killed run leaves no orphan that
   would go on writing into the output directory.
-* :class:`DaskBackend`: a ``dask.distributed`` client (``--scheduler ADDRESS`` or ``local``).
-  The workers must see the input and output paths (a shared file system on a cluster). dask is
-  optional (``pip install 'anisoctf[dask]'``).
+* :class:`DaskBackend`: a ``dask.distributed`` client (``--scheduler ADDRESS``, ``local``, or
+  ``slurm`` for workers submitted as SLURM jobs through dask-jobqueue,
+  :mod:`anisoctf.jobs.cluster`). The workers must see the input and output paths (a shared
+  file system on a cluster). dask is optional (``pip install 'anisoctf[dask]'``, and
+  ``'anisoctf[slurm]'`` for SLURM).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Any, Protocol
 
 from anisoctf.errors import AnisoctfError
+from anisoctf.jobs.cluster import SLURM, ClusterError, ClusterSpec, start_slurm
 
 __all__ = [
     "Backend",
@@ -249,18 +252,27 @@ class DaskBackend:
     Parameters
     ----------
     scheduler
-        Scheduler address (``tcp://host:8786``), or ``"local"`` for a
-        ``LocalCluster`` of ``jobs`` single-threaded workers on this machine.
+        Scheduler address (``tcp://host:8786``), ``"local"`` for a ``LocalCluster`` of
+        ``jobs`` single-threaded workers on this machine, or ``"slurm"`` for workers submitted
+        as SLURM jobs (:mod:`anisoctf.jobs.cluster`, resources from ``cluster``).
     jobs
         Workers of a local cluster; ignored for a remote scheduler.
     processes
         Local cluster only: worker processes (default) or threads of this process.
     per_worker
         Items kept in flight per worker.
+    cluster
+        SLURM resources (``scheduler="slurm"`` only; default: one job of one core).
     """
 
     def __init__(
-        self, scheduler: str, jobs: int = 1, *, processes: bool = True, per_worker: int = 2
+        self,
+        scheduler: str,
+        jobs: int = 1,
+        *,
+        processes: bool = True,
+        per_worker: int = 2,
+        cluster: ClusterSpec | None = None,
     ) -> None:
         try:
             from dask.distributed import Client, LocalCluster
@@ -270,8 +282,16 @@ class DaskBackend:
                 "pip install 'anisoctf[dask]' (or drop --scheduler)"
             ) from None
         self.cluster = None
+        expected = 1
         try:
-            if scheduler == "local":
+            if scheduler == SLURM:
+                spec = cluster or ClusterSpec()
+                try:
+                    self.cluster, self.client = start_slurm(spec)
+                except ClusterError as exc:
+                    raise BackendError(str(exc)) from None
+                expected = spec.workers * spec.cores
+            elif scheduler == "local":
                 self.cluster = LocalCluster(
                     n_workers=max(1, int(jobs)),
                     threads_per_worker=1,
@@ -288,7 +308,7 @@ class DaskBackend:
                 f"cannot connect to the Dask scheduler {scheduler}: {' '.join(str(exc).split())}"
             ) from None
         n = len(self.client.scheduler_info().get("workers", {}))
-        self.workers = max(1, n)
+        self.workers = max(1, n, expected)  # SLURM workers may still be starting
         self.per_worker = max(1, int(per_worker))
 
     def run(self, items: Iterable[WorkItem]) -> Iterator[tuple[Any, Any]]:
@@ -337,11 +357,14 @@ class DaskBackend:
 
 
 def make_backend(
-    jobs: int, scheduler: str | None = None, close_fds: tuple[int, ...] = ()
+    jobs: int,
+    scheduler: str | None = None,
+    close_fds: tuple[int, ...] = (),
+    cluster: ClusterSpec | None = None,
 ) -> SerialBackend | LocalPoolBackend | DaskBackend:
-    """The backend for ``--jobs`` / ``--scheduler``."""
+    """The backend for ``--jobs`` / ``--scheduler`` (``cluster``: SLURM resources)."""
     if scheduler:
-        return DaskBackend(scheduler, jobs)
+        return DaskBackend(scheduler, jobs, cluster=cluster)
     if jobs <= 1:
         return SerialBackend()
     return LocalPoolBackend(jobs, close_fds=close_fds)

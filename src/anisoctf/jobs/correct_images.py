@@ -47,11 +47,13 @@ from pathlib import Path
 
 import numpy as np
 
-from anisoctf.errors import AnisoctfError, InputError
+from anisoctf.errors import AnisoctfError, InputError, UsageError
 from anisoctf.io.atomic import atomic_path
 from anisoctf.io.mrc import read_mrc_header, read_stack, write_mrc
 from anisoctf.io.star_tables import write_star_tables
-from anisoctf.jobs.backends import process_pool
+from anisoctf.jobs.backends import Backend, BackendError, make_backend, process_pool
+from anisoctf.jobs.batch_state import BatchLock, BatchLockedError, remove_stray_temporaries
+from anisoctf.jobs.cluster import ClusterSpec
 from anisoctf.jobs.correct_plan import (
     CorrectPlan,
     FileTask,
@@ -62,6 +64,7 @@ from anisoctf.jobs.correct_plan import (
     same_file,
 )
 from anisoctf.jobs.correct_star import plan_star
+from anisoctf.jobs.correct_state import done_images, mark_done
 from anisoctf.magnification.resample import DEFAULT_METHOD, METHODS, correct_image
 from anisoctf.optics.magmat import MagMat
 
@@ -148,6 +151,7 @@ class CorrectSummary:
     transformed: tuple[str, ...] = ()  # STAR columns rewritten in the corrected frame
     warnings: tuple[str, ...] = ()
     pixel_sizes: tuple[tuple[float, float], ...] = ()  # (input, output) pixel sizes seen
+    n_skipped: int = 0  # files already complete from an earlier run (resumed)
 
 
 # ============================================================================ MRC inputs
@@ -181,7 +185,41 @@ def _plan_images(
 
 
 # ============================================================================ the job
-def _run_tasks(tasks: list[FileTask], jobs: int, on_file: Callable[[FileTask, int], None]) -> int:
+def _run_on_backend(
+    tasks: list[FileTask], backend: Backend, on_file: Callable[[FileTask, int], None]
+) -> int:
+    """The files as work items of ``backend`` (Dask, SLURM); the first failure stops the run."""
+    total = 0
+    try:
+        items = ((i, correct_file, (t,), {}) for i, t in enumerate(tasks))
+        for key, outcome in backend.run(items):
+            t = tasks[key]
+            if isinstance(outcome, AnisoctfError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                raise InputError(
+                    f"internal error: {type(outcome).__name__}: {outcome}", t.src
+                ) from outcome
+            total += int(outcome)
+            on_file(t, int(outcome))
+    finally:
+        backend.close()
+    return total
+
+
+def _run_tasks(
+    tasks: list[FileTask],
+    jobs: int,
+    on_file: Callable[[FileTask, int], None],
+    scheduler: str | None = None,
+    cluster: ClusterSpec | None = None,
+) -> int:
+    if scheduler is not None:
+        try:
+            backend = make_backend(jobs, scheduler, cluster=cluster)
+        except BackendError as exc:
+            raise UsageError(str(exc)) from None
+        return _run_on_backend(tasks, backend, on_file)
     total = 0
     if jobs <= 1 or len(tasks) <= 1:
         for t in tasks:
@@ -224,7 +262,16 @@ class CorrectRequest:
     method, keep_pixel_size
         As :func:`~anisoctf.magnification.resample.correct_image`.
     jobs
-        Files corrected in parallel (worker processes).
+        Files corrected in parallel (worker processes; Dask workers with
+        ``scheduler="local"``).
+    scheduler
+        Dask scheduler address, ``"local"`` or ``"slurm"`` (see
+        :mod:`anisoctf.jobs.backends`); None: local worker processes.
+    cluster
+        SLURM resources for ``scheduler="slurm"``.
+    resume
+        Skip files whose output a previous (interrupted) run completed, as recorded by
+        :mod:`~anisoctf.jobs.correct_state` (``--continue``, the default); False redoes all.
     apix
         Pixel size (Å) of the inputs, overriding the STAR file and the headers.
     micrograph_size
@@ -246,6 +293,9 @@ class CorrectRequest:
     micrograph_size: tuple[int, int] | None = None
     project_dir: str | os.PathLike[str] | None = None
     on_file: Callable[[FileTask, int], None] | None = None
+    scheduler: str | None = None
+    cluster: ClusterSpec | None = None
+    resume: bool = True
 
 
 def _check_request(r: CorrectRequest) -> None:
@@ -302,9 +352,19 @@ def correct_images(request: CorrectRequest) -> CorrectSummary:
         raise InputError(
             f"cannot create the output directory ({exc.strerror or exc})", out
         ) from exc
-    n_images = _run_tasks(list(plan.tasks), request.jobs, request.on_file or (lambda t, n: None))
-    if plan.star is not None and plan.star_blocks is not None:
-        write_star_tables(plan.star, plan.star_blocks)
+    lock = BatchLock(out)
+    try:
+        lock.acquire()
+    except BatchLockedError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        for folder in {out, *(Path(t.dst).parent for t in plan.tasks)}:
+            remove_stray_temporaries(folder)  # of a killed run, under the lock
+        n_images, n_skipped = _run_resumable(plan, request, out)
+        if plan.star is not None and plan.star_blocks is not None:
+            write_star_tables(plan.star, plan.star_blocks)
+    finally:
+        lock.release()
     return CorrectSummary(
         kind=plan.kind,
         files=plan.files,
@@ -314,7 +374,31 @@ def correct_images(request: CorrectRequest) -> CorrectSummary:
         transformed=plan.transformed,
         warnings=plan.warnings,
         pixel_sizes=tuple(sorted({(t.pixel_size_in, t.pixel_size) for t in plan.tasks})),
+        n_skipped=n_skipped,
     )
+
+
+def _run_resumable(plan: CorrectPlan, request: CorrectRequest, out: Path) -> tuple[int, int]:
+    """Correct the files not already complete (:mod:`~anisoctf.jobs.correct_state`); returns
+    (images in all outputs, files skipped as already complete)."""
+    on_file = request.on_file or (lambda t, n: None)
+    todo: list[FileTask] = []
+    n_done = n_skipped = 0
+    for t in plan.tasks:
+        n = done_images(t, out) if request.resume else None
+        if n is None:
+            todo.append(t)
+        else:
+            n_done += n
+            n_skipped += 1
+            on_file(t, n)
+
+    def finished(t: FileTask, n: int) -> None:
+        mark_done(t, n, out)
+        on_file(t, n)
+
+    n_new = _run_tasks(todo, request.jobs, finished, request.scheduler, request.cluster)
+    return n_done + n_new, n_skipped
 
 
 def run_correct(

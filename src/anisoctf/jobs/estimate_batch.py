@@ -211,7 +211,10 @@ def _open_backend(
         remove_stray_temporaries(out)
         if backend is None:
             backend = make_backend(
-                request.jobs, request.scheduler, close_fds=() if lock.fd is None else (lock.fd,)
+                request.jobs,
+                request.scheduler,
+                close_fds=() if lock.fd is None else (lock.fd,),
+                cluster=request.cluster,
             )
         return backend
     except BackendError as exc:

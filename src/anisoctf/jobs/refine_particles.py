@@ -32,6 +32,7 @@ from anisoctf.io.mrc import read_mrc_header, read_stack
 from anisoctf.io.particles import ParticleSet, read_particles
 from anisoctf.io.star_patch import patch_defocus_star, star_layout
 from anisoctf.io.star_tables import read_star_blocks
+from anisoctf.jobs.refine_state import group_fingerprint, load_group, save_group
 from anisoctf.records.particles import ParticleBatch
 from anisoctf.refine.group import GroupResult, RefineSettings, refine_group
 from anisoctf.refine.projection import FourierProjector
@@ -51,6 +52,7 @@ class RefineReport:
     json_files: list[Path] = field(default_factory=list)
     png_files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)  # optics groups taken from saved state
 
 
 def load_map(
@@ -127,8 +129,14 @@ def run_refine(
     ref_apix: float | None = None,
     pad: int = 2,
     log: Callable[[str], None] | None = None,
+    resume: bool = True,
 ) -> RefineReport:
     """Refine a particle STAR file against a reference and write the outputs into ``out``.
+
+    With ``resume`` (``--continue``, the default) an optics group that an earlier run into the
+    same ``out`` already refined with the same inputs and settings is taken from its saved
+    state instead of being refined again (:mod:`anisoctf.jobs.refine_state`), so a killed run
+    resumes at its first unfinished group.
 
     Raises
     ------
@@ -205,9 +213,19 @@ def run_refine(
             micrograph=np.asarray(ps.micrograph, dtype=object)[rows].astype(str),
             which=which,
         )
-        res = refine_group(
-            images, particles, optics, box, projectors, settings=st, group=g, log=say
-        )
+        key = group_fingerprint(
+            ps.path, [m[2] for m in maps.values()] + ([] if mask is None else [Path(mask)]),
+            st, g, pad=pad, ref_apix=ref_apix, half_maps=half_maps is not None,
+        )  # fmt: skip
+        res = load_group(out_dir, g, key) if resume else None
+        if res is not None:
+            say(f"optics group {g}: already refined by an earlier run (--overwrite redoes it)")
+            report.resumed.append(g)
+        else:
+            res = refine_group(
+                images, particles, optics, box, projectors, settings=st, group=g, log=say
+            )
+            save_group(out_dir, res, key)
         report.groups.append(res)
         summary = res.summary()
         summary["star"] = str(ps.path)

@@ -48,8 +48,10 @@ __all__ = [
     "FAILURE",
     "OUTPUT_NODES",
     "SUCCESS",
+    "abort_watcher",
     "parse_params",
     "run_relion_external",
+    "touch",
     "write_output_nodes",
 ]
 
@@ -153,12 +155,13 @@ def write_output_nodes(job_dir: str | os.PathLike[str], nodes: Sequence[tuple[st
     return path
 
 
-def _touch(path: Path) -> None:
+def touch(path: Path) -> None:
+    """Create an (empty) ``RELION_JOB_EXIT_*`` file, atomically."""
     write_text_atomic(path, "")
 
 
 @contextlib.contextmanager
-def _abort_watcher(job_dir: Path, period: float = 1.0):
+def abort_watcher(job_dir: Path, period: float = 1.0):
     """Sends this process SIGTERM (an interrupt inside the estimate batch) when RELION creates
     ``RELION_JOB_ABORT_NOW`` in the job directory."""
     stop = threading.Event()
@@ -204,7 +207,7 @@ def run_relion_external(
             settings = FitSettings(**parsed["settings"])  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
             raise UsageError(f"bad parameters: {exc}") from None
-        with _abort_watcher(out):
+        with abort_watcher(out):
             request = EstimateRequest.of(
                 [in_mics],
                 out,
@@ -217,17 +220,17 @@ def run_relion_external(
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):
             (out / ABORT_NOW).unlink()
-        _touch(out / ABORTED)
+        touch(out / ABORTED)
         err.print("aborted; rerun the job to continue", markup=False)
         return 130
     except (UsageError, AnisoctfError) as exc:
         err.print(f"error: {' '.join(str(exc).split())}", markup=False)
-        _touch(out / FAILURE)
+        touch(out / FAILURE)
         return 2
     if report.star_path is None:
-        _touch(out / FAILURE)
+        touch(out / FAILURE)
         return 1
     star = (Path(job_dir) / STAR_NAME).as_posix()
     write_output_nodes(out, [(star, CTF_NODE_TYPE)])
-    _touch(out / SUCCESS)
+    touch(out / SUCCESS)
     return 0

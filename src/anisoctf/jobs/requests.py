@@ -15,6 +15,7 @@ from pathlib import Path
 
 from anisoctf.errors import UsageError
 from anisoctf.fit.result import FitSettings
+from anisoctf.jobs.cluster import ClusterSpec
 from anisoctf.local.estimate import LocalSettings
 from anisoctf.refine.group import RefineSettings
 from anisoctf.simulate.particles import ParticleSimSpec
@@ -86,8 +87,10 @@ class EstimateRequest:
         Keep polling the inputs for new micrographs and stop after this many seconds without
         any (None: one pass).
     scheduler
-        Dask scheduler address, or ``"local"`` for a local Dask cluster; None for local
-        processes.
+        Dask scheduler address, ``"local"`` for a local Dask cluster or ``"slurm"`` for
+        workers submitted as SLURM jobs; None for local processes.
+    cluster
+        SLURM resources for ``scheduler="slurm"`` (:class:`~anisoctf.jobs.cluster.ClusterSpec`).
     poll_seconds
         Watch mode: time between polls (default min(2 s, watch / 4)).
     use_non_dw
@@ -113,6 +116,7 @@ class EstimateRequest:
     scheduler: str | None = None
     poll_seconds: float | None = None
     use_non_dw: bool = True
+    cluster: ClusterSpec | None = None
 
     @classmethod
     def of(
