@@ -85,6 +85,8 @@ def estimate_cmd(inputs: str, out: Path, jobs: int, *extra: str) -> list[str]:
         str(out),
         "--apix",
         "1.0",
+        "--kv",
+        "300",  # the simulator's voltage (estimate refuses an MRC without one)
         "--jobs",
         str(jobs),
         "--quiet",
@@ -266,7 +268,7 @@ def bench_slurm(work: Path, n: int, jobs: int, size: int) -> bool:
         out = work / f"sl_{label.split()[0]}"
         t0 = time.perf_counter()
         p = subprocess.run(
-            estimate_cmd(inputs, out, jobs, "--kv", "300", *extra),
+            estimate_cmd(inputs, out, jobs, *extra),
             env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, check=False,
         )  # fmt: skip
         walls[label] = time.perf_counter() - t0
@@ -279,7 +281,7 @@ def bench_slurm(work: Path, n: int, jobs: int, size: int) -> bool:
           "(includes submitting the worker jobs and their start-up)")  # fmt: skip
     out = work / "sl_kill"
     proc = subprocess.Popen(
-        estimate_cmd(inputs, out, jobs, "--kv", "300", *slurm),
+        estimate_cmd(inputs, out, jobs, *slurm),
         env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip

@@ -291,7 +291,8 @@ def cli_ratio(args: argparse.Namespace, rng: np.random.Generator, ref: float) ->
             for key, extra in (("plain", []), ("patches", ["--patches", "5x5"])):
                 out = folder / f"out_{key}"
                 shutil.rmtree(out, ignore_errors=True)
-                cmd = [exe, "estimate", str(folder / "m*.mrc"), "--apix", "1", "--out", str(out)]
+                cmd = [exe, "estimate", str(folder / "m*.mrc"), "--apix", "1", "--kv", "300"]
+                cmd += ["--out", str(out)]
                 t0 = time.perf_counter()
                 subprocess.run(cmd + extra + ["--quiet"], check=True, env=env)
                 times[key].append((time.perf_counter() - t0) / args.cli)
