@@ -89,22 +89,37 @@ def test_real_thickness_at_search_limit_is_not_written(fei_run) -> None:
     assert any(is_flag(w) and "thickness at the search limit" in w for w in rec.warnings)
 
 
-def test_real_tilt_from_a_minority_of_patches_is_flagged(fei_run) -> None:
+def test_real_tilt_support_is_flagged_exactly_when_a_minority_carries_it(fei_run) -> None:
+    """fei-extended's weak rings leave many patches off the plane. Whether fewer than half
+    carry it depends on the plane fit (the robust plane keeps 13 of 25 where the plain one kept
+    5): the flag must appear exactly when they are a minority, first among the warnings, and
+    the summary and the report must count the micrograph (its thickness flag at least)."""
+    from anisoctf.records.flags import tilt_support_flag
+
     out, printed = fei_run
     doc = json.loads((out / "fei-extended_surface.json").read_text())
-    used = sum(not p["outlier"] for p in doc["patches"])
-    assert 2 * used < len(doc["patches"])  # 5 of 25 patches carry the plane
+    outliers = [bool(p["outlier"]) for p in doc["patches"]]
+    used, n = outliers.count(False), len(outliers)
     rec = read_record(out / "fei-extended.record.json")
     flags = flags_of(rec.warnings)
-    assert any(f"tilt from only {used} of {len(doc['patches'])} patches" in f for f in flags)
+    tilt_flagged = any(f"tilt from only {used} of {n} patches" in f for f in flags)
+    assert tilt_flagged == (2 * used < n)
+    assert (tilt_support_flag(outliers) is not None) == (2 * used < n)
     assert rec.warnings[: len(flags)] == flags  # flags come first
-    # the summary counts the flagged micrograph, the report lists its flags
     assert "1 micrograph flagged as implausible" in printed
     from anisoctf.jobs.report_job import run_report
 
     page = run_report(out).read_text()
-    assert "1 flagged as implausible" in page and f"tilt from only {used} of" in page
+    assert "1 flagged as implausible" in page
+    assert ("tilt from only" in page) == tilt_flagged
     assert "sample thickness at the search limit" in page
+
+
+def test_tilt_from_a_minority_of_patches_is_flagged() -> None:
+    from anisoctf.records.flags import tilt_support_flag
+
+    assert "tilt from only 5 of 25 patches" in tilt_support_flag([False] * 5 + [True] * 20)
+    assert tilt_support_flag([False] * 13 + [True] * 12) is None
 
 
 def test_fit_thickness_at_the_limit_returns_no_value() -> None:
