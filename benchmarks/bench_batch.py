@@ -26,6 +26,11 @@ Usage::
 
     python benchmarks/bench_batch.py                 # all three, small defaults
     python benchmarks/bench_batch.py --only slurm --n 16 --jobs 2
+    python benchmarks/bench_batch.py --only resample   # aniso correct's time by size
+
+5. **resample** (only with ``--only resample``): ``benchmarks/bench_resample.py`` for the sinc
+   method at 512²–4096² (time in multiples of one single-threaded ``rfft2`` of the same size,
+   medians, and the error), so that the production numbers are in one place.
     python benchmarks/bench_batch.py --only kill --kills 10 --n-kill 50
     python benchmarks/bench_batch.py --only throughput --n 200
 """
@@ -308,7 +313,7 @@ def main() -> None:
         _mem_child(sys.argv[2], sys.argv[3])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", choices=["throughput", "kill", "memory", "slurm"])
+    ap.add_argument("--only", choices=["throughput", "kill", "memory", "slurm", "resample"])
     ap.add_argument("--slurm-size", type=int, default=2048, help="micrograph size for slurm")
     ap.add_argument("--n", type=int, default=8, help="4096² micrographs for the throughput")
     ap.add_argument("--jobs", type=int, default=2)
@@ -329,6 +334,10 @@ def main() -> None:
             ok &= bench_memory(work, a.mem_sizes)
         if a.only == "slurm":
             ok &= bench_slurm(work, a.n, a.jobs, a.slurm_size)
+        if a.only == "resample":
+            here = Path(__file__).with_name("bench_resample.py")
+            cmd = [sys.executable, str(here), "--methods", "sinc", "--percent", "3"]
+            ok &= subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, check=False).returncode == 0
     finally:
         if a.keep:
             print(f"scratch kept in {work}")
