@@ -7,6 +7,8 @@ with one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -103,23 +105,46 @@ def refine_command(
     except ValueError as exc:
         usage_exit(str(exc))
     con = _out()
+    err = Console(stderr=True, highlight=False)
+    started = time.perf_counter()
+    # a live status line (on a terminal) with the latest step; the steps are printed as well
+    status = err.status("refining", spinner="dots") if err.is_terminal and not quiet else None
+
+    def log(message: str) -> None:
+        con.print(message, markup=False)
+        if status is not None:
+            status.update(f"refining: {message}")
+
     try:
-        report = run_refine(
-            star,
-            out,
-            reference=reference,
-            half_maps=(str(half_maps[0]), str(half_maps[1])) if half_maps else None,
-            mask=mask,
-            settings=settings,
-            ref_apix=ref_apix,
-            log=None if quiet else (lambda m: con.print(m, markup=False)),
-            resume=resume,
-        )
+        with status if status is not None else contextlib.nullcontext():
+            report = run_refine(
+                star,
+                out,
+                reference=reference,
+                half_maps=(str(half_maps[0]), str(half_maps[1])) if half_maps else None,
+                mask=mask,
+                settings=settings,
+                ref_apix=ref_apix,
+                log=None if quiet else log,
+                resume=resume,
+            )
     except (AnisoctfError, ValueError) as exc:
         usage_exit(str(exc))
+    except KeyboardInterrupt:
+        err.print(
+            f"interrupted: the optics groups already refined are kept in {out}; run the same "
+            "command again to finish the rest",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
     for r in report.groups:
         con.print(f"optics group {r.group}: {r.mag.describe()}", markup=False)
-    con.print(f"wrote {report.out_star}", markup=False)
+    resumed = f" ({len(report.resumed)} from an earlier run)" if report.resumed else ""
+    con.print(
+        f"wrote {report.out_star}: {sum(r.n_particles for r in report.groups)} particles in "
+        f"{len(report.groups)} optics group(s){resumed}, {time.perf_counter() - started:.1f} s",
+        markup=False,
+    )
 
 
 def simulate_particles_command(
