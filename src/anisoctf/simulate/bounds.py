@@ -8,7 +8,9 @@ unknown. The Fisher information is ``F = sum_k grad P grad P^T / P^2``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -18,13 +20,16 @@ from anisoctf.simulate.micrograph import MicrographSpec, expected_power
 __all__ = ["crlb"]
 
 
-def _spec_with(spec: MicrographSpec, z: float, a1: float, a2: float) -> MicrographSpec:
+def _spec_with(spec: Any, z: float, a1: float, a2: float) -> MicrographSpec:
     p = params_from_astig(z, a1, a2, spec.ctf.phase_shift_deg, spec.ctf.bfactor)
     return replace(spec, ctf=replace(p, bfactor=spec.ctf.bfactor))
 
 
 def crlb(
-    spec: MicrographSpec, k_min: float = 1.0 / 30.0, k_max: float | None = None
+    spec: MicrographSpec,
+    k_min: float = 1.0 / 30.0,
+    k_max: float | None = None,
+    power: Callable[..., Any] = expected_power,
 ) -> dict[str, float]:
     """Lower bounds (standard deviations) of U, V (Å), angle (°) and mean defocus (Å).
 
@@ -34,6 +39,9 @@ def crlb(
         The simulated micrograph (untilted).
     k_min, k_max
         Frequency band (Å⁻¹) of the ordinates counted; ``k_max`` defaults to Nyquist.
+    power
+        Expected periodogram ``power(spec, kx, ky)`` of the simulator that made ``spec``
+        (e.g. :func:`anisoctf.simulate.mismatch.mismatch_power` for a ``MismatchSpec``).
     """
     apix = spec.optics.pixel_size
     k_max = 0.5 / apix if k_max is None else k_max
@@ -49,13 +57,13 @@ def crlb(
     c = spec.ctf
     z = c.mean_defocus
     a1, a2 = c.astig_components
-    base = expected_power(spec, kx, ky)
+    base = power(spec, kx, ky)
     grads = []
     for i, h in enumerate((0.5, 0.5, 0.5)):
         d = np.zeros(3)
         d[i] = h
-        plus = expected_power(_spec_with(spec, z + d[0], a1 + d[1], a2 + d[2]), kx, ky)
-        minus = expected_power(_spec_with(spec, z - d[0], a1 - d[1], a2 - d[2]), kx, ky)
+        plus = power(_spec_with(spec, z + d[0], a1 + d[1], a2 + d[2]), kx, ky)
+        minus = power(_spec_with(spec, z - d[0], a1 - d[1], a2 - d[2]), kx, ky)
         grads.append((plus - minus) / (2 * h))
     g = np.stack(grads, axis=1) / base[:, None]
     fisher = g.T @ g
