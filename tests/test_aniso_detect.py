@@ -211,8 +211,9 @@ def test_real_relion_tutorial_ctf_table(shared_real):
     # the real astigmatism dominates: ~300 Å at ~75°
     assert 250.0 < d.real_astigmatism < 380.0
     assert abs(angle_error(d.real_astigmatism_angle, 75.0)) < 10.0
-    if d.significant:
-        print(f"significant anisomag reported: {d.mag_matrix.describe()}")
+    # 24 micrographs over 0.8-1.3 um cannot resolve anisomag: not significant, p ~ 0.78
+    assert not d.significant
+    assert 0.6 < d.p_value < 0.9
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -507,6 +507,14 @@ def _check_real_group(name: str, m: MagMat) -> None:
     )
     assert 0.3 < pct < 5.0
     assert 0.0 <= axis < 180.0
+    # the axis and amount, independently of the SVD: the observed direction that M stretches
+    # most (|M u(θ)| over a 0.005° grid) and the relative spread of |M u|
+    theta = np.deg2rad(np.arange(0.0, 180.0, 0.005))
+    stretch = np.linalg.norm(m.array @ np.stack([np.cos(theta), np.sin(theta)]), axis=0)
+    best = float(np.rad2deg(theta[np.argmax(stretch)]))
+    assert abs((axis - best + 90.0) % 180.0 - 90.0) < 0.01
+    spread = 100 * (stretch.max() - stretch.min()) / (0.5 * (stretch.max() + stretch.min()))
+    assert pct == pytest.approx(spread, abs=1e-4)
     assert 0.95 < m.scale < 1.05
     assert abs(m.rotation_deg) < 0.5
     # RELION -> MagMat -> cryoSPARC -> MagMat
@@ -536,10 +544,17 @@ def test_real_isecc(shared_real) -> None:
     mats = from_relion_table(optics)
     assert list(mats) == [1]
     _check_real_group("isecc test.star group 1", mats[1])
+    # the file's nearly symmetric matrix: axis from tan 2θ = (M01 + M10) / (M00 − M11)
+    a = mats[1].array
+    expected = 0.5 * np.rad2deg(np.arctan2(a[0, 1] + a[1, 0], a[0, 0] - a[1, 1]))
+    assert mats[1].axis_deg == pytest.approx(expected, abs=0.1)
+    assert mats[1].axis_deg == pytest.approx(24.4, abs=0.2)
 
 
 def test_real_cryosparc_anisomag_is_identity(shared_real) -> None:
-    # exported particle files store [0, 0, 0, 0] — the identity under the I-subtracted layout
+    # exported particle files store [0, 0, 0, 0] — the identity under the I-subtracted layout.
+    # Zeros cannot tell conventions apart; the anisotropic physics check (cryoSPARC's phase from
+    # its own fields = the physical phase) is tests/test_io_cryosparc_anisomag.py.
     path = shared_real / "cryodrgn" / "cryosparc_J2_particles_exported.cs"
     if not path.exists():
         pytest.skip(f"{path} not found")

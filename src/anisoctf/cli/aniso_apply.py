@@ -26,7 +26,13 @@ from rich.console import Console
 from anisoctf.cli.errors import usage_exit
 from anisoctf.cli.options import FromJsonOption, MagMatrixOption
 from anisoctf.errors import AnisoctfError
-from anisoctf.jobs.apply_tables import ApplyRequest, ApplySummary, apply_tables, matrix_from_options
+from anisoctf.jobs.apply_tables import (
+    ApplyRequest,
+    ApplySummary,
+    apply_tables,
+    matrix_from_options,
+    refuse_not_significant,
+)
 
 __all__ = ["apply_command"]
 
@@ -81,17 +87,27 @@ def apply_command(
             show_default=False,
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Apply a --from-json detection even when it was not significant.",
+        ),
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No summary line or warnings.")
     ] = False,
 ) -> None:
     """Rewrite a CTF table's defocus into the true frame and store the magnification matrix.
 
+    A --from-json detection that was not significant is refused unless --force.
     Exit status: 0 written, 2 bad options or input (one line on stderr; nothing written).
     """
     if (mag_matrix is None) == (from_json is None):
         usage_exit("give exactly one of --mag-matrix M00 M01 M10 M11 and --from-json FILE")
     try:
+        if from_json is not None:
+            refuse_not_significant(from_json, force)
         mag = matrix_from_options(mag_matrix, from_json)
         assert mag is not None
         request = ApplyRequest(

@@ -2,7 +2,8 @@
 
 Input: one micrographs STAR file with CTF results (``micrographs_ctf.star`` from RELION/CTFFIND,
 Gctf's ``micrographs_all_gctf.star`` or ``anisoctf estimate``), or CTFFIND ``.txt`` / Gctf
-``_gctf.log`` result files, glob patterns and folders of them (e.g. a CtfFind job folder). The
+``_gctf.log`` result files, glob patterns and folders of them (e.g. a CtfFind job folder), or a
+particle STAR (rows grouped by micrograph: one CTF per micrograph). The
 astigmatism of every micrograph is fitted against its defocus
 (:func:`anisoctf.magnification.detect.detect_anisomag`); a short summary is printed and,
 on request, a JSON record (``--json``) and a plot (``--plot``) are written. The loading and the
@@ -163,6 +164,9 @@ def detect_command(
     except OSError as exc:
         usage_exit(f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}")
     console = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    for w in outcome.table.warnings:
+        err.print(f"warning: {w}", markup=False)
     _print_summary(console, outcome.detection, outcome.table)
     if residuals:
         _print_residuals(console, outcome.detection)

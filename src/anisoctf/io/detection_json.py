@@ -12,11 +12,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
+from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_text_atomic
 
-__all__ = ["DetectionDocument", "detection_json_text", "write_detection_json"]
+__all__ = [
+    "DetectionDocument",
+    "detection_json_text",
+    "read_detection_verdict",
+    "write_detection_json",
+]
 
 
 class DetectionDocument(Protocol):
@@ -51,3 +58,33 @@ def write_detection_json(
     """Write the detection's document as indented JSON, atomically (see
     :func:`detection_json_text`)."""
     write_text_atomic(path, detection_json_text(detection, residuals=residuals))
+
+
+def read_detection_verdict(path: str | os.PathLike[str]) -> tuple[bool | None, float | None]:
+    """``(significant, p_value)`` of a detection JSON file; None for a key it lacks (a bare
+    ``mag_matrix`` file written by hand has neither).
+
+    Raises
+    ------
+    InputError
+        Unreadable file or invalid JSON.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError("file not found; check the path", path=p) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read ({exc})", path=p) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc})", path=p) from exc
+    if not isinstance(data, dict):
+        return None, None
+    sig = data.get("significant")
+    pv = data.get("p_value")
+    return (
+        sig if isinstance(sig, bool) else None,
+        float(pv) if isinstance(pv, (int, float)) and not isinstance(pv, bool) else None,
+    )

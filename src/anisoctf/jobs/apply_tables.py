@@ -44,6 +44,7 @@ from anisoctf.io.cryosparc_defocus import (
     with_anisomag_field,
     without_anisomag_field,
 )
+from anisoctf.io.detection_json import read_detection_verdict
 from anisoctf.io.matrix_json import read_mag_matrix_json
 from anisoctf.io.relion_defocus import (
     check_defocus_columns,
@@ -86,6 +87,7 @@ __all__ = [
     "apply_to_relion",
     "cryosparc_row_mask",
     "matrix_from_options",
+    "refuse_not_significant",
     "resolve_relion_mags",
     "run_apply",
     "share_astigmatism",
@@ -377,6 +379,28 @@ def matrix_from_options(
     if from_json is not None:
         return read_mag_matrix_json(from_json)
     return None
+
+
+def refuse_not_significant(from_json: str | os.PathLike[str], force: bool) -> None:
+    """A detection JSON whose test was not significant is refused unless ``force``.
+
+    Applying a matrix that the data do not support only adds its noise to every defocus; the
+    JSON of ``aniso detect`` says ``"significant": false`` then. A file without the key (a
+    hand-written ``mag_matrix``) is accepted.
+
+    Raises
+    ------
+    InputError
+        ``significant`` is false and ``force`` is not set.
+    """
+    significant, p_value = read_detection_verdict(from_json)
+    if significant is False and not force:
+        p = f"p = {p_value:.2g}" if p_value is not None else "p unknown"
+        raise InputError(
+            f"the detection was not significant (Wald {p}); its matrix is noise. "
+            "Pass --force to apply it anyway",
+            path=Path(from_json),
+        )
 
 
 @dataclass(frozen=True)

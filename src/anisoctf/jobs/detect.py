@@ -2,8 +2,11 @@
 
 Input: one micrographs STAR file with CTF results (``micrographs_ctf.star`` from RELION/CTFFIND,
 Gctf's ``micrographs_all_gctf.star`` or ``anisoctf estimate``), or CTFFIND ``.txt`` / Gctf
-``_gctf.log`` result files, glob patterns and folders of them (e.g. a CtfFind job folder). The
-astigmatism of every micrograph is fitted against its defocus
+``_gctf.log`` result files, glob patterns and folders of them (e.g. a CtfFind job folder).
+A particle STAR (``run_data.star``) repeats each micrograph's CTF on every
+particle: its rows are grouped by ``_rlnMicrographName`` into one CTF per micrograph (a warning
+counts the micrographs whose rows disagree; their median is used). The astigmatism of every
+micrograph is fitted against its defocus
 (:func:`anisoctf.magnification.detect.detect_anisomag`); on request a JSON record and a plot
 are written.
 
@@ -30,6 +33,7 @@ from anisoctf.magnification.detect import (
     detect_anisomag,
     format_p,
 )
+from anisoctf.magnification.tables import one_ctf_per_micrograph
 from anisoctf.optics.frames import defocus_table_to_observed
 from anisoctf.optics.magmat import MagMat
 from anisoctf.report.detection_plot import plot_detection
@@ -56,7 +60,7 @@ class CTFTable:
     angle_deg: np.ndarray
     source: str
     notes: list[str] = field(default_factory=list)
-
+    warnings: list[str] = field(default_factory=list)
 
 
 def _from_star(path: str, group: int | None) -> CTFTable:
@@ -80,6 +84,18 @@ def _from_star(path: str, group: int | None) -> CTFTable:
     v = np.array([r.defocus_v for r in rows])
     a = np.array([r.defocus_angle for r in rows])
     notes: list[str] = []
+    warnings: list[str] = []
+    if len(set(names)) < len(names):
+        first, (u, v, a), n_disagree = one_ctf_per_micrograph(u, v, a, np.array(names))
+        names = [names[i] for i in first.tolist()]
+        notes.append(
+            f"{len(rows)} rows of {len(names)} micrographs: one CTF per micrograph is analysed"
+        )
+        if n_disagree:
+            warnings.append(
+                f"{n_disagree} of {len(names)} micrographs have rows with different CTFs "
+                "(per-particle refinement?); each micrograph's median CTF is used"
+            )
     o = optics.get(group)
     if o is not None and o.has_anisomag:
         u, v, a = defocus_table_to_observed(u, v, a, o.M)
@@ -88,7 +104,7 @@ def _from_star(path: str, group: int | None) -> CTFTable:
             f"({MagMat(o.M).describe()}); its true-frame defoci were moved back to the observed "
             "frame, so the matrix reported is the total one"
         )
-    return CTFTable(names, u, v, a, f"{path} (optics group {group})", notes)
+    return CTFTable(names, u, v, a, f"{path} (optics group {group})", notes, warnings)
 
 
 def _from_ctffind(paths: list[str]) -> CTFTable:

@@ -85,6 +85,7 @@ from anisoctf.records.defocus import DefocusTable
 __all__ = [
     "as_magmat",
     "group_mask",
+    "one_ctf_per_micrograph",
     "resolve_group_mags",
     "rewrite_defocus",
     "share_astigmatism",
@@ -183,6 +184,62 @@ def share_astigmatism(
     ang = np.where(tiny, 0.0, np.mod(0.5 * np.rad2deg(np.arctan2(m2, m1)), 180.0))
     ang = np.where(ang >= 180.0, 0.0, ang)
     return z + hm, z - hm, ang
+
+
+def one_ctf_per_micrograph(
+    defocus_u: ArrayLike,
+    defocus_v: ArrayLike,
+    angle_deg: ArrayLike,
+    keys: ArrayLike,
+    tolerance: float = 0.5,
+) -> tuple[NDArray[np.int64], _Arrays3, int]:
+    """Collapse a table whose rows are particles to one CTF per micrograph.
+
+    A CTF fit (CTFFIND, Gctf, anisoctf) gives one defocus per micrograph; a particle table
+    repeats it on every particle of the micrograph, and counting each particle as a separate
+    measurement would make a detection on it far too confident. Rows with equal ``keys`` are one
+    micrograph: its mean defocus is the median of the rows' ``(U + V)/2`` and its astigmatism
+    the component-wise median of the Cartesian astigmatism (as :func:`share_astigmatism`), so
+    rows that all agree give exactly their common value.
+
+    Parameters
+    ----------
+    defocus_u, defocus_v, angle_deg
+        Per-row defocus (Å) and angle (degrees).
+    keys
+        The micrograph of every row.
+    tolerance
+        Rows of one micrograph "disagree" when ``(U + V)/2`` or a Cartesian astigmatism
+        component spans more than this (Å); STAR files print defocus to 0.01–1 Å.
+
+    Returns
+    -------
+    (first, (u, v, angle), n_disagreeing)
+        Index of each micrograph's first row (in order of first appearance), its CTF
+        (``U >= V``, angle in [0, 180)), and how many micrographs had rows that disagree
+        (e.g. after per-particle CTF refinement).
+    """
+    u = np.asarray(defocus_u, dtype=float)
+    v = np.asarray(defocus_v, dtype=float)
+    t = np.deg2rad(2.0 * np.asarray(angle_deg, dtype=float))
+    codes = _group_codes([keys], u.size)
+    _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    comps = (0.5 * (u + v), 0.5 * (u - v) * np.cos(t), 0.5 * (u - v) * np.sin(t))
+    medians = [_group_median(c, codes)[first] for c in comps]
+    spread = np.zeros(first.size)
+    for c in comps:
+        hi = np.full(first.size, -np.inf)
+        lo = np.full(first.size, np.inf)
+        np.maximum.at(hi, inverse.reshape(-1), c)
+        np.minimum.at(lo, inverse.reshape(-1), c)
+        spread = np.maximum(spread, hi - lo)
+    order = np.argsort(first, kind="stable")
+    z, a1, a2 = (m[order] for m in medians)
+    h = np.hypot(a1, a2)
+    ang = np.mod(0.5 * np.rad2deg(np.arctan2(a2, a1)), 180.0)
+    ang = np.where((h == 0.0) | (ang >= 180.0), 0.0, ang)
+    n_disagree = int(np.count_nonzero(spread[order] > tolerance))
+    return first[order].astype(np.int64), (z + h, z - h, ang), n_disagree
 
 
 def _is_sequence_of_arrays(keys: Any) -> bool:
