@@ -15,6 +15,7 @@ import mrcfile
 import numpy as np
 import pytest
 
+from anisoctf.io import labels as L
 from anisoctf.io.star_tables import read_star_blocks
 from anisoctf.optics.aberrations import (
     Aberrations,
@@ -250,3 +251,71 @@ def test_relions_fits_agree_with_truth_read_our_way(ctfrefine):
     d_even -= d_even[band].mean()  # a constant even phase is not identifiable from particles
     assert np.sqrt(np.mean(d_odd[band] ** 2)) < 0.05
     assert np.sqrt(np.mean(d_even[band] ** 2)) < 0.05
+
+
+# ------------------------------------------------------------------ STAR columns
+
+
+def test_read_aberrations_from_real_relion_stars(shared_real):
+    from anisoctf.io.star_optics import read_optics_aberrations, read_optics_star
+
+    ab = read_optics_aberrations(shared_real / "cryodrgn" / "relion31.6opticsgroups.star")
+    assert sorted(ab) == [1, 2, 3, 4, 5, 6]
+    assert ab[1].beam_tilt_mrad == (0.657334, 0.884982)
+    assert ab[1].odd == (1.70554063513, 1.2131261042, 2.54522458134, 0.0, 0.0, 3.56183614819)
+    assert len(ab[6].even) == 9 and ab[6].even[0] == 0.917037189491
+    assert ab[6].beam_tilt_mrad == (-1.28823, 2.446621)
+    isecc = read_optics_aberrations(shared_real / "isecc" / "test.star")
+    assert isecc[1].odd[2] == 34.3861477546 and isecc[1].even[-1] == -16.9851856858
+    assert isecc[1].beam_tilt_mrad == (0.0, 0.0)
+    # the optics record itself is unchanged by the new columns
+    assert read_optics_star(shared_real / "isecc" / "test.star", "particles")[1].cs_mm == 0.0
+
+
+def test_aberration_columns_round_trip_through_a_star(tmp_path, ctfrefine):
+    from anisoctf.io.star_optics import (
+        format_zernike_vector,
+        read_optics_aberrations,
+        set_aberration_columns,
+    )
+    from anisoctf.io.star_tables import write_star_tables
+
+    src = ctfrefine / "particles.star"
+    blocks = read_star_blocks(src)
+    assert read_optics_aberrations(src)[1].empty  # the input carries no aberration
+    want = Aberrations((-0.3, 0.2), (0.0, 0.0, -5.0, 0.0, 0.0, 3.0), (-3.0, 0.0, -4.5, 0.1 / 3))
+    blocks["optics"] = set_aberration_columns(blocks["optics"], {1: want})
+    out = tmp_path / "with_aberrations.star"
+    write_star_tables(out, blocks)
+    text = out.read_text()
+    assert "[0,0,-5,0,0,3]" in text and "[-3,0,-4.5,0.0333333333333]" in text
+    got = read_optics_aberrations(out)[1]
+    assert got.beam_tilt_mrad == want.beam_tilt_mrad and got.odd == want.odd
+    np.testing.assert_allclose(got.even, want.even, rtol=1e-11)
+    # RELION's own output reads back to what it wrote
+    row = _optics(ctfrefine, "pass4_even")
+    ab = read_optics_aberrations(ctfrefine / "relion/pass4_even/particles_ctf_refine.star")[1]
+    assert format_zernike_vector(list(ab.even)) == str(row.rlnEvenZernike).strip()
+    assert ab.beam_tilt_mrad == (row.rlnBeamTiltX, row.rlnBeamTiltY)
+    # an empty group is written as zeros of RELION's default lengths, not "[]"
+    empty = set_aberration_columns(read_star_blocks(src)["optics"], {1: Aberrations()})
+    assert empty[L.ODD_ZERNIKE].iloc[0] == "[0,0,0,0,0,0]"
+
+
+def test_bad_aberration_columns_are_one_line_errors(tmp_path):
+    from anisoctf.errors import InputError
+    from anisoctf.io.star_optics import parse_zernike_vector, read_optics_aberrations
+
+    assert parse_zernike_vector("[1,2.5,-3]") == (1.0, 2.5, -3.0)
+    assert parse_zernike_vector(4.0) == (4.0,) and parse_zernike_vector("[]") == ()
+    head = "data_optics\n\nloop_\n_rlnOpticsGroup\n_rlnVoltage\n"
+    bad = tmp_path / "bad.star"
+    bad.write_text(head + "_rlnOddZernike\n1 300 [1,x,3]\n")
+    with pytest.raises(InputError, match="rlnOddZernike.*fix the file"):
+        read_optics_aberrations(bad)
+    half = tmp_path / "half.star"
+    half.write_text(head + "_rlnBeamTiltX\n1 300 0.5\n")
+    with pytest.raises(InputError, match="rlnBeamTiltY"):
+        read_optics_aberrations(half)
+    with pytest.raises(ValueError, match="Cs = 0"):
+        extract_tilt([0, 0, 0, 1.0, 1.0, 0], 0.0, LAM)

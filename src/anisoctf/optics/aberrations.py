@@ -210,6 +210,8 @@ def extract_tilt(
     """
     out = _padded(odd_coeffs)
     s = tilt_scale(cs_mm, wavelength_a)
+    if s == 0.0:
+        raise ValueError("beam tilt cannot be extracted with Cs = 0 (it gives no odd phase)")
     z3x, z3y = out[4], out[3]
     out[4] = out[3] = 0.0
     out[1] -= 2.0 * z3x
