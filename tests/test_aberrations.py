@@ -28,6 +28,7 @@ from anisoctf.optics.aberrations import (
     n_odd_coeffs,
     odd_index_to_mn,
     odd_phase_rad,
+    phase_image,
     zernike,
 )
 from anisoctf.optics.ctf import electron_wavelength
@@ -230,6 +231,24 @@ def test_even_phase_matches_relions_fit_image(ctfrefine):
     got = even_phase_rad(_vector(row.rlnEvenZernike), kx, ky)
     np.testing.assert_allclose(img[inner], got[inner], atol=1e-6)
     assert np.abs(img[inner]).max() > 0.5
+    drawn = phase_image(_vector(row.rlnEvenZernike), "even", 96, 1.0, mag)
+    np.testing.assert_allclose(drawn[inner], img[inner], atol=1e-6)
+
+
+def test_phase_image_draws_relions_odd_layout(ctfrefine):
+    row = _optics(ctfrefine, "pass3_tilt_odd")
+    mag = _matrix(_optics(ctfrefine, "pass2_aniso"))
+    img = mrcfile.read(
+        ctfrefine / "relion/pass3_tilt_odd/beamtilt_delta-phase_lin-fit_optics-group_1_N-3.mrc"
+    ).astype(float)
+    # the linear fit's own coefficients are not written; the iter-fit's are: they differ a bit
+    odd = insert_tilt(_vector(row.rlnOddZernike), row.rlnBeamTiltX, row.rlnBeamTiltY, CS_MM, LAM)
+    drawn = phase_image(odd, "odd", 96, 1.0, mag)
+    inner = _relion_grid(96, 1.0, mag)[1]
+    assert drawn.shape == img.shape
+    corr = np.corrcoef(drawn[inner], img[inner])[0, 1]
+    assert corr > 0.99
+    np.testing.assert_allclose(drawn[48, 48], 0.0)  # the origin sits at size/2
 
 
 def test_relions_fits_agree_with_truth_read_our_way(ctfrefine):

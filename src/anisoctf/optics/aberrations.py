@@ -44,7 +44,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from anisoctf.optics.kernel import AberrationTerms
+from anisoctf.optics.kernel import AberrationTerms, true_frequencies
 
 __all__ = [
     "Aberrations",
@@ -58,6 +58,7 @@ __all__ = [
     "n_odd_coeffs",
     "odd_index_to_mn",
     "odd_phase_rad",
+    "phase_image",
     "radial_coeffs",
     "tilt_scale",
     "zernike",
@@ -158,6 +159,25 @@ def even_phase_rad(
     """``Σ c_i Z_i(k)`` over ``_rlnEvenZernike``: RELION's offset *added to gamma*
     (``getGammaOffset``); in this package's ``chi`` it enters with the opposite sign."""
     return _zernike_sum(even_coeffs, "even", kx_true_inv_a, ky_true_inv_a)
+
+
+def phase_image(
+    coeffs: Sequence[float],
+    parity: Literal["odd", "even"],
+    size: int,
+    pixel_size_a: float,
+    mag_matrix: ArrayLike | None = None,
+) -> NDArray[np.float64]:
+    """``Σ c·Z(M k)`` on a centred ``size × size`` grid, the layout of RELION's phase images.
+
+    Pixel ``[y, x]`` is the frequency ``((x − size/2), (y − size/2)) / (size · pixel)``, as in
+    the full images CtfRefine writes (``beamtilt_delta-phase_*.mrc``, ``aberr_delta-phase_*.mrc``;
+    ``FftwHelper::decenterDouble2D`` / ``decenterUnflip2D``). RELION copies the neighbouring
+    row/column into the Nyquist ones ("cannot trust Nyquist"); here they are evaluated.
+    """
+    c = (np.arange(size) - size // 2) / (size * pixel_size_a)
+    kx, ky = true_frequencies(*np.meshgrid(c, c), mag_matrix)
+    return _zernike_sum(coeffs, parity, kx, ky)
 
 
 # ------------------------------------------------------------------ beam tilt
