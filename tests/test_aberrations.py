@@ -247,7 +247,7 @@ def test_phase_image_draws_relions_odd_layout(ctfrefine):
     inner = _relion_grid(96, 1.0, mag)[1]
     assert drawn.shape == img.shape
     corr = np.corrcoef(drawn[inner], img[inner])[0, 1]
-    assert corr > 0.99
+    assert corr > 0.999  # measured 0.99995
     np.testing.assert_allclose(drawn[48, 48], 0.0)  # the origin sits at size/2
 
 
