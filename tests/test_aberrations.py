@@ -338,3 +338,39 @@ def test_bad_aberration_columns_are_one_line_errors(tmp_path):
         read_optics_aberrations(half)
     with pytest.raises(ValueError, match="Cs = 0"):
         extract_tilt([0, 0, 0, 1.0, 1.0, 0], 0.0, LAM)
+
+
+# ------------------------------------------------------------------ Cs ⇄ even Zernikes
+
+
+def test_cs_change_as_even_zernikes_is_physically_invariant():
+    """CTF phase with Cs + ΔCs equals the phase with Cs and the even vector, to 1e-6 rad."""
+    from anisoctf.optics.aberrations import cs_change_to_even, even_to_cs_change
+
+    c = np.fft.fftfreq(64, 0.8)
+    kx, ky = np.meshgrid(c, c)
+    mag = np.array([[1.01, 0.004], [0.003, 0.995]])
+    feats, k_true = frequency_features(kx, ky, mag), true_frequencies(kx, ky, mag)
+    for d_cs in (-0.0751, 0.3, 1.2):
+        refined = CTFConstants(LAM, (CS_MM + d_cs) * 1e7, 0.1)
+        nominal = CTFConstants(LAM, CS_MM * 1e7, 0.1)
+        terms = aberration_terms(Aberrations(even=cs_change_to_even(d_cs, LAM)), CS_MM, LAM)
+        a = chi_rad(feats, refined, 15000.0, 300.0, -200.0)
+        b = chi_rad(feats, nominal, 15000.0, 300.0, -200.0, 0.0, terms, k_true)
+        assert np.abs(a - b).max() < 1e-6
+        back, rest = even_to_cs_change(cs_change_to_even(d_cs, LAM), LAM)
+        assert back == pytest.approx(d_cs, rel=1e-12) and np.abs(rest).max() < 1e-12
+
+
+def test_truth_even_phase_is_a_cs_change_plus_tetrafoil(ctfrefine):
+    """truth.json's 'purely quartic' even vector is ΔCs = −0.0751 mm plus Z4^±4, nothing else."""
+    from anisoctf.optics.aberrations import even_to_cs_change
+
+    truth = json.loads((ctfrefine / "truth.json").read_text())
+    d_cs, rest = even_to_cs_change(truth["even_zernike"], LAM)
+    assert d_cs == pytest.approx(-9.0 / (0.5 * np.pi * 1e7 * LAM**3), rel=1e-12)
+    assert d_cs == pytest.approx(-0.0751, abs=5e-5)
+    np.testing.assert_allclose(rest, [0, 0, 0, 0, 4.0, 0, 0, 0, -6.0], atol=1e-12)
+    # RELION's pass-4 fit read the same way: ΔCs within 2 % of the truth
+    fitted = _vector(_optics(ctfrefine, "pass4_even").rlnEvenZernike)
+    assert even_to_cs_change(fitted, LAM)[0] == pytest.approx(d_cs, rel=0.02)

@@ -50,6 +50,8 @@ __all__ = [
     "Aberrations",
     "ZernikeSum",
     "aberration_terms",
+    "cs_change_to_even",
+    "even_to_cs_change",
     "even_index_to_mn",
     "even_phase_rad",
     "extract_tilt",
@@ -237,6 +239,47 @@ def extract_tilt(
     out[1] -= 2.0 * z3x
     out[0] -= 2.0 * z3y
     return tuple(out), -3.0 * z3x / s, -3.0 * z3y / s
+
+
+# ------------------------------------------------------------------ Cs ⇄ even Zernikes
+
+
+def _cs_quartic_rad(delta_cs_mm: float, wavelength_a: float) -> float:
+    """``(π/2) ΔCs λ³`` (rad Å⁴): the ``|k|⁴`` coefficient a Cs change adds to RELION's gamma."""
+    return 0.5 * math.pi * delta_cs_mm * 1e7 * wavelength_a**3
+
+
+def cs_change_to_even(delta_cs_mm: float, wavelength_a: float) -> tuple[float, ...]:
+    """The even vector (n ≤ 4, 9 entries) whose phase equals a Cs change of ``delta_cs_mm``.
+
+    RELION keeps the nominal Cs and puts a refined one into ``_rlnEvenZernike``; tools that refine
+    Cs itself (e.g. cryoSPARC's ``ctf/cs_mm``) change ``(π/2) ΔCs λ³ |k|⁴`` in ``gamma``. With
+    ``|k|⁴ = (Z4^0 + 3 Z2^0 + 2 Z0^0) / 6`` and ``q = (π/2) ΔCs λ³``: ``Z0^0 = q/3``,
+    ``Z2^0 = q/2``, ``Z4^0 = q/6``; all other entries zero.
+    """
+    q = _cs_quartic_rad(delta_cs_mm, wavelength_a)
+    out = [0.0] * 9
+    out[0], out[2], out[6] = q / 3.0, q / 2.0, q / 6.0
+    return tuple(out)
+
+
+def even_to_cs_change(
+    even_coeffs: Sequence[float], wavelength_a: float
+) -> tuple[float, tuple[float, ...]]:
+    """``(ΔCs in mm, remaining even vector)``: the ``|k|⁴`` part of the even phase as a Cs change.
+
+    All of ``Z4^0`` (index 6) is read as Cs: ``ΔCs = 6 c(Z4^0) / ((π/2) λ³)``; the rest is
+    ``even − cs_change_to_even(ΔCs)`` (its ``Z2^0``/``Z0^0`` hold what a Cs change does not
+    explain), so ``even_phase(even) = even_phase(cs part) + even_phase(rest)`` exactly.
+    """
+    even = [float(c) for c in even_coeffs]
+    if len(even) < 9:
+        even += [0.0] * (9 - len(even))
+    unit = _cs_quartic_rad(1.0, wavelength_a)
+    delta = 6.0 * even[6] / unit
+    cs_part = cs_change_to_even(delta, wavelength_a)
+    padded = cs_part + (0.0,) * (len(even) - 9)
+    return delta, tuple(e - c for e, c in zip(even, padded, strict=True))
 
 
 # ------------------------------------------------------------------ the record
