@@ -12,6 +12,7 @@ from __future__ import annotations
 from anisoctf.optics.magmat import RELION_MAGMAT_LABELS
 
 __all__ = [
+    "ABERRATION_COLUMNS",
     "ANGLES",
     "CS_ANISOMAG",
     "CS_DEFOCUS",
@@ -58,6 +59,18 @@ IMAGE_DIMENSIONALITY = "rlnImageDimensionality"
 MTF_FILE_NAME = "rlnMtfFileName"
 #: ``_rlnMagMat00``, ``01``, ``10``, ``11`` (``M[i, j]``, ``k_true = M k_obs``)
 MAGMAT: tuple[str, str, str, str] = RELION_MAGMAT_LABELS
+#: beam tilt (mrad) and the odd/even Zernike vectors (``"[a,b,c]"`` text), RELION 3.1+
+#: (``anisoctf.optics.aberrations``)
+BEAM_TILT_X = "rlnBeamTiltX"
+BEAM_TILT_Y = "rlnBeamTiltY"
+ODD_ZERNIKE = "rlnOddZernike"
+EVEN_ZERNIKE = "rlnEvenZernike"
+ABERRATION_COLUMNS: tuple[str, str, str, str] = (
+    BEAM_TILT_X,
+    BEAM_TILT_Y,
+    ODD_ZERNIKE,
+    EVEN_ZERNIKE,
+)
 
 # ------------------------------------------------------------------------------ RELION: rows
 MICROGRAPH_NAME = "rlnMicrographName"

@@ -28,12 +28,19 @@ from anisoctf.io.star_tables import (
     read_star_file,
     string_column,
 )
+from anisoctf.optics.aberrations import Aberrations
 from anisoctf.optics.ctf import Optics
 from anisoctf.optics.magmat import MagMat, from_relion
 
 __all__ = [
     "OPTICS_FIX",
     "PIXEL_COLUMNS",
+    "aberration_cells",
+    "aberrations_from_table",
+    "format_zernike_vector",
+    "parse_zernike_vector",
+    "read_optics_aberrations",
+    "set_aberration_columns",
     "from_relion_row",
     "from_relion_table",
     "groups_and_optics",
@@ -304,3 +311,114 @@ def read_optics_group_names(path: str | os.PathLike[str]) -> dict[int, str]:
     groups = int_column(p, df, L.OPTICS_GROUP, "optics")
     names = string_column(p, df, L.OPTICS_GROUP_NAME, "optics")
     return dict(zip(groups.tolist(), names, strict=True))
+
+
+# ============================================================================ aberrations
+def parse_zernike_vector(value: object) -> tuple[float, ...]:
+    """``_rlnOddZernike``/``_rlnEvenZernike`` text (RELION writes ``"[a,b,c]"``) as floats.
+
+    A bare number (a one-entry vector a table reader parsed) and ``"[]"`` are accepted; anything
+    else raises ``ValueError``.
+    """
+    if isinstance(value, int | float | np.integer | np.floating):
+        return (float(value),)
+    text = str(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if not text.strip():
+        return ()
+    try:
+        out = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"not a Zernike vector like [a,b,c]: {value!r}") from None
+    if not all(np.isfinite(out)):
+        raise ValueError(f"Zernike vector has a non-finite entry: {value!r}")
+    return out
+
+
+def format_zernike_vector(values: tuple[float, ...] | list[float]) -> str:
+    """RELION's text of a Zernike vector: ``"[a,b,c]"``, 12 significant digits, no spaces."""
+    return "[" + ",".join(f"{float(v):.12g}" for v in values) + "]"
+
+
+def aberrations_from_table(p: Path, df: pd.DataFrame) -> dict[int, Aberrations]:
+    """``{group: Aberrations}`` of a ``data_optics`` table (groups without any of the columns
+    get an empty record; absent columns are zero, as RELION's ``ObservationModel`` reads them).
+
+    ``_rlnBeamTiltX`` and ``_rlnBeamTiltY`` must come together.
+    """
+    tilt_cols = [c for c in (L.BEAM_TILT_X, L.BEAM_TILT_Y) if c in df.columns]
+    if len(tilt_cols) == 1:
+        other = L.BEAM_TILT_Y if tilt_cols[0] == L.BEAM_TILT_X else L.BEAM_TILT_X
+        raise InputError(
+            f"data_optics has _{tilt_cols[0]} but not _{other}; add both or remove it", path=p
+        )
+    groups = optics_row_groups(df)
+    tilt = [float_column(p, df, c, "optics") for c in tilt_cols]
+    vectors: dict[str, list[tuple[float, ...]]] = {}
+    for col in (L.ODD_ZERNIKE, L.EVEN_ZERNIKE):
+        if col not in df.columns:
+            continue
+        try:
+            vectors[col] = [parse_zernike_vector(v) for v in df[col].tolist()]
+        except ValueError as exc:
+            raise InputError(f"data_optics _{col}: {exc}; fix the file", path=p) from exc
+    out: dict[int, Aberrations] = {}
+    for i, g in enumerate(groups.tolist()):
+        out[int(g)] = Aberrations(
+            beam_tilt_mrad=(float(tilt[0][i]), float(tilt[1][i])) if tilt else (0.0, 0.0),
+            odd=vectors[L.ODD_ZERNIKE][i] if L.ODD_ZERNIKE in vectors else (),
+            even=vectors[L.EVEN_ZERNIKE][i] if L.EVEN_ZERNIKE in vectors else (),
+        )
+    return out
+
+
+def read_optics_aberrations(path: str | os.PathLike[str]) -> dict[int, Aberrations]:
+    """Beam tilt and odd/even Zernike coefficients of every optics group of a RELION 3.1+ STAR.
+
+    Raises
+    ------
+    InputError
+        No ``data_optics`` block or unreadable aberration columns.
+    """
+    p, blocks = read_star_file(path)
+    if "optics" not in blocks:
+        raise InputError("no data_optics block (RELION 3.0 file?); aberrations need one", path=p)
+    return aberrations_from_table(p, blocks["optics"])
+
+
+def aberration_cells(aberrations: Aberrations) -> dict[str, object]:
+    """The four ``data_optics`` cells of one group, as RELION writes them (vectors as text).
+
+    An empty vector is written as zeros of RELION's default length (6 odd: n ≤ 3; 9 even:
+    n ≤ 4), never as ``"[]"``.
+    """
+    tx, ty = aberrations.beam_tilt_mrad
+    return {
+        L.BEAM_TILT_X: float(tx),
+        L.BEAM_TILT_Y: float(ty),
+        L.ODD_ZERNIKE: format_zernike_vector(list(aberrations.odd) or [0.0] * 6),
+        L.EVEN_ZERNIKE: format_zernike_vector(list(aberrations.even) or [0.0] * 9),
+    }
+
+
+def set_aberration_columns(
+    optics: pd.DataFrame, aberrations: Mapping[int, Aberrations]
+) -> pd.DataFrame:
+    """A copy of a ``data_optics`` table with the groups' aberration columns set.
+
+    Groups not in ``aberrations`` keep the values they have (zero tilt and ``"[]"`` where the
+    columns are new). Write the table with :func:`~anisoctf.io.star_tables.write_star_tables`.
+    """
+    out = optics.copy()
+    groups = optics_row_groups(out).tolist()
+    rows = [aberration_cells(aberrations.get(int(g), Aberrations())) for g in groups]
+    for col in L.ABERRATION_COLUMNS:
+        new = [r[col] for r in rows]
+        if col in out.columns:
+            new = [
+                r[col] if int(g) in aberrations else old
+                for g, r, old in zip(groups, rows, out[col].tolist(), strict=True)
+            ]
+        out[col] = new
+    return out
