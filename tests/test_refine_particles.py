@@ -184,6 +184,9 @@ def test_particle_star_reads_back(sim_files) -> None:
 def test_refine_writes_star_with_other_columns_unchanged(sim_files, tmp_path) -> None:
     st = RefineSettings(rounds=1, mag_iterations=1, defocus_search=300.0)
     rep = run_refine(sim_files.star, tmp_path, reference=sim_files.reference, settings=st)
+    # simulate-particles writes RELION's contrast: refine (pinned to RELION's sign on
+    # RELION-made particles, test_relion_made_particles_have_normal_contrast) finds it normal
+    assert not rep.groups[0].flipped_contrast
     src = read_star_blocks(sim_files.star, names_as_strings=True)
     dst = read_star_blocks(rep.out_star, names_as_strings=True)
     changed = {"rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"}
