@@ -23,8 +23,16 @@ from anisoctf.optics.ctf import (
 
 
 def _ctf_formula(x: np.ndarray, w: float) -> np.ndarray:
-    """CTF = -sqrt(1 - w^2) sin(chi) - w cos(chi), written out independently of the library."""
-    return -np.sqrt(1.0 - w * w) * np.sin(x) - w * np.cos(x)
+    """RELION's CTF, written out independently of the library.
+
+    RELION ``CTF::getCTF`` (``src/ctf.h``): ``-sin(gamma)`` with
+    ``gamma = -pi lam df k² + pi/2 Cs lam³ k⁴ - asin(w) - phase shift = -(chi + asin w)``, i.e.
+    ``CTF = sqrt(1 - w²) sin(chi) + w cos(chi)``, ``+w`` at zero frequency. Until issue 13 these
+    tests pinned the opposite sign (``-sqrt(1 - w²) sin chi - w cos chi``), which made
+    ``refine`` report every RELION stack as contrast-inverted.
+    """
+    gamma = -x - np.arcsin(w)
+    return -np.sin(gamma)
 
 
 def _random_mag(rng: np.random.Generator) -> np.ndarray:
@@ -71,9 +79,10 @@ def test_zeros_without_cs_or_amplitude_contrast() -> None:
     n = np.arange(1, 40)
     k_zero = np.sqrt(n / (lam * df))  # pi*lam*df*k^2 = n*pi
     np.testing.assert_allclose(ctf_1d(k_zero, df, optics), 0.0, atol=1e-9)
-    # in between, CTF = -sin(pi*lam*df*k^2) = -(-1)^n at the half-way phase (n + 1/2) pi
+    # in between, CTF = sin(pi*lam*df*k^2) = (-1)^(n-1) at the half-way phase (n - 1/2) pi
+    # (RELION's sign: positive in the first lobe; it was pinned negative before issue 13)
     k_mid = np.sqrt((n - 0.5) / (lam * df))
-    np.testing.assert_allclose(ctf_1d(k_mid, df, optics), -((-1.0) ** (n - 1)), atol=1e-9)
+    np.testing.assert_allclose(ctf_1d(k_mid, df, optics), (-1.0) ** (n - 1), atol=1e-9)
 
 
 def test_zeros_with_cs() -> None:
@@ -93,8 +102,9 @@ def test_amplitude_contrast_sign_and_zeros() -> None:
     w = 0.1
     optics = Optics(pixel_size=1.0, cs_mm=0.0, amplitude_contrast=w)
     lam, df = optics.wavelength, 10000.0
-    assert ctf_1d(np.array([0.0]), df, optics)[0] == pytest.approx(-w)
-    # CTF = -sin(chi + asin(w)): zeros at chi = n pi - asin(w)
+    # RELION: CTF(0) = -sin(-asin w) = +w (pinned -w before issue 13, the wrong sign)
+    assert ctf_1d(np.array([0.0]), df, optics)[0] == pytest.approx(+w)
+    # CTF = sin(chi + asin(w)): zeros at chi = n pi - asin(w)
     n = np.arange(1, 20)
     k_zero = np.sqrt((n * np.pi - np.arcsin(w)) / (np.pi * lam * df))
     np.testing.assert_allclose(ctf_1d(k_zero, df, optics), 0.0, atol=1e-9)
@@ -105,10 +115,11 @@ def test_phase_shift_90_turns_sine_into_cosine() -> None:
     lam, df = optics.wavelength, 5000.0
     k = np.linspace(0.0, 0.4, 300)
     gamma = np.pi * lam * df * k**2 - 0.5 * np.pi * 2.7e7 * lam**3 * k**4
+    # RELION's sign (issue 13; pinned -cos / -sin before): sin(chi + 90°) = cos(chi)
     np.testing.assert_allclose(
-        ctf_1d(k, df, optics, phase_shift_deg=90.0), -np.cos(gamma), atol=1e-9
+        ctf_1d(k, df, optics, phase_shift_deg=90.0), np.cos(gamma), atol=1e-9
     )
-    np.testing.assert_allclose(ctf_1d(k, df, optics), -np.sin(gamma), atol=1e-9)
+    np.testing.assert_allclose(ctf_1d(k, df, optics), np.sin(gamma), atol=1e-9)
 
 
 def test_chi_formula_with_defocus_matrix() -> None:

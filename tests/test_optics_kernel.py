@@ -79,9 +79,14 @@ def _old_chi(features, params, optics):
 
 
 def _old_ctf_from_chi(x, amplitude_contrast):
-    """``optics.ctf._ctf_from_chi``, ``simulate.micrograph`` (twice), ``fit.estimate``."""
+    """``optics.ctf._ctf_from_chi``, ``simulate.micrograph`` (twice), ``fit.estimate``.
+
+    With the overall sign switched to RELION's (issue 13 item 4): the inline formula had
+    ``-sqrt(1 - w²) sin x - w cos x``, the opposite of RELION's ``getCTF`` (``-sin γ`` with
+    ``γ = -(x + asin w)``); the sign was the only thing that was wrong with it.
+    """
     w = amplitude_contrast
-    return -np.sqrt(1.0 - w * w) * np.sin(x) - w * np.cos(x)
+    return np.sqrt(1.0 - w * w) * np.sin(x) + w * np.cos(x)
 
 
 def _old_search_ctf2_1d(k, df, phase_rad, optics):
@@ -158,7 +163,7 @@ def _old_batch_ctf(f, z, a1, a2, optics, phase_shift_deg):
     """``refine.model.batch_ctf`` (no B-factor)."""
     x = _old_batch_chi(f, z, a1, a2, optics, phase_shift_deg)
     x += np.float32(np.arcsin(optics.amplitude_contrast))
-    return -np.sin(x)
+    return np.sin(x)  # was -sin(x): RELION's sign since issue 13 item 4
 
 
 def _old_profiles_ctf2(z_ref, u, k2, k4, offsets, optics, phase_deg, mod_window):
@@ -312,15 +317,21 @@ def test_constants_are_relion_k1_k2_k3():
 
 
 def test_sign_convention():
-    # CTF = -sin(chi + asin w): at zero frequency and no phase shift, -w
-    assert CTF_SIGN == -1.0
+    # RELION's sign (src/ctf.h, CTF::getCTF: -sin(gamma) with
+    # gamma = -pi lam df k² + pi/2 Cs lam³ k⁴ - asin(w) - phase shift = -(chi + asin w)):
+    # CTF = +sin(chi + asin w), +w at zero frequency. Until issue 13 this test pinned the
+    # opposite sign (-1, CTF(0) = -w), which made `refine` call every RELION stack inverted.
+    assert CTF_SIGN == 1.0
     o = OPTICS[0]
     c = ctf_constants(o)
     x = np.linspace(-30, 30, 1001)
-    _close(ctf_from_chi(x, c), -np.sin(x + np.arcsin(o.amplitude_contrast)), atol=1e-12)
+    _close(ctf_from_chi(x, c), np.sin(x + np.arcsin(o.amplitude_contrast)), atol=1e-12)
+    # RELION's gamma written out, its -sin(gamma) equal to ours
+    gamma = -x - np.arcsin(o.amplitude_contrast)
+    _close(ctf_from_chi(x, c), -np.sin(gamma), atol=1e-12)
     _close(ctf_from_chi_fast(x.copy(), c), ctf_from_chi(x, c), atol=1e-7)
     _close(ctf2_from_chi(x, c), ctf_from_chi(x, c) ** 2, atol=1e-12)
-    assert ctf_2d((8, 8), CTFParams(1e4, 1e4), o)[0, 0] == pytest.approx(-0.07)
+    assert ctf_2d((8, 8), CTFParams(1e4, 1e4), o)[0, 0] == pytest.approx(+o.amplitude_contrast)
 
 
 def test_magnification_applied_once_observed_to_true():

@@ -96,7 +96,7 @@ def test_expected_power_formula() -> None:
     k2 = kx * kx + ky * ky
     x = np.pi * lam * (12000.0 * ku**2 + 10000.0 * kv**2) - 0.5 * np.pi * 2.7e7 * lam**3 * k2**2
     x += np.deg2rad(20.0)
-    ctf = -np.sqrt(1 - 0.01) * np.sin(x) - 0.1 * np.cos(x)
+    ctf = np.sqrt(1 - 0.01) * np.sin(x) + 0.1 * np.cos(x)  # RELION's sign (squared below)
     env2 = np.exp(-50.0 * k2 / 2.0)
     bg = 3.0 / d * np.exp(-k2 / (2 * 0.03**2))
     f = np.sqrt(k2) * 0.9
@@ -131,7 +131,15 @@ def test_periodogram_matches_expected_power(plain) -> None:
     rel = pm / em - 1.0
     z = rel * np.sqrt(cnt)  # a periodogram ordinate is exponential: sd = mean
     assert np.max(np.abs(z)) < 4.5
-    assert np.max(np.abs(rel)) < 0.06
+    # all bins together: sum z² is chi² with n = 80 degrees of freedom (mean n, sd sqrt(2n)),
+    # so a systematic error of 3 % in every bin (+~360) fails where a per-bin cap could not.
+    # This replaced a cap max|rel| < 0.06 that was a seed-specific fluctuation, not a model
+    # check: with cnt.min() ≈ 860 one bin's sd is 0.034, and the cap failed at seeds 6 and 9
+    # with the old CTF sign and at seed 3 with RELION's. The sign cannot change the expected
+    # power (it holds CTF²) nor, at a fixed seed, the signal's periodogram; only the cross term
+    # 2 Re(c̄ n) with the Poisson noise flips. Over seeds 3–12, sum z² averaged 79.7 (old sign)
+    # and 79.4 (RELION's): the same statistic.
+    assert np.sum(z**2) < n + 4.5 * np.sqrt(2 * n)
     assert np.mean(p[label >= 0]) / np.mean(e[label >= 0]) == pytest.approx(1.0, abs=0.01)
     # negative controls: the mirrored angle or swapped axes are clearly rejected
     for wrong in (
@@ -150,7 +158,14 @@ def test_full_periodogram_of_a_simulation_matches_expected_power(plain) -> None:
     label, n = _phase_bins(spec, kx, ky)
     pm, _ = _bin_means(sp.power, label, n)
     em, _ = _bin_means(expected_power(spec, kx, ky), label, n)
-    assert np.max(np.abs(pm / em - 1.0)) < 0.07
+    # against the expectation: the overall level within 1 % ...
+    assert np.mean(pm) / np.mean(em) == pytest.approx(1.0, abs=0.01)
+    # ... and bin by bin against the plain periodogram of the same image (which the test above
+    # holds to the expectation): only the 64-px edge taper differs, 0.035–0.043 at seeds 3, 6
+    # and 9. This replaced max|pm/em − 1| < 0.07 against the expectation, which is the sample
+    # noise of one seed (it failed at seed 9 with the old CTF sign, seed 3 with RELION's).
+    plain_m, _ = _bin_means(_periodogram(img), label, n)
+    assert np.max(np.abs(pm / plain_m - 1.0)) < 0.06
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ fitting, particle refinement) calls (see ``docs/conventions.md``):
 * defocus in Å, underfocus positive;
 * the U axis angle is measured from +x (array columns) towards +y (array rows), in degrees;
 * ``chi(k) = pi*lam*k^T D k - pi/2*Cs*lam^3*|k|^4 + phase_shift`` with ``k`` the *true* frequency;
-* ``CTF = -sqrt(1-w^2) sin(chi) - w cos(chi) = -sin(chi + asin w)``, times
+* ``CTF = sqrt(1-w^2) sin(chi) + w cos(chi) = sin(chi + asin w)`` (RELION's sign, ``+w`` at
+  ``k = 0``: RELION ``CTF::getCTF`` is ``-sin(gamma)`` with ``gamma = -(chi + asin w)``), times
   ``exp(-B |k|^2 / 4)`` (the sign is :data:`anisoctf.optics.kernel.CTF_SIGN`);
 * the magnification matrix ``M`` maps observed-image frequency to true frequency,
   ``k_true = M k_obs`` (RELION's ``_rlnMagMat``); so ``D_obs = M^T D_true M``.

@@ -5,7 +5,7 @@ the coarse search, local profiles, particle refinement, the simulator, the diagn
 through the functions of this module; the conventions are pinned by
 ``tests/test_optics_kernel.py`` (see ``docs/conventions.md``).
 
-Conventions (unchanged from the package's first release):
+Conventions (the sign changed to RELION's in issue 13; the rest as in the first release):
 
 * frequencies in Å⁻¹, defocus in Å (underfocus positive), Cs in Å, phase in radians;
 * the magnification matrix ``M`` maps the observed-image frequency to the true frequency,
@@ -14,14 +14,17 @@ Conventions (unchanged from the package's first release):
 * ``chi(k) = pi λ kᵀDk − (pi/2) Cs λ³ |k|⁴ + phase_shift + even aberrations``, with
   ``kᵀDk = z |k|² + a1 (kx² − ky²) + a2 (2 kx ky)`` for mean defocus ``z`` and Cartesian
   astigmatism ``(a1, a2)`` (:func:`defocus_form_inv_a`);
-* ``CTF = CTF_SIGN · sin(chi + asin w)`` with ``CTF_SIGN = −1``, i.e.
-  ``CTF = −sqrt(1 − w²) sin(chi) − w cos(chi)`` for amplitude contrast ``w``;
+* ``CTF = CTF_SIGN · sin(chi + asin w)`` with ``CTF_SIGN = +1``, i.e.
+  ``CTF = sqrt(1 − w²) sin(chi) + w cos(chi)`` for amplitude contrast ``w``, ``+w`` at
+  ``k = 0``: RELION's sign (``src/ctf.h``, ``CTF::getCTF`` returns ``−sin(γ)`` with
+  ``γ = −pi λ Δf k² + (pi/2) Cs λ³ k⁴ − asin w − phase shift = −(chi + asin w)``);
   ``CTF² = (1 − cos 2(chi + asin w)) / 2`` does not depend on the sign.
 
-The sign is the single constant :data:`CTF_SIGN`: a later switch to RELION's sign convention
-(``src/ctf.h``, ``CTF::getCTF``) is the one edit of that constant here (plus whatever files
-record the sign). Only :func:`ctf_from_chi` and :func:`ctf_from_chi_fast` read it; CTF² does
-not depend on it.
+The sign is the single constant :data:`CTF_SIGN`. Until issue 13 it was −1 (the opposite of
+RELION's), which power-spectrum fits cannot see but particles can: ``refine`` called every
+RELION stack contrast-inverted and ``simulate-particles`` wrote the opposite contrast to
+RELION's. Only :func:`ctf_from_chi` and :func:`ctf_from_chi_fast` read it; CTF² does not
+depend on it.
 
 The constants that do not change between evaluations (``pi λ``, ``(pi/2) Cs λ³``, ``asin w``,
 ``sqrt(1 − w²)``) are computed once per optics group in :class:`CTFConstants`, in the spirit of
@@ -71,10 +74,11 @@ __all__ = [
     "true_frequencies",
 ]
 
-#: Overall sign of the CTF: ``CTF = CTF_SIGN · sin(chi + asin w)``. −1 is this package's
-#: convention since its first release (underfocus gives a *negative* CTF at low frequency).
-#: The one place to switch it (e.g. to RELION's sign).
-CTF_SIGN: Final[float] = -1.0
+#: Overall sign of the CTF: ``CTF = CTF_SIGN · sin(chi + asin w)``. +1 is RELION's sign
+#: (``CTF::getCTF``: underfocus gives a *positive* CTF at low frequency, ``+w`` at ``k = 0``);
+#: it was −1 before issue 13. Pinned by ``tests/test_optics_kernel.py::test_sign_convention``
+#: and, on RELION-made particles, ``tests/test_refine_particles.py``.
+CTF_SIGN: Final[float] = 1.0
 
 #: One aberration phase term: true-frame ``(kx, ky)`` in Å⁻¹ → phase in radians.
 PhaseTerm = Callable[[NDArray[np.float64], NDArray[np.float64]], NDArray[np.float64]]

@@ -10,7 +10,7 @@ is the correlation of the data with the scaled prediction (the likelihood with a
 Because ``sin(φ₀ + δ) = sin φ₀ cos δ + cos φ₀ sin δ`` and ``δ`` depends on the pixel and
 ``Δz`` only, every candidate of every particle comes from five matrix products
 ``(P × pixels) @ (pixels × candidates)``: a coarse grid over the search range, a fine grid
-around the best, then a parabola through the best three. ``CTF_SIGN`` (−1) and the phase
+around the best, then a parabola through the best three. ``CTF_SIGN`` (+1, RELION's) and the phase
 ``π λ Δz |k|²`` are :mod:`anisoctf.optics.kernel`'s; the split of the sine is this module's fast
 path (pinned against the kernel in ``tests/test_optics_kernel.py``).
 """

@@ -369,7 +369,12 @@ def _setup(
 
 
 def _contrast_sign(su: _Setup, s: _State) -> float:
-    """Contrast sign from the first batch (RELION images have the particle white)."""
+    """Contrast sign from the first batch (RELION images have the particle white).
+
+    The prediction uses RELION's CTF sign (:data:`anisoctf.optics.kernel.CTF_SIGN`), so a
+    normal RELION stack gives a positive median scale; pinned on RELION-made particles by
+    ``tests/test_refine_particles.py::test_relion_made_particles_have_normal_contrast``.
+    """
     p = su.particles
     g0 = grid_features(su.box, su.apix, s.m)
     signs = []

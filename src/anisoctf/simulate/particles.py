@@ -4,6 +4,8 @@ Each image is the forward model of :mod:`anisoctf.refine.model`:
 
     X(k) = CTF(M k; D_p) · E(M k) · P(M k) · exp(-2πi k·(N/2 - origin)) + white noise
 
+* ``CTF``: the kernel's, with RELION's sign (``sin(chi + asin w)``, ``+w`` at ``k = 0``, as
+  RELION ``CTF::getCTF``), so the stacks have RELION's contrast (the particle white);
 * ``P``: central slice of the map (:class:`~anisoctf.refine.projection.FourierProjector`) for a
   pose drawn uniformly on the sphere (rot, psi uniform; cos tilt uniform);
 * ``D_p``: true-frame defocus of particle ``p`` = its micrograph's defocus (mean drawn from a
