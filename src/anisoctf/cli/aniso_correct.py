@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 
 from anisoctf.cli.errors import usage_exit
-from anisoctf.cli.options import FromJsonOption, MagMatrixOption
+from anisoctf.cli.options import FromJsonOption, MagFromOption, MagMatrixOption
 from anisoctf.errors import AnisoctfError
 from anisoctf.jobs.apply_tables import matrix_from_options
 from anisoctf.jobs.correct_images import (
@@ -78,6 +78,7 @@ def correct_command(
     ],
     mag_matrix: MagMatrixOption = None,
     from_json: FromJsonOption = None,
+    mag_from: MagFromOption = None,
     method: Annotated[
         str,
         typer.Option(
@@ -127,10 +128,13 @@ def correct_command(
 
     Exit status: 0 written, 2 bad options or input (one line on stderr).
     """
-    if mag_matrix is not None and from_json is not None:
-        usage_exit("give only one of --mag-matrix M00 M01 M10 M11 and --from-json FILE")
+    if sum(x is not None for x in (mag_matrix, from_json, mag_from)) > 1:
+        usage_exit(
+            "give only one of --mag-matrix M00 M01 M10 M11, --from-json FILE and "
+            "--mag-from SOURCE"
+        )
     try:
-        mag = matrix_from_options(mag_matrix, from_json)
+        mag = matrix_from_options(mag_matrix, from_json, mag_from)
         request = CorrectRequest(
             inputs=tuple(inputs),
             out_dir=out,

@@ -94,6 +94,9 @@ class EstimateRequest:
         Fit the non-dose-weighted sums that a STAR (``_rlnMicrographNameNoDW``) or ``.cs``
         (``micrograph_blob_non_dw/path``) input lists; the output names the dose-weighted
         micrographs either way.
+    mag_from
+        ``--mag-from``: a refined particles STAR, cryoSPARC particles ``.cs`` or refine/detect
+        JSON whose matrices go to the optics groups (:mod:`anisoctf.jobs.mag_from`).
     """
 
     inputs: tuple[str, ...]
@@ -113,6 +116,7 @@ class EstimateRequest:
     scheduler: str | None = None
     poll_seconds: float | None = None
     use_non_dw: bool = True
+    mag_from: str | None = None
 
     @classmethod
     def of(
@@ -135,4 +139,5 @@ class EstimateRequest:
             "cs": self.cs,
             "ac": self.ac,
             "mag_matrix": self.mag_matrix,
+            "mag_from": self.mag_from,
         }
