@@ -80,7 +80,10 @@ def test_six_groups_are_matched_by_name_not_number(six, tmp_path):
         assert got == want  # exact: the STAR's own numbers
     # micrographs' group 1 'opticsGroup1' is the source's group 4
     line = next(x for x in r.provenance if x.startswith("optics group 1 "))
-    assert "(2 micrographs)" in line and "optics group 4 'opticsGroup1'" in line
+    assert (
+        "(2 micrographs: mics/m1_0.mrc, mics/m1_1.mrc)" in line
+        and "optics group 4 'opticsGroup1'" in line
+    )
     assert "matched by optics-group name" in line
     assert r.optics[1].mag_matrix == ((1.020955, 0.012392), (0.01307, 1.019583))
 

@@ -580,7 +580,11 @@ def with_mag_from(
     elif not (len(inputs) == 1 and inputs[0].lower().endswith(".star")):
         exposure = {}  # MRC files: no optics groups to match
     mats, lines = assign_matrices(
-        src, [t.optics_group for t in resolved.tasks], resolved.optics_names, exposure
+        src,
+        [t.optics_group for t in resolved.tasks],
+        resolved.optics_names,
+        exposure,
+        [t.name for t in resolved.tasks],
     )
     optics = {
         g: replace(o, mag_matrix=mats[g].matrix) if g in mats else o

@@ -228,11 +228,21 @@ def _by_name(src: MagSource, names: Mapping[int, str], groups: Sequence[int]) ->
     return out
 
 
+def _which(g: int, n: int, groups: Sequence[int], names: Sequence[str] | None) -> str:
+    """``"12 micrographs: a.mrc, b.mrc, …"`` for group ``g``."""
+    if not names:
+        return f"{n} micrographs"
+    mine = [nm for gg, nm in zip(groups, names, strict=True) if gg == g]
+    more = ", …" if len(mine) > 2 else ""
+    return f"{n} micrographs: {', '.join(mine[:2])}{more}"
+
+
 def assign_matrices(
     src: MagSource,
     task_groups: Sequence[int],
     names: Mapping[int, str] | None = None,
     exposure_groups: Mapping[int, int] | None = None,
+    task_names: Sequence[str] | None = None,
 ) -> tuple[dict[int, MagMat], list[str]]:
     """Each micrograph optics group's matrix, and one line per group saying which it got.
 
@@ -249,6 +259,9 @@ def assign_matrices(
         cryoSPARC exposure group id of each micrograph optics group (``.cs`` inputs): the
         group matched is ``id + 1``. None: by the micrographs' own group numbers. An empty
         mapping means the micrographs have no meaningful group numbers (plain MRC files).
+    task_names
+        The micrographs' names, in the order of ``task_groups``: the first two of each group
+        are named in its line.
 
     Raises
     ------
@@ -294,7 +307,8 @@ def assign_matrices(
         out[g] = m
         nm = f" '{names[g]}'" if g in names else ""
         lines.append(
-            f"optics group {g}{nm} ({counts[g]} micrographs): magnification matrix from "
+            f"optics group {g}{nm} ({_which(g, counts[g], task_groups, task_names)}): "
+            "magnification matrix from "
             f"{src.label(k)}, {how}: {m.describe()}"
         )
     return out, lines
