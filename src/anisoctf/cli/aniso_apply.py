@@ -2,7 +2,8 @@
 
 ::
 
-    anisoctf aniso apply TABLE (--mag-matrix M00 M01 M10 M11 | --from-json det.json) --out NEW
+    anisoctf aniso apply TABLE (--mag-matrix M00 M01 M10 M11 | --from-json det.json |
+                          --mag-from refined.star|particles.cs) --out NEW
                          [--per-particle | --shared-astigmatism] [--optics-group N ...]
 
 ``TABLE`` is a RELION STAR file (micrographs or particles, 3.0 or 3.1+ layout) or a cryoSPARC
@@ -24,7 +25,7 @@ import typer
 from rich.console import Console
 
 from anisoctf.cli.errors import usage_exit
-from anisoctf.cli.options import FromJsonOption, MagMatrixOption
+from anisoctf.cli.options import FromJsonOption, MagFromOption, MagMatrixOption
 from anisoctf.errors import AnisoctfError
 from anisoctf.jobs.apply_tables import (
     ApplyRequest,
@@ -70,6 +71,7 @@ def apply_command(
     ],
     mag_matrix: MagMatrixOption = None,
     from_json: FromJsonOption = None,
+    mag_from: MagFromOption = None,
     shared_astigmatism: Annotated[
         bool,
         typer.Option(
@@ -103,12 +105,15 @@ def apply_command(
     A --from-json detection that was not significant is refused unless --force.
     Exit status: 0 written, 2 bad options or input (one line on stderr; nothing written).
     """
-    if (mag_matrix is None) == (from_json is None):
-        usage_exit("give exactly one of --mag-matrix M00 M01 M10 M11 and --from-json FILE")
+    if sum(x is not None for x in (mag_matrix, from_json, mag_from)) != 1:
+        usage_exit(
+            "give exactly one of --mag-matrix M00 M01 M10 M11, --from-json FILE and "
+            "--mag-from SOURCE"
+        )
     try:
         if from_json is not None:
             refuse_not_significant(from_json, force)
-        mag = matrix_from_options(mag_matrix, from_json)
+        mag = matrix_from_options(mag_matrix, from_json, mag_from)
         assert mag is not None
         request = ApplyRequest(
             table=table,

@@ -28,7 +28,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from anisoctf.cli.errors import usage_exit
-from anisoctf.cli.options import FromJsonOption, MagMatrixOption, SchedulerOption, SlurmOption
+from anisoctf.cli.options import (
+    FromJsonOption,
+    MagFromOption,
+    MagMatrixOption,
+    SchedulerOption,
+    SlurmOption,
+)
 from anisoctf.errors import AnisoctfError
 from anisoctf.jobs.apply_tables import matrix_from_options
 from anisoctf.jobs.cluster import parse_slurm_options
@@ -97,6 +103,7 @@ def correct_command(
     ],
     mag_matrix: MagMatrixOption = None,
     from_json: FromJsonOption = None,
+    mag_from: MagFromOption = None,
     method: Annotated[
         str,
         typer.Option(
@@ -158,10 +165,13 @@ def correct_command(
     written, 2 bad options or input, or the output directory in use (one line on stderr),
     130 interrupted.
     """
-    if mag_matrix is not None and from_json is not None:
-        usage_exit("give only one of --mag-matrix M00 M01 M10 M11 and --from-json FILE")
+    if sum(x is not None for x in (mag_matrix, from_json, mag_from)) > 1:
+        usage_exit(
+            "give only one of --mag-matrix M00 M01 M10 M11, --from-json FILE and "
+            "--mag-from SOURCE"
+        )
     try:
-        mag = matrix_from_options(mag_matrix, from_json)
+        mag = matrix_from_options(mag_matrix, from_json, mag_from)
         request = CorrectRequest(
             inputs=tuple(inputs),
             out_dir=out,

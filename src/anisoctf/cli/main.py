@@ -22,9 +22,11 @@ from rich.table import Table
 
 from anisoctf.cli.aniso import aniso_app
 from anisoctf.cli.assign import assign_command
+from anisoctf.cli.convert import convert_app
 from anisoctf.cli.errors import error_exit, usage_exit
 from anisoctf.cli.options import (
     DebugOption,
+    MagFromOption,
     QuietOption,
     SchedulerOption,
     SlurmOption,
@@ -244,6 +246,7 @@ def estimate(
     astig_restraint: AstigRestraintOption = _FIT.astig_restraint,
     fit_apix: FitApixOption = _FIT.fit_pixel_size,
     mag_matrix: EstimateMagMatrix = None,
+    mag_from: MagFromOption = None,
     patches: PatchesOption = None,
     tilt: TiltOption = False,
     thickness: ThicknessOption = False,
@@ -283,6 +286,7 @@ def estimate(
             cs=cs,
             ac=ac,
             mag_matrix=mag_matrix_rows(mag_matrix),
+            mag_from=None if mag_from is None else str(mag_from),
             jobs=jobs,
             quiet=quiet,
             debug=debug,
@@ -498,6 +502,7 @@ def _print_demo(console: Console, request: DemoRequest, report: DemoReport) -> N
 
 
 app.add_typer(aniso_app, name="aniso")
+app.add_typer(convert_app, name="convert")
 app.command("assign")(assign_command)
 app.command("relion-external", context_settings=RELION_CONTEXT)(relion_external_command)
 app.command("relion-external-refine", context_settings=RELION_CONTEXT)(

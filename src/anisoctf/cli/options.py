@@ -15,6 +15,7 @@ import typer
 __all__ = [
     "DebugOption",
     "FromJsonOption",
+    "MagFromOption",
     "MagMatrix",
     "MagMatrixOption",
     "QuietOption",
@@ -46,6 +47,18 @@ FromJsonOption = Annotated[
     typer.Option(
         "--from-json",
         help="Take the matrix ('mag_matrix') from the JSON written by 'anisoctf aniso detect'.",
+        show_default=False,
+    ),
+]
+
+#: ``--mag-from FILE``: a refinement's matrices (:mod:`anisoctf.jobs.mag_from`)
+MagFromOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--mag-from",
+        help="Take the magnification matrix per optics group from a refinement: a RELION "
+        "refined particles STAR (_rlnMagMat), a cryoSPARC particles .cs (ctf/anisomag per "
+        "ctf/exp_group_id) or an anisoctf refine/detect JSON.",
         show_default=False,
     ),
 ]

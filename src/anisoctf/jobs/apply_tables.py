@@ -60,6 +60,7 @@ from anisoctf.io.relion_defocus import (
 )
 from anisoctf.io.star_patch import patch_defocus_star
 from anisoctf.io.star_tables import StarTable, read_star_blocks
+from anisoctf.jobs.mag_from import single_matrix
 from anisoctf.magnification.tables import (
     Mags,
     as_magmat,
@@ -362,9 +363,17 @@ def undo_cryosparc(
 
 # ============================================================================ the job
 def matrix_from_options(
-    mag_matrix: Sequence[float] | None, from_json: str | os.PathLike[str] | None
+    mag_matrix: Sequence[float] | None,
+    from_json: str | os.PathLike[str] | None,
+    mag_from: str | os.PathLike[str] | None = None,
 ) -> MagMat | None:
-    """The matrix of ``--mag-matrix M00 M01 M10 M11`` or ``--from-json FILE`` (None: neither).
+    """The matrix of ``--mag-matrix M00 M01 M10 M11``, ``--from-json FILE`` or ``--mag-from
+    SOURCE`` (None: none of them).
+
+    ``--mag-from`` takes a refined particles STAR, a cryoSPARC particles ``.cs`` or a
+    refine/detect JSON holding one matrix (:func:`anisoctf.jobs.mag_from.single_matrix`); a
+    source with several different matrices is refused (one command per group, with
+    ``--mag-matrix``).
 
     Raises
     ------
@@ -378,6 +387,8 @@ def matrix_from_options(
             raise InputError(f"--mag-matrix: {exc}") from exc
     if from_json is not None:
         return read_mag_matrix_json(from_json)
+    if mag_from is not None:
+        return single_matrix(mag_from)[0]
     return None
 
 

@@ -30,6 +30,7 @@ from anisoctf.io.star import (
     read_optics_group_names,
     read_passthrough,
 )
+from anisoctf.jobs.mag_from import assign_matrices, cs_exposure_groups, read_mag_source
 from anisoctf.optics.ctf import Optics
 from anisoctf.optics.magmat import MagMat
 
@@ -491,6 +492,7 @@ def resolve_inputs(
     ac: float | None = None,
     mag_matrix: ArrayLike | None = None,
     use_non_dw: bool = True,
+    mag_from: str | os.PathLike[str] | None = None,
 ) -> ResolvedInputs:
     """Turn the command line's inputs into micrographs with optics.
 
@@ -515,6 +517,9 @@ def resolve_inputs(
         Fit the non-dose-weighted sums (``_rlnMicrographNameNoDW``,
         ``micrograph_blob_non_dw/path``) where the input lists them; the names written stay
         the dose-weighted micrographs'.
+    mag_from
+        A refinement's output whose matrices go to the optics groups
+        (:mod:`anisoctf.jobs.mag_from`); not together with ``mag_matrix``.
 
     Raises
     ------
@@ -525,6 +530,11 @@ def resolve_inputs(
         An unreadable STAR file.
     """
     inputs = [str(x) for x in inputs]
+    if mag_from is not None and mag_matrix is not None:
+        raise UsageError("give only one of --mag-matrix and --mag-from")
+    if mag_from is not None:
+        resolved = resolve_inputs(inputs, apix=apix, kv=kv, cs=cs, ac=ac, use_non_dw=use_non_dw)
+        return with_mag_from(resolved, inputs, mag_from)
     if not inputs:
         raise UsageError("no input micrographs; give MRC files, glob patterns or one .star file")
     css = [x for x in inputs if x.lower().endswith(".cs")]
@@ -553,3 +563,31 @@ def _with_mag_matrix(resolved: ResolvedInputs, mag_matrix: ArrayLike | None) -> 
     optics = {g: replace(o, mag_matrix=m.matrix) for g, o in resolved.optics.items()}
     return replace(resolved, optics=optics)
 
+
+
+def with_mag_from(
+    resolved: ResolvedInputs, inputs: Sequence[str], source: str | os.PathLike[str]
+) -> ResolvedInputs:
+    """``resolved`` with each optics group's matrix from ``--mag-from`` ``source``, and a
+    provenance line per group (:func:`anisoctf.jobs.mag_from.assign_matrices`)."""
+    src = read_mag_source(source)
+    exposure: dict[int, int] | None = None
+    if len(inputs) == 1 and inputs[0].lower().endswith(".cs"):
+        by_name = cs_exposure_groups(inputs[0])
+        exposure = {}
+        for t in resolved.tasks:
+            exposure.setdefault(t.optics_group, by_name.get(t.name, 0))
+    elif not (len(inputs) == 1 and inputs[0].lower().endswith(".star")):
+        exposure = {}  # MRC files: no optics groups to match
+    mats, lines = assign_matrices(
+        src,
+        [t.optics_group for t in resolved.tasks],
+        resolved.optics_names,
+        exposure,
+        [t.name for t in resolved.tasks],
+    )
+    optics = {
+        g: replace(o, mag_matrix=mats[g].matrix) if g in mats else o
+        for g, o in resolved.optics.items()
+    }
+    return replace(resolved, optics=optics, provenance=[*resolved.provenance, *lines])

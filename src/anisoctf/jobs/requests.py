@@ -97,6 +97,9 @@ class EstimateRequest:
         Fit the non-dose-weighted sums that a STAR (``_rlnMicrographNameNoDW``) or ``.cs``
         (``micrograph_blob_non_dw/path``) input lists; the output names the dose-weighted
         micrographs either way.
+    mag_from
+        ``--mag-from``: a refined particles STAR, cryoSPARC particles ``.cs`` or refine/detect
+        JSON whose matrices go to the optics groups (:mod:`anisoctf.jobs.mag_from`).
     """
 
     inputs: tuple[str, ...]
@@ -117,6 +120,7 @@ class EstimateRequest:
     poll_seconds: float | None = None
     use_non_dw: bool = True
     cluster: ClusterSpec | None = None
+    mag_from: str | None = None
 
     @classmethod
     def of(
@@ -139,4 +143,5 @@ class EstimateRequest:
             "cs": self.cs,
             "ac": self.ac,
             "mag_matrix": self.mag_matrix,
+            "mag_from": self.mag_from,
         }
