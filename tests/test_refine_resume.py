@@ -57,8 +57,12 @@ def test_rerun_takes_the_finished_groups_and_gives_the_same_star(two_groups, tmp
     for a, b in zip(first.groups, again.groups, strict=True):
         assert a.mag == b.mag and (a.defocus_u == b.defocus_u).all()
     # other settings (or --overwrite) refine again; the thread count does not matter
-    other = run_refine(star, tmp_path / "o", reference=ref,
-                       settings=RefineSettings(rounds=1, mag_iterations=1, defocus_search=200.0))
+    other = run_refine(
+        star,
+        tmp_path / "o",
+        reference=ref,
+        settings=RefineSettings(rounds=1, mag_iterations=1, defocus_search=200.0),
+    )
     assert other.resumed == []
     threads = run_refine(star, tmp_path / "o", reference=ref,
                          settings=RefineSettings(rounds=1, mag_iterations=1, defocus_search=200.0,
@@ -92,3 +96,36 @@ def test_kill_9_resumes_at_the_unfinished_group(two_groups, tmp_path) -> None:
     assert "optics group 2: already refined" not in again.stdout
     assert (out / OUT_STAR).read_text() == (tmp_path / "ref" / OUT_STAR).read_text()
     assert not [q for q in out.rglob("*") if q.is_file() and ".tmp" in q.name]
+
+
+def test_a_rerun_removes_the_temporaries_of_a_killed_run_and_a_second_run_is_refused(
+    two_groups, tmp_path
+) -> None:
+    """A kill -9 mid-write leaves ``.<name>.<random>.tmp``; the next run deletes it under the
+    directory's lock, and a second run on the same directory meanwhile gets one line."""
+    from anisoctf.errors import UsageError
+    from anisoctf.jobs.batch_state import BatchLock
+
+    star, ref = two_groups
+    out = tmp_path / "o"
+    (out / STATE_DIR).mkdir(parents=True)
+    stray = [
+        out / ".anisomag_group1.json.k3j9x2ab.tmp",
+        out / STATE_DIR / ".group2.json.q1w2e3r4.tmp",
+    ]
+    for s in stray:
+        s.write_text("half-writ")
+    keep = out / "notes.tmp"  # not one of ours: left alone
+    keep.write_text("user file")
+    lock = BatchLock(out)
+    lock.acquire()
+    try:
+        with pytest.raises(UsageError, match="lock|another|running"):
+            run_refine(star, out, reference=ref, settings=SETTINGS)
+        assert all(s.exists() for s in stray)
+    finally:
+        lock.release()
+    run_refine(star, out, reference=ref, settings=SETTINGS)
+    assert not any(s.exists() for s in stray)
+    assert keep.read_text() == "user file"
+    assert not [q for q in out.rglob("*") if q.is_file() and q.name.endswith(".tmp") and q != keep]

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from anisoctf.errors import InputError
+from anisoctf.errors import InputError, UsageError
 from anisoctf.io.atomic import write_text_atomic
 from anisoctf.io.mrc import read_mrc_header, read_stack
 from anisoctf.io.particles import ParticleSet, read_particles
 from anisoctf.io.star_patch import patch_defocus_star, star_layout
 from anisoctf.io.star_tables import read_star_blocks
-from anisoctf.jobs.refine_state import group_fingerprint, load_group, save_group
+from anisoctf.jobs.batch_state import BatchLock, BatchLockedError, remove_stray_temporaries
+from anisoctf.jobs.refine_state import STATE_DIR, group_fingerprint, load_group, save_group
 from anisoctf.records.particles import ParticleBatch
 from anisoctf.refine.group import GroupResult, RefineSettings, refine_group
 from anisoctf.refine.projection import FourierProjector
@@ -183,6 +184,35 @@ def run_refine(
         mask_vol, _ = load_map(mask, next(iter(maps.values()))[1])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = BatchLock(out_dir)
+    try:
+        lock.acquire()
+    except BatchLockedError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        for folder in (out_dir, out_dir / STATE_DIR):
+            remove_stray_temporaries(folder)  # left by a killed run; we hold the lock
+        return _refine_groups(
+            ps, maps, mask, mask_vol, out_dir, st, pad, ref_apix, half_maps, resume, say
+        )
+    finally:
+        lock.release()
+
+
+def _refine_groups(
+    ps: ParticleSet,
+    maps: dict[int, tuple[np.ndarray, float, Path]],
+    mask: str | os.PathLike[str] | None,
+    mask_vol: np.ndarray | None,
+    out_dir: Path,
+    st: RefineSettings,
+    pad: int,
+    ref_apix: float | None,
+    half_maps: tuple[str, str] | None,
+    resume: bool,
+    say: Callable[[str], None],
+) -> RefineReport:
+    """Refine every optics group of ``ps`` into ``out_dir`` (under the directory's lock)."""
     report = RefineReport(out_star=out_dir / OUT_STAR)
     projectors: dict[int, FourierProjector] = {}
     for key, (v, a, _p) in maps.items():
