@@ -30,7 +30,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -50,6 +50,7 @@ __all__ = [
     "SUCCESS",
     "abort_watcher",
     "parse_params",
+    "run_external_job",
     "run_relion_external",
     "touch",
     "write_output_nodes",
@@ -180,6 +181,57 @@ def abort_watcher(job_dir: Path, period: float = 1.0):
         stop.set()
 
 
+def run_external_job(
+    job_dir: str | os.PathLike[str],
+    err: Console,
+    body: Callable[[Path], Sequence[tuple[str, str]] | None],
+    *,
+    abort_hint: str,
+    catch: tuple[type[BaseException], ...] = (AnisoctfError,),
+) -> int:
+    """Run one External job's ``body`` with RELION's job-directory protocol around it.
+
+    Creates ``job_dir``, removes a previous run's ``RELION_JOB_EXIT_*`` files, runs
+    ``body(job_dir)`` while watching for ``RELION_JOB_ABORT_NOW`` and writes exactly one exit
+    file. ``body`` returns the output nodes ``[(path, type), ...]`` of a success, or ``None``
+    for a failure it has already reported.
+
+    Returns
+    -------
+    int
+        0 success, 1 failure reported by ``body``, 2 bad input (an exception in ``catch``,
+        printed as one line), 130 aborted.
+    """
+    out = Path(job_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        err.print(f"error: cannot create {out}: {exc.strerror or exc}", markup=False)
+        return 2
+    for name in (SUCCESS, FAILURE, ABORTED):
+        with contextlib.suppress(OSError):
+            (out / name).unlink()
+    try:
+        with abort_watcher(out):
+            nodes = body(out)
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            (out / ABORT_NOW).unlink()
+        touch(out / ABORTED)
+        err.print(f"aborted; {abort_hint}", markup=False)
+        return 130
+    except catch as exc:
+        err.print(f"error: {' '.join(str(exc).split())}", markup=False)
+        touch(out / FAILURE)
+        return 2
+    if nodes is None:
+        touch(out / FAILURE)
+        return 1
+    write_output_nodes(out, nodes)
+    touch(out / SUCCESS)
+    return 0
+
+
 def run_relion_external(
     in_mics: str,
     job_dir: str,
@@ -192,45 +244,24 @@ def run_relion_external(
     """Run the External job; return the exit status (0 success, 1 failure, 2 bad parameters,
     130 aborted). The ``RELION_JOB_EXIT_*`` file is written in every case."""
     err = err_console or Console(stderr=True, highlight=False, soft_wrap=True)
-    out = Path(job_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        err.print(f"error: cannot create {out}: {exc.strerror or exc}", markup=False)
-        return 2
-    for name in (SUCCESS, FAILURE, ABORTED):
-        with contextlib.suppress(OSError):
-            (out / name).unlink()
-    try:
+
+    def body(out: Path) -> list[tuple[str, str]] | None:
         parsed = parse_params(params)
         try:
             settings = FitSettings(**parsed["settings"])  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
             raise UsageError(f"bad parameters: {exc}") from None
-        with abort_watcher(out):
-            request = EstimateRequest.of(
-                [in_mics],
-                out,
-                settings,
-                jobs=max(1, int(jobs)),
-                overwrite=bool(parsed["overwrite"]),
-                **parsed["optics"],  # type: ignore[arg-type]
-            )
-            report = run_batch(request, console=console, err_console=err)
-    except KeyboardInterrupt:
-        with contextlib.suppress(OSError):
-            (out / ABORT_NOW).unlink()
-        touch(out / ABORTED)
-        err.print("aborted; rerun the job to continue", markup=False)
-        return 130
-    except (UsageError, AnisoctfError) as exc:
-        err.print(f"error: {' '.join(str(exc).split())}", markup=False)
-        touch(out / FAILURE)
-        return 2
-    if report.star_path is None:
-        touch(out / FAILURE)
-        return 1
-    star = (Path(job_dir) / STAR_NAME).as_posix()
-    write_output_nodes(out, [(star, CTF_NODE_TYPE)])
-    touch(out / SUCCESS)
-    return 0
+        request = EstimateRequest.of(
+            [in_mics],
+            out,
+            settings,
+            jobs=max(1, int(jobs)),
+            overwrite=bool(parsed["overwrite"]),
+            **parsed["optics"],  # type: ignore[arg-type]
+        )
+        report = run_batch(request, console=console, err_console=err)
+        if report.star_path is None:
+            return None
+        return [((out / STAR_NAME).as_posix(), CTF_NODE_TYPE)]
+
+    return run_external_job(job_dir, err, body, abort_hint="rerun the job to continue")

@@ -25,7 +25,6 @@ number of threads.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,15 +33,7 @@ from rich.console import Console
 
 from anisoctf.errors import AnisoctfError, UsageError
 from anisoctf.jobs.refine_particles import OUT_STAR, run_refine
-from anisoctf.jobs.relion_external import (
-    ABORT_NOW,
-    ABORTED,
-    FAILURE,
-    SUCCESS,
-    abort_watcher,
-    touch,
-    write_output_nodes,
-)
+from anisoctf.jobs.relion_external import run_external_job
 from anisoctf.jobs.requests import RefineSettings
 
 __all__ = ["PARTICLES_NODE_TYPE", "parse_refine_params", "run_relion_external_refine"]
@@ -116,45 +107,31 @@ def run_relion_external_refine(
     """Run the External job; return the exit status (0 success, 2 bad input or parameters,
     130 aborted). The ``RELION_JOB_EXIT_*`` file is written in every case."""
     err = err_console or Console(stderr=True, highlight=False, soft_wrap=True)
-    out = Path(job_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        err.print(f"error: cannot create {out}: {exc.strerror or exc}", markup=False)
-        return 2
-    for name in (SUCCESS, FAILURE, ABORTED):
-        with contextlib.suppress(OSError):
-            (out / name).unlink()
-    try:
+
+    def body(out: Path) -> list[tuple[str, str]]:
         settings, ref_apix = parse_refine_params(params)
         if in_3dref is None:
             raise UsageError(
                 "no reference: give the refinement's map as the job's 3D reference (--in_3dref)"
             )
         settings = dataclasses.replace(settings, threads=max(1, int(threads)))
-        with abort_watcher(out):
-            report = run_refine(
-                in_parts,
-                out,
-                reference=in_3dref,
-                mask=in_mask,
-                settings=settings,
-                ref_apix=ref_apix,
-                log=lambda m: err.print(m, markup=False),
-            )
-    except KeyboardInterrupt:
-        with contextlib.suppress(OSError):
-            (out / ABORT_NOW).unlink()
-        touch(out / ABORTED)
-        err.print("aborted; rerun the job to refine again", markup=False)
-        return 130
-    except (AnisoctfError, ValueError) as exc:
-        err.print(f"error: {' '.join(str(exc).split())}", markup=False)
-        touch(out / FAILURE)
-        return 2
-    star = (out / OUT_STAR).as_posix()
-    write_output_nodes(out, [(star, PARTICLES_NODE_TYPE)])
-    for r in report.groups:
-        err.print(f"optics group {r.group}: {r.mag.describe()}", markup=False)
-    touch(out / SUCCESS)
-    return 0
+        report = run_refine(
+            in_parts,
+            out,
+            reference=in_3dref,
+            mask=in_mask,
+            settings=settings,
+            ref_apix=ref_apix,
+            log=lambda m: err.print(m, markup=False),
+        )
+        for r in report.groups:
+            err.print(f"optics group {r.group}: {r.mag.describe()}", markup=False)
+        return [((out / OUT_STAR).as_posix(), PARTICLES_NODE_TYPE)]
+
+    return run_external_job(
+        job_dir,
+        err,
+        body,
+        abort_hint="rerun the job to refine again",
+        catch=(AnisoctfError, ValueError),
+    )
