@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
-from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_text_atomic
+from anisoctf.io.matrix_json import read_json_document
 
 __all__ = [
     "DetectionDocument",
@@ -69,17 +68,7 @@ def read_detection_verdict(path: str | os.PathLike[str]) -> tuple[bool | None, f
     InputError
         Unreadable file or invalid JSON.
     """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise InputError("file not found; check the path", path=p) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read ({exc})", path=p) from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON ({exc})", path=p) from exc
+    data = read_json_document(path)
     if not isinstance(data, dict):
         return None, None
     sig = data.get("significant")

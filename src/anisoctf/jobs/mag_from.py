@@ -22,7 +22,6 @@ to every group.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import numpy as np
 from anisoctf.errors import InputError, UsageError
 from anisoctf.io import labels as L
 from anisoctf.io.cryosparc import read_cs
-from anisoctf.io.matrix_json import read_mag_matrix_json
+from anisoctf.io.matrix_json import mag_matrix_of_document, read_json_document
 from anisoctf.io.star_optics import from_relion_table, read_optics_group_names
 from anisoctf.io.star_tables import read_star_file
 from anisoctf.optics.magmat import MagMat, from_cryosparc_anisomag
@@ -145,8 +144,8 @@ def _read_cs_source(p: Path) -> MagSource:
 
 
 def _read_json_source(p: Path) -> MagSource:
-    m = read_mag_matrix_json(p)
-    data = json.loads(p.read_text(encoding="utf-8"))
+    data = read_json_document(p)
+    m = mag_matrix_of_document(data, p)
     g = data.get("optics_group")
     if isinstance(g, int) and not isinstance(g, bool) and g >= 1:
         return MagSource(p, "JSON", {g: m})
