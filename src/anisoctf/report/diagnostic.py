@@ -149,6 +149,21 @@ def encode_png(rgb: NDArray[np.uint8]) -> bytes:
 # Composition
 
 
+def _titled_canvas(title: str) -> tuple[Image.Image, ImageDraw.ImageDraw, dict[str, object]]:
+    """A white page of the diagnostic's size with ``title`` (shortened to fit) at the top."""
+    canvas = Image.new("RGB", (WIDTH, HEIGHT), _WHITE)
+    draw = ImageDraw.Draw(canvas)
+    fonts = _fonts()
+    if title:
+        draw.text(
+            (_MARGIN, 10),
+            _ellipsize(title, fonts["title"], WIDTH - 2 * _MARGIN),
+            font=fonts["title"],
+            fill=_TEXT,
+        )
+    return canvas, draw, fonts
+
+
 def _compose(
     estimate: CTFEstimate, title: str, warnings: Sequence[str] | None = None
 ) -> Image.Image:
@@ -157,19 +172,7 @@ def _compose(
         raise ValueError("the CTF estimate carries no diagnostics; fit with diagnostics to plot")
     _check_diagnostics(diag)
 
-    canvas = Image.new("RGB", (WIDTH, HEIGHT), _WHITE)
-    draw = ImageDraw.Draw(canvas)
-    fonts = _fonts()
-
-    # header
-    if title:
-        draw.text(
-            (_MARGIN, 10),
-            _ellipsize(title, fonts["title"], WIDTH - 2 * _MARGIN),
-            font=fonts["title"],
-            fill=_TEXT,
-        )
-
+    canvas, draw, fonts = _titled_canvas(title)
     _draw_spectrum_panel(canvas, draw, estimate, diag, fonts)
     _draw_info(draw, estimate, diag, fonts)
     _draw_profile_panel(canvas, draw, estimate, diag, fonts)

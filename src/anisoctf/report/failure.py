@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from anisoctf.io.atomic import write_bytes_atomic
 from anisoctf.report.diagnostic import (
@@ -27,15 +27,12 @@ from anisoctf.report.diagnostic import (
     _SPEC_SIZE,
     _SPEC_X0,
     _SPEC_Y0,
-    _TEXT,
     _WARN,
-    _WHITE,
-    HEIGHT,
     WIDTH,
     _ellipsize,
-    _fonts,
     _robust_range,
     _text_centred,
+    _titled_canvas,
     _to_gray,
     encode_png,
     full_plane,
@@ -78,16 +75,7 @@ def failure_picture(
     pixel_size: float | None = None,
 ) -> Image.Image:
     """The picture of :func:`render_failure` as a Pillow image."""
-    canvas = Image.new("RGB", (WIDTH, HEIGHT), _WHITE)
-    draw = ImageDraw.Draw(canvas)
-    fonts = _fonts()
-    if title:
-        draw.text(
-            (_MARGIN, 10),
-            _ellipsize(title, fonts["title"], WIDTH - 2 * _MARGIN),
-            font=fonts["title"],
-            fill=_TEXT,
-        )
+    canvas, draw, fonts = _titled_canvas(title)
     x0, y0, s = _SPEC_X0, _SPEC_Y0, _SPEC_SIZE
     gray = _spectrum_gray(power) if power is not None else None
     if gray is not None:

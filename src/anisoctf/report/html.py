@@ -191,9 +191,7 @@ class AnisomagSection:
     text: str
 
 
-def anisomag_section(
-    group: int, n_micrographs: int, detection: AnisoDetection
-) -> AnisomagSection:
+def anisomag_section(group: int, n_micrographs: int, detection: AnisoDetection) -> AnisomagSection:
     """The section for a detection already computed (the report computes none itself)."""
     try:
         png = detection_png(detection, title=f"optics group {group}: astigmatism against defocus")
@@ -248,9 +246,7 @@ def _num(x: float, fmt: str) -> str:
     return format(x, fmt) if math.isfinite(x) else "nan"
 
 
-def render_report(
-    data: ReportData, anisomag: AnisomagSection, max_thumbnails: int = 400
-) -> str:
+def render_report(data: ReportData, anisomag: AnisomagSection, max_thumbnails: int = 400) -> str:
     """The HTML text of the page."""
     esc = html.escape
     n_ok, n_fail = len(data.rows), len(data.failures)
@@ -260,8 +256,7 @@ def render_report(
         f"<title>anisoctf report: {esc(data.title)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>anisoctf CTF report: {esc(data.title)}</h1>",
-        f'<p id="summary">{n_ok} micrographs fitted, {n_fail} failed'
-        f"{_flag_count(data)}.</p>",
+        f'<p id="summary">{n_ok} micrographs fitted, {n_fail} failed{_flag_count(data)}.</p>',
     ]
     if data.rows:
         res = np.array([r.max_resolution for r in data.rows], dtype=float)
