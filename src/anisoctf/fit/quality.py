@@ -38,6 +38,7 @@ from anisoctf.spectrum.periodogram import Spectrum
 
 __all__ = [
     "RingResolution",
+    "cs_turnaround",
     "equiphase_radius",
     "ring_resolution",
     "ring_statistics",
@@ -244,7 +245,7 @@ class RingResolution:
         return int(np.sum(sel))
 
 
-def _phase_limits(params: CTFParams, optics: Optics) -> float:
+def cs_turnaround(params: CTFParams, optics: Optics) -> float:
     """Frequency (Å⁻¹) of the Cs turnaround of the phase for the smaller defocus (inf if none)."""
     consts = ctf_constants(optics)
     dmin = min(params.defocus_u, params.defocus_v)
@@ -269,7 +270,7 @@ def ring_resolution(
         Low-frequency limit of the fit (Å⁻¹).
     """
     nyq = 0.5 / spectrum.pixel_size
-    k_turn = _phase_limits(params, optics)
+    k_turn = cs_turnaround(params, optics)
     k_hi = min(nyq, 0.98 * k_turn)
     step = 1.0 / (min(spectrum.shape) * spectrum.pixel_size)  # the coarser axis's step
     first, cnt, prof, cprof = _phase_profile(spectrum, params, optics, k_min, k_hi, step)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from anisoctf.fit.quality import cs_turnaround
 from anisoctf.optics.ctf import CTFParams, Optics, chi, frequency_grid
 from anisoctf.optics.kernel import ctf_constants, ctf_from_chi, frequency_features
 
@@ -87,14 +88,6 @@ def _grid_phase(
     return c, c2, np.sqrt(feats.k2)
 
 
-def _turnaround(params: CTFParams, optics: Optics) -> float:
-    consts = ctf_constants(optics)
-    d = min(params.defocus_u, params.defocus_v)
-    if consts.cs_coef_rad <= 0 or d <= 0:
-        return np.inf
-    return float(np.sqrt(consts.defocus_coef_rad * d / (2.0 * consts.cs_coef_rad)))
-
-
 def independent_ring_check(
     image: NDArray, params: CTFParams, optics: Optics, k_min: float, tile: int = 1024
 ) -> RingCheck:
@@ -109,7 +102,7 @@ def independent_ring_check(
     consts = ctf_constants(optics)
     k_iso = iso_frequency(c, params, optics)
     step = 1.0 / (tile * apix)
-    k_hi = min(0.5 / apix, 0.98 * _turnaround(params, optics))
+    k_hi = min(0.5 / apix, 0.98 * cs_turnaround(params, optics))
     dk = 0.5 * step
     nb = int((k_hi - k_min) / dk)
     ib = np.floor((k_iso - k_min) / dk)
@@ -165,8 +158,10 @@ def _iso_chi(k: NDArray, params: CTFParams, optics: Optics) -> NDArray:
     iso = CTFParams(params.mean_defocus, params.mean_defocus, 0.0, params.phase_shift_deg)
     kk = np.asarray(k, dtype=np.float64)
     feats = frequency_features(kk, np.zeros_like(kk))
-    return chi(feats, iso, optics) + ctf_constants(optics).amplitude_phase_rad - np.deg2rad(
-        params.phase_shift_deg
+    return (
+        chi(feats, iso, optics)
+        + ctf_constants(optics).amplitude_phase_rad
+        - np.deg2rad(params.phase_shift_deg)
     )
 
 
@@ -199,7 +194,7 @@ def expected_ring_extent(
     c, c2, k = _grid_phase((grid, grid), params, optics)
     x = (c + ctf_constants(optics).amplitude_phase_rad - np.deg2rad(params.phase_shift_deg)) / np.pi
     samples = shape[0] * shape[1] / float(grid * grid)  # image Fourier samples per grid pixel
-    k_hi = min(0.5 / optics.pixel_size, 0.98 * _turnaround(params, optics))
+    k_hi = min(0.5 / optics.pixel_size, 0.98 * cs_turnaround(params, optics))
     ok = (k >= k_min) & (k <= k_hi)
     ring = np.floor(x[ok]).astype(np.int64)
     r0 = int(ring.min())
