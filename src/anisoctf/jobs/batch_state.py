@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from anisoctf.errors import AnisoctfError
+from anisoctf.errors import AnisoctfError, UsageError
 from anisoctf.io.batch_records import (
     RECORD_SUFFIX,
     MicrographRecord,
@@ -60,6 +60,7 @@ __all__ = [
     "read_record",
     "record_path",
     "process_and_record",
+    "lock_output",
     "remove_stray_temporaries",
     "task_fingerprint",
     "write_record",
@@ -128,8 +129,6 @@ def task_fingerprint(**parts: Any) -> str:
 
 # --------------------------------------------------------------------------------------------
 # records
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,3 +292,14 @@ def flag_summary(results: Iterable[Any]) -> str | None:
 def existing_records(out_dir: str | os.PathLike[str], stems: Iterable[str]) -> int:
     """How many of ``stems`` have a record file in ``out_dir`` (for messages)."""
     return sum(record_path(out_dir, s).is_file() for s in stems)
+
+
+def lock_output(directory: str | os.PathLike[str]) -> BatchLock:
+    """The held :class:`BatchLock` of ``directory``; a run already writing there is a
+    :class:`~anisoctf.errors.UsageError` (one line, exit status 2). Release it when done."""
+    lock = BatchLock(directory)
+    try:
+        lock.acquire()
+    except BatchLockedError as exc:
+        raise UsageError(str(exc)) from None
+    return lock

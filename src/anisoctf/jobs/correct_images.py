@@ -52,7 +52,7 @@ from anisoctf.io.atomic import atomic_path
 from anisoctf.io.mrc import read_mrc_header, read_stack, write_mrc
 from anisoctf.io.star_tables import write_star_tables
 from anisoctf.jobs.backends import Backend, BackendError, make_backend, process_pool
-from anisoctf.jobs.batch_state import BatchLock, BatchLockedError, remove_stray_temporaries
+from anisoctf.jobs.batch_state import lock_output, remove_stray_temporaries
 from anisoctf.jobs.cluster import ClusterSpec
 from anisoctf.jobs.correct_plan import (
     CorrectPlan,
@@ -352,11 +352,7 @@ def correct_images(request: CorrectRequest) -> CorrectSummary:
         raise InputError(
             f"cannot create the output directory ({exc.strerror or exc})", out
         ) from exc
-    lock = BatchLock(out)
-    try:
-        lock.acquire()
-    except BatchLockedError as exc:
-        raise UsageError(str(exc)) from None
+    lock = lock_output(out)
     try:
         for folder in {out, *(Path(t.dst).parent for t in plan.tasks)}:
             remove_stray_temporaries(folder)  # of a killed run, under the lock

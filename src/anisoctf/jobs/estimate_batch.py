@@ -42,10 +42,10 @@ from anisoctf.io.star import write_micrographs_ctf_star
 from anisoctf.jobs.backends import Backend, BackendError, make_backend
 from anisoctf.jobs.batch_state import (
     BatchLock,
-    BatchLockedError,
     MicrographRecord,
     flag_summary,
     input_signature,
+    lock_output,
     process_and_record,
     read_record,
     record_path,
@@ -108,7 +108,6 @@ class EstimateReport:
         return 0 if not self.failures and self.star_path is not None else 1
 
 
-
 def _median(values: Sequence[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return statistics.median(finite) if finite else float("nan")
@@ -162,7 +161,6 @@ def _resolve_for_watch(inputs, **kw) -> ResolvedInputs:
         raise
 
 
-
 def _check(request: EstimateRequest) -> None:
     """Refuse options that cannot work, before any file is touched."""
     if request.jobs < 1:
@@ -191,15 +189,6 @@ def _make_out_dir(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
-
-
-def _lock(out: Path) -> BatchLock:
-    lock = BatchLock(out)
-    try:
-        lock.acquire()
-    except BatchLockedError as exc:
-        raise UsageError(str(exc)) from None
-    return lock
 
 
 def _open_backend(
@@ -389,9 +378,7 @@ class _Batch:
 
     def _handle(self, t: MicrographTask, result: object, bar: TaskID) -> None:
         if isinstance(result, BaseException):
-            result = failure_message(
-                t.name, f"internal error: {type(result).__name__}: {result}"
-            )
+            result = failure_message(t.name, f"internal error: {type(result).__name__}: {result}")
             self._record_failure(t, result)
         self.outcome[_path_key(t.path)] = result  # type: ignore[assignment]
         if isinstance(result, str):
@@ -496,7 +483,7 @@ def run_batch(
             err.print(line, markup=False)
         for w in resolved.warnings:
             err.print(f"warning: {w}", markup=False)
-    lock = _lock(out)
+    lock = lock_output(out)
     own_backend = backend is None
     backend = _open_backend(request, out, lock, backend)
     batch = _Batch(request, backend, process_fn or process_one, _progress(err, request.quiet))

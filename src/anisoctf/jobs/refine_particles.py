@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from anisoctf.errors import InputError, UsageError
+from anisoctf.errors import InputError
 from anisoctf.io.atomic import write_text_atomic
 from anisoctf.io.mrc import read_mrc_header, read_stack
 from anisoctf.io.particles import ParticleSet, read_particles
 from anisoctf.io.star_patch import patch_defocus_star, star_layout
 from anisoctf.io.star_tables import read_star_blocks
-from anisoctf.jobs.batch_state import BatchLock, BatchLockedError, remove_stray_temporaries
+from anisoctf.jobs.batch_state import lock_output, remove_stray_temporaries
 from anisoctf.jobs.refine_state import STATE_DIR, group_fingerprint, load_group, save_group
 from anisoctf.records.particles import ParticleBatch
 from anisoctf.refine.group import GroupResult, RefineSettings, refine_group
@@ -184,11 +184,7 @@ def run_refine(
         mask_vol, _ = load_map(mask, next(iter(maps.values()))[1])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = BatchLock(out_dir)
-    try:
-        lock.acquire()
-    except BatchLockedError as exc:
-        raise UsageError(str(exc)) from None
+    lock = lock_output(out_dir)
     try:
         for folder in (out_dir, out_dir / STATE_DIR):
             remove_stray_temporaries(folder)  # left by a killed run; we hold the lock
