@@ -93,6 +93,7 @@ ANGLE_TILT = "rlnAngleTilt"
 ANGLE_PSI = "rlnAnglePsi"
 ANGLES: tuple[str, str, str] = (ANGLE_ROT, ANGLE_TILT, ANGLE_PSI)
 RANDOM_SUBSET = "rlnRandomSubset"
+CTF_PREMULTIPLIED = "rlnCtfDataAreCtfPremultiplied"
 FINAL_RESOLUTION = "rlnFinalResolution"
 
 #: text columns, never parsed as numbers (file names can look like numbers)

@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,7 +29,7 @@ from anisoctf.errors import InputError
 from anisoctf.io import labels as L
 from anisoctf.io.mrc import read_mrc_header, read_stack
 from anisoctf.io.star_optics import optics_from_table, per_row_optics
-from anisoctf.io.star_tables import find_block, read_star_blocks
+from anisoctf.io.star_tables import find_block, is_table, read_star_blocks
 from anisoctf.optics.ctf import Optics
 
 __all__ = ["ParticleSet", "parse_image_name", "read_particles"]
@@ -93,6 +94,10 @@ class ParticleSet:
         ``_rlnRandomSubset`` (0 when absent).
     missing_pose_columns
         Pose columns the file lacks.
+    premultiplied_in
+        Name of the block (``"optics"``, or the particle block of a 3.0 file) where
+        ``_rlnCtfDataAreCtfPremultiplied`` is set, i.e. the images carry CTF² rather than CTF;
+        None when it is not set.
     """
 
     path: Path
@@ -112,6 +117,7 @@ class ParticleSet:
     micrograph: list[str]
     subset: NDArray[np.int64]
     missing_pose_columns: tuple[str, ...] = ()
+    premultiplied_in: str | None = None
     _maps: dict[Path, np.memmap] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -202,6 +208,18 @@ def _floats(df: pd.DataFrame, col: str, default: float, p: Path) -> NDArray[np.f
         row = int(np.flatnonzero(~np.isfinite(v))[0]) + 1
         raise InputError(f"_{col} of row {row} is not a number; fix the file", path=p)
     return v
+
+
+def _premultiplied_block(blocks: dict[str, Any], particle_block: str) -> str | None:
+    """The first of the optics and particle blocks whose ``_rlnCtfDataAreCtfPremultiplied``
+    is set on any row (RELION ``--premultiply_ctf``), or None."""
+    for name in ("optics", particle_block):
+        table = blocks.get(name)
+        if is_table(table) and L.CTF_PREMULTIPLIED in table.columns:
+            flags = np.asarray(table[L.CTF_PREMULTIPLIED].astype(str).str.strip().tolist())
+            if np.any((flags != "0") & (flags != "0.0")):
+                return name
+    return None
 
 
 def read_particles(path: str | os.PathLike[str], *, check_stacks: bool = True) -> ParticleSet:
@@ -305,4 +323,5 @@ def read_particles(path: str | os.PathLike[str], *, check_stacks: bool = True) -
         micrograph=mic,
         subset=_floats(df, L.RANDOM_SUBSET, 0.0, p).astype(np.int64),
         missing_pose_columns=missing_pose,
+        premultiplied_in=_premultiplied_block(blocks, key),
     )

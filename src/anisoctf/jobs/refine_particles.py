@@ -149,7 +149,7 @@ def run_refine(
     # what the user most needs to hear first: poses, then the reference, then the stacks
     ps = read_particles(star, check_stacks=False)
     ps.require_poses()
-    _refuse_premultiplied(ps.path)
+    _refuse_premultiplied(ps)
     if reference is None and half_maps is None:
         raise InputError(
             "no reference map: give --reference MAP.mrc (or --half-maps H1.mrc H2.mrc) from "
@@ -272,7 +272,7 @@ def read_star_blocks_names(path: Path) -> list[str]:
     return [b.name for b in star_layout(path)]
 
 
-def _refuse_premultiplied(path: Path) -> None:
+def _refuse_premultiplied(ps: ParticleSet) -> None:
     """Refuse stacks that RELION marks as already multiplied by the CTF.
 
     ``_rlnCtfDataAreCtfPremultiplied = 1`` (optics table, or a particle column in the 3.0
@@ -280,14 +280,10 @@ def _refuse_premultiplied(path: Path) -> None:
     ``--premultiply_ctf``, used for subtomogram averaging); the particle model here predicts
     ``CTF · projection``, so fitting such images would be wrong (issue 13 item 9).
     """
-    for name, table in read_star_blocks(path).items():
-        col = "rlnCtfDataAreCtfPremultiplied"
-        if col in table.columns and name in ("optics", "particles", ""):
-            flags = np.asarray(table[col].astype(str).str.strip().tolist())
-            if np.any((flags != "0") & (flags != "0.0")):
-                raise InputError(
-                    f"_{col} = 1 in data_{name}: the images are already multiplied by the "
-                    "CTF, which refine cannot model; re-extract the particles without "
-                    "CTF premultiplication",
-                    path=path,
-                )
+    if ps.premultiplied_in is not None:
+        raise InputError(
+            f"_rlnCtfDataAreCtfPremultiplied = 1 in data_{ps.premultiplied_in}: the images "
+            "are already multiplied by the CTF, which refine cannot model; re-extract the "
+            "particles without CTF premultiplication",
+            path=ps.path,
+        )
