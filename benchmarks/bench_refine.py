@@ -42,6 +42,15 @@ def main() -> None:
     ap.add_argument("--snr", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--height", type=float, default=150.0, help="per-particle height SD (Å)")
+    ap.add_argument(
+        "--mode", default="prior", choices=("prior", "ml", "micrograph"), help="defocus mode"
+    )
+    ap.add_argument(
+        "--no-optimum",
+        action="store_true",
+        help="skip the second refinement with the true prior (the optimum to compare with)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -56,7 +65,9 @@ def main() -> None:
     from anisoctf.refine.projection import FourierProjector
     from anisoctf.simulate.particles import ParticleSimSpec, blob_map, simulate_particles
 
-    spec = ParticleSimSpec(n=args.n, box=args.box, snr=args.snr, seed=args.seed)
+    spec = ParticleSimSpec(
+        n=args.n, box=args.box, snr=args.snr, seed=args.seed, height_sigma=args.height
+    )
     with threadpool_limits(args.threads), sfft.set_workers(args.threads):
         t0 = time.perf_counter()
         projector = FourierProjector(blob_map(spec.box, seed=args.seed + 1), spec.apix)
@@ -78,9 +89,19 @@ def main() -> None:
         )
         res = refine_group(
             lambda r: sim.images[r], particles, optics, spec.box, {0: projector},
-            settings=RefineSettings(),
+            settings=RefineSettings(defocus_mode=args.mode),
         )
         t_ref = time.perf_counter() - t0
+        optimum = None
+        if not args.no_optimum:
+            # the optimum: the posterior under the true prior (heights N(0, height SD²) about
+            # the input micrograph value, nothing learned), same data and pipeline
+            optimum = refine_group(
+                lambda r: sim.images[r], particles, optics, spec.box, {0: projector},
+                settings=RefineSettings(
+                    height_spread=spec.height_sigma, micrograph_offsets=False
+                ),
+            )
 
     truth = spec.mag
     m = res.mag
@@ -131,6 +152,21 @@ def main() -> None:
         f"per-particle defocus RMS error {np.sqrt(np.mean(per_particle**2)):.1f} Å (start "
         f"{np.sqrt(np.mean(start**2)):.1f} Å; aim ≤ 100 Å)  {ok}"
     )
+    if res.prior is not None:
+        z = per_particle / res.defocus_sd
+        print(
+            f"  learned height prior: SD {res.prior['height_spread_A']:.1f} Å (true "
+            f"{spec.height_sigma:.0f} Å), micrograph offsets RMS "
+            f"{res.prior['micrograph_offset_A']['rms']:.1f} Å; posterior SD median "
+            f"{np.median(res.defocus_sd):.1f} Å; RMS of error/SD {np.sqrt(np.mean(z**2)):.2f} "
+            f"(1 when the SDs are right), |error| < 2 SD for {np.mean(np.abs(z) < 2) * 100:.1f} %"
+        )
+    if optimum is not None:
+        opt = 0.5 * (optimum.defocus_u + optimum.defocus_v) - mean_true
+        print(
+            f"  optimum (posterior under the true prior): RMS {np.sqrt(np.mean(opt**2)):.1f} Å; "
+            f"ours / optimum = {np.sqrt(np.mean(per_particle**2) / np.mean(opt**2)):.3f}"
+        )
     per_fft = spec.n / t_fft
     ok = "PASS" if tm["anisomag_particles_per_s"] >= 1000 else "below aim"
     print(

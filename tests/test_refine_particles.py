@@ -191,7 +191,12 @@ def test_refine_writes_star_with_other_columns_unchanged(sim_files, tmp_path) ->
     dst = read_star_blocks(rep.out_star, names_as_strings=True)
     changed = {"rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"}
     p0, p1 = src["particles"], dst["particles"]
-    assert list(p0.columns) == list(p1.columns)
+    # one column added: each particle's posterior SD of its refined mean defocus
+    assert list(p1.columns) == list(p0.columns) + ["anisoctfDefocusError"]
+    np.testing.assert_allclose(
+        p1["anisoctfDefocusError"].astype(float), rep.groups[0].defocus_sd, atol=1e-6
+    )
+    assert np.all(rep.groups[0].defocus_sd > 0)
     for c in p0.columns:
         if c not in changed:
             assert p0[c].tolist() == p1[c].tolist(), c
@@ -330,7 +335,7 @@ def test_real_particles_run_end_to_end(shared_real, tmp_path) -> None:
     rep = run_refine(star, tmp_path / "out", reference=ref, settings=st)
     src = read_star_blocks(star, names_as_strings=True)["particles"]
     dst = read_star_blocks(tmp_path / "out" / OUT_STAR, names_as_strings=True)["particles"]
-    assert list(src.columns) == list(dst.columns) and len(dst) == 5
+    assert list(dst.columns) == list(src.columns) + ["anisoctfDefocusError"] and len(dst) == 5
     for c in src.columns:
         if c not in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
             assert src[c].tolist() == dst[c].tolist(), c

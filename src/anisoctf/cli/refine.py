@@ -66,6 +66,30 @@ def refine_command(
     defocus_range: Annotated[
         float, typer.Option(help="Defocus search ± (Å).")
     ] = _SET.defocus_search,
+    defocus_mode: Annotated[
+        str,
+        typer.Option(
+            help="Per-particle defocus: prior (posterior with a learned height prior, and a "
+            "standard error per particle in _anisoctfDefocusError), ml (each particle's best "
+            "correlation alone), micrograph (one offset per micrograph)."
+        ),
+    ] = _SET.defocus_mode,
+    height_spread: Annotated[
+        float | None,
+        typer.Option(
+            help="Fix the prior's SD of particle heights about their micrograph (Å) "
+            "[learned from the data].",
+            show_default=False,
+        ),
+    ] = None,
+    micrograph_offsets: Annotated[
+        bool,
+        typer.Option(
+            "--micrograph-offsets/--no-micrograph-offsets",
+            help="Let the prior's centre move per micrograph (learned), or keep it at the "
+            "input values.",
+        ),
+    ] = _SET.micrograph_offsets,
     ref_apix: Annotated[
         float | None,
         typer.Option(help="Reference pixel size (Å) if the header has none.", show_default=False),
@@ -101,6 +125,9 @@ def refine_command(
             rounds=rounds,
             mag_iterations=mag_iterations,
             defocus_search=defocus_range,
+            defocus_mode=defocus_mode,
+            height_spread=height_spread,
+            micrograph_offsets=micrograph_offsets,
         )
     except ValueError as exc:
         usage_exit(str(exc))

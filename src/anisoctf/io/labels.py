@@ -116,6 +116,8 @@ TILT_ANGLE = "anisoctfTiltAngle"
 TILT_AXIS_ANGLE = "anisoctfTiltAxisAngle"
 #: the JSON file of a micrograph's defocus surface (see docs/local.md)
 DEFOCUS_SURFACE = "anisoctfDefocusSurface"
+#: posterior SD (Å) of a particle's refined mean defocus (``refine``, see docs/refine.md)
+DEFOCUS_ERROR = "anisoctfDefocusError"
 
 # ------------------------------------------------------------------------------ cryoSPARC
 #: RELION's DefocusU, DefocusV and DefocusAngle (the angle in radians)

@@ -307,6 +307,7 @@ def patch_defocus_star(
     defocus: tuple[np.ndarray, np.ndarray, np.ndarray],
     optics: pd.DataFrame | None = None,
     magmats: Mapping[int, MagMat] | None = None,
+    columns: Mapping[str, tuple[np.ndarray, Callable[[float], str]]] | None = None,
 ) -> None:
     """Copy ``src`` to ``dst`` with new defocus in some rows and new ``_rlnMagMat`` per group.
 
@@ -315,7 +316,10 @@ def patch_defocus_star(
     ``fmt_defocus``/``fmt_angle``) and ``_rlnCtfAstigmatism = U - V`` when the column exists;
     in ``data_optics`` (parsed as ``optics``) the groups of ``magmats`` get their matrix with
     full double precision, replacing ``_rlnMagMat00..11`` or appending the four columns (the
-    identity, or the stored value, for other groups). Every other byte is copied.
+    identity, or the stored value, for other groups). ``columns`` (label → values over all
+    rows, formatter) are set in the ``mask`` rows of ``data_<block>``: replaced where the column
+    exists, else appended (rows outside ``mask`` get the value given for them). Every other byte
+    is copied.
     """
     layout = star_layout(src)
     t_index = block_index(src, layout, block, table)
@@ -326,7 +330,13 @@ def patch_defocus_star(
     }
     if L.ASTIGMATISM in table.columns:
         replace[L.ASTIGMATISM] = (mask, np.asarray(u) - np.asarray(v), fmt_defocus)
-    edits = {t_index: BlockEdit(layout[t_index], table, replace, [])}
+    append: _Append = []
+    for label, (vals, fmt) in (columns or {}).items():
+        if label in table.columns:
+            replace[label] = (mask, np.asarray(vals), fmt)
+        else:
+            append.append((label, np.asarray(vals), fmt))
+    edits = {t_index: BlockEdit(layout[t_index], table, replace, append)}
     if optics is not None and magmats is not None:
         o_index = block_index(src, layout, "optics", optics)
         o_groups = (

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from anisoctf.errors import InputError
+from anisoctf.io import labels as L
 from anisoctf.io.atomic import write_text_atomic
 from anisoctf.io.mrc import read_mrc_header, read_stack
 from anisoctf.io.particles import ParticleSet, read_particles
-from anisoctf.io.star_patch import patch_defocus_star, star_layout
+from anisoctf.io.star_patch import fmt_defocus, patch_defocus_star, star_layout
 from anisoctf.io.star_tables import read_star_blocks
 from anisoctf.jobs.batch_state import lock_output, remove_stray_temporaries
 from anisoctf.jobs.refine_state import STATE_DIR, group_fingerprint, load_group, save_group
@@ -106,18 +107,29 @@ def write_refined_star(
     :func:`~anisoctf.io.star_patch.patch_defocus_star`)."""
     u, v, ang = (ps.defocus_u.copy(), ps.defocus_v.copy(), ps.defocus_angle.copy())
     mask = np.zeros(len(ps.table), dtype=bool)
+    sd = np.zeros(len(ps.table))
     for r in results:
         rows = np.flatnonzero(ps.group == r.group)
         u[rows] = r.defocus_u
         v[rows] = r.defocus_v
         ang[rows] = r.defocus_angle
         mask[rows] = True
+        if r.defocus_sd is not None:
+            sd[rows] = r.defocus_sd
+    # the posterior SD of each refined defocus; 0 where a group had none (ml mode)
+    columns = (
+        {L.DEFOCUS_ERROR: (sd, fmt_defocus)}
+        if any(r.defocus_sd is not None for r in results)
+        else None
+    )
     if not write_mag:
-        patch_defocus_star(ps.path, dst, ps.block, ps.table, mask, (u, v, ang))
+        patch_defocus_star(ps.path, dst, ps.block, ps.table, mask, (u, v, ang), columns=columns)
         return
     optics = read_star_blocks(ps.path)["optics"]
     mags = {r.group: r.mag for r in results}
-    patch_defocus_star(ps.path, dst, ps.block, ps.table, mask, (u, v, ang), optics, mags)
+    patch_defocus_star(
+        ps.path, dst, ps.block, ps.table, mask, (u, v, ang), optics, mags, columns=columns
+    )
 
 
 def run_refine(

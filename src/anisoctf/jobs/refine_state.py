@@ -68,7 +68,10 @@ def save_group(out_dir: str | os.PathLike[str], result: GroupResult, fingerprint
     npz, js = _paths(out_dir, result.group)
     npz.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(getattr(result, k), dtype=np.float64) for k in _ARRAYS})
+    arrays = {k: np.asarray(getattr(result, k), dtype=np.float64) for k in _ARRAYS}
+    if result.defocus_sd is not None:
+        arrays["defocus_sd"] = np.asarray(result.defocus_sd, dtype=np.float64)
+    np.savez(buf, **arrays)
     with atomic_write(npz, "wb") as fh:
         fh.write(buf.getvalue())
     doc = {
@@ -84,13 +87,13 @@ def save_group(out_dir: str | os.PathLike[str], result: GroupResult, fingerprint
         "timing": result.timing,
         "flipped_contrast": bool(result.flipped_contrast),
         "displacement": result.displacement,
+        "prior": result.prior,
+        "defocus_mode": result.defocus_mode,
     }
     write_text_atomic(js, json.dumps(doc) + "\n")  # NaN kept as NaN (JSON5-style), as read
 
 
-def load_group(
-    out_dir: str | os.PathLike[str], group: int, fingerprint: str
-) -> GroupResult | None:
+def load_group(out_dir: str | os.PathLike[str], group: int, fingerprint: str) -> GroupResult | None:
     """The saved result of ``group`` when its state is complete and matches ``fingerprint``;
     None when it must be refined (again)."""
     npz, js = _paths(out_dir, group)
@@ -100,8 +103,9 @@ def load_group(
             return None
         with np.load(npz, allow_pickle=False) as z:
             arrays = {k: np.array(z[k], dtype=np.float64) for k in _ARRAYS}
+            sd = np.array(z["defocus_sd"], dtype=np.float64) if "defocus_sd" in z else None
         n = int(doc["n_particles"])
-        if any(a.shape != (n,) for a in arrays.values()):
+        if any(a.shape != (n,) for a in arrays.values()) or (sd is not None and sd.shape != (n,)):
             return None
         return GroupResult(
             group=int(doc["group"]),
@@ -115,6 +119,9 @@ def load_group(
             timing=dict(doc["timing"]),
             flipped_contrast=bool(doc["flipped_contrast"]),
             displacement=doc["displacement"],
+            defocus_sd=sd,
+            prior=doc.get("prior"),
+            defocus_mode=str(doc.get("defocus_mode", "ml")),
             **arrays,
         )
     except (OSError, ValueError, KeyError, TypeError, IndexError):

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from anisoctf.optics.kernel import CTF_SIGN, defocus_phase_rad
 
-__all__ = ["defocus_offsets"]
+__all__ = ["astigmatism_scores", "defocus_offsets", "defocus_scores"]
 
 
 def _scores(
@@ -60,15 +60,16 @@ def _coarse_tables(a: NDArray[np.float64], coarse: NDArray[np.float64]) -> tuple
     return hit
 
 
-def _scores_sc(
+def _num_den(
     qn: NDArray,
     en: NDArray,
     s0: NDArray,
     c0: NDArray,
     tables: tuple[NDArray, ...],
     dtype: type = np.float64,
-) -> NDArray:
-    """Correlations for the candidate phase changes of ``tables`` (:func:`_trig_tables`).
+) -> tuple[NDArray, NDArray]:
+    """Numerator ``Σ w Re(X̄ Q) C`` and denominator ``Σ w |Q|² C²`` of every candidate of
+    ``tables`` (:func:`_trig_tables`).
 
     ``Σ en (s0 cos δ + c0 sin δ)² = Σ en/2 − Σ (en cos 2φ₀ / 2) cos 2δ + Σ (en sin 2φ₀ / 2)
     sin 2δ`` (with ``s0 = sin φ₀``, ``c0 = cos φ₀``): four matrix products instead of five.
@@ -82,7 +83,20 @@ def _scores_sc(
         + (en * (s0 * c0)).astype(dtype) @ s2d
     )
     tiny = 1e-30 if dtype == np.float32 else 1e-300
-    return num / np.sqrt(np.maximum(den, dtype(tiny)))
+    return num, np.maximum(den, dtype(tiny))
+
+
+def _scores_sc(
+    qn: NDArray,
+    en: NDArray,
+    s0: NDArray,
+    c0: NDArray,
+    tables: tuple[NDArray, ...],
+    dtype: type = np.float64,
+) -> NDArray:
+    """Correlations ``num / sqrt(den)`` for the candidates of ``tables`` (:func:`_num_den`)."""
+    num, den = _num_den(qn, en, s0, c0, tables, dtype)
+    return num / np.sqrt(den)
 
 
 def defocus_offsets(
@@ -154,6 +168,58 @@ def defocus_offsets(
     frac = np.clip(frac, -1.0, 1.0)
     off = np.clip(best + rel[j] + frac * fine_step, -search, search)
     return off, sf[rows, j]
+
+
+def defocus_scores(
+    x0: NDArray[np.complexfloating],
+    q: NDArray[np.complexfloating],
+    phi0: NDArray[np.floating],
+    envelope: NDArray[np.floating],
+    weight: NDArray[np.floating],
+    k2_true: NDArray[np.floating],
+    wavelength: float,
+    offsets: NDArray[np.float64],
+    centres: NDArray[np.float64] | None = None,
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float64]]:
+    """Numerator and denominator of every particle's correlation at every candidate offset,
+    and its data power.
+
+    The candidates of particle ``p`` are ``centres[p] + offsets`` (Å, relative to the defocus
+    in ``phi0``; ``centres`` zero when not given). With weights ``w = 1/σ²`` the
+    log-likelihood of a candidate at scale ``a`` is ``2 a num − a² den`` up to a constant
+    (:func:`anisoctf.refine.height_prior.candidate_loglik` integrates ``a`` out), and
+    ``Σ w |X|²`` is what the temperature of that likelihood is calibrated with
+    (:func:`anisoctf.refine.height_prior.likelihood_temperature`). Arguments as
+    :func:`defocus_offsets`.
+
+    Returns
+    -------
+    num, den : numpy.ndarray
+        ``(P, J)`` float32 ``Σ w Re(X̄ Q) C`` and ``Σ w |Q|² C²``.
+    data_power : numpy.ndarray
+        ``(P,)`` ``Σ w |X|²`` over the weighted pixels.
+    """
+    p = x0.shape[0]
+    w = np.broadcast_to(weight, phi0.shape[1:]).reshape(-1)
+    keep = w > 0
+    xs = x0.reshape(p, -1)[:, keep]
+    qs_ = q.reshape(p, -1)[:, keep]
+    ph = phi0.reshape(p, -1)[:, keep]
+    env = np.broadcast_to(envelope, phi0.shape).reshape(p, -1)[:, keep]
+    w = w[keep]
+    k2 = np.broadcast_to(k2_true, phi0.shape[1:]).reshape(-1)[keep]
+    xr, xi = xs.real.astype(np.float64), xs.imag.astype(np.float64)
+    power = np.sum(w * (xr * xr + xi * xi), axis=1)
+    qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
+    en = w * (qs_.real**2 + qs_.imag**2) * env * env
+    a = defocus_phase_rad(k2, wavelength)
+    if centres is not None:
+        ph = ph + np.asarray(centres, dtype=np.float64)[:, None] * a[None, :]
+    s0, c0 = np.sin(ph), np.cos(ph)
+    grid = np.asarray(offsets, dtype=np.float64)
+    tables = _coarse_tables(a, grid)
+    num, den = _num_den(qn, en, s0, c0, tables, np.float32)
+    return num, den, power
 
 
 def astigmatism_scores(

@@ -6,7 +6,10 @@ that the file layer can read them lazily in batches. Order of work, per round (`
 1. ``mag_iterations`` Gauss–Newton steps for ``M`` (:mod:`anisoctf.refine.anisomag`); after each
    step every particle's defocus matrix is rewritten with the step (``D ← (I+G)⁻ᵀ D (I+G)⁻¹``)
    so the CTF's quadratic term is unchanged, as in RELION;
-2. one per-particle mean-defocus pass (:mod:`anisoctf.refine.defocus`).
+2. one per-particle mean-defocus pass (:mod:`anisoctf.refine.defocus`): by default each
+   particle's posterior under a learned height prior (:mod:`anisoctf.refine.height_prior`,
+   ``defocus_mode="prior"``), or its own best correlation (``"ml"``, the old behaviour), or one
+   offset per micrograph (``"micrograph"``).
 
 Defocus values are true-frame throughout (the CTF is evaluated at ``M k``), so the matrix the
 group starts with must be the one its defocus values refer to (identity for CTFFIND results).
@@ -42,6 +45,7 @@ from anisoctf.refine.anisomag import (
     update_matrix,
 )
 from anisoctf.refine.defocus import astigmatism_scores, defocus_offsets
+from anisoctf.refine.height_prior import HeightPrior
 from anisoctf.refine.model import (
     GridFeatures,
     batch_chi,
@@ -60,7 +64,14 @@ from anisoctf.refine.projection import (
 #: scipy.fft costs 0.1–0.3 s to import; only the commands that need it pay for it
 sfft = lazy("scipy.fft")
 
-__all__ = ["MAX_STEP", "GroupResult", "ParticleBatch", "RefineSettings", "refine_group"]
+__all__ = [
+    "DEFOCUS_MODES",
+    "MAX_STEP",
+    "GroupResult",
+    "ParticleBatch",
+    "RefineSettings",
+    "refine_group",
+]
 
 T = TypeVar("T")
 
@@ -72,6 +83,9 @@ def _available_cpus() -> int:
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
+
+#: Per-particle defocus: posterior under the learned prior, own best correlation, per micrograph.
+DEFOCUS_MODES = ("prior", "ml", "micrograph")
 
 #: Largest accepted change of any matrix element in one Gauss–Newton step (5 %: RELION's
 #: refined matrices differ from the identity by ~2 % at most).
@@ -98,8 +112,17 @@ class RefineSettings:
     n_shells: int = 8
     whiten: bool = True  # weights 1/σ²(|k|) from the radial power; False: flat (noiseless data)
     threads: int | None = None  # chunks worked on at once; None: the CPUs this process may use
+    defocus_mode: str = "prior"  # "prior" (posterior), "ml" (best correlation), "micrograph"
+    height_spread: float | None = None  # fix the prior's height SD (Å); None: learn it
+    micrograph_offsets: bool = True  # learn a prior centre offset per micrograph
 
     def __post_init__(self) -> None:
+        if self.defocus_mode not in DEFOCUS_MODES:
+            raise ValueError(
+                f"defocus mode must be one of {', '.join(DEFOCUS_MODES)}, got {self.defocus_mode!r}"
+            )
+        if self.height_spread is not None and not self.height_spread > 0:
+            raise ValueError("the height spread must be positive (Å)")
         if self.max_res is not None and self.max_res >= self.min_res:
             raise ValueError(f"max-res {self.max_res} Å must be below min-res {self.min_res} Å")
         if self.threads is not None and self.threads < 1:
@@ -130,6 +153,9 @@ class GroupResult:
     timing: dict[str, float] = field(default_factory=dict)
     flipped_contrast: bool = False
     displacement: dict | None = None  # binned displacement of the first step, and the model
+    defocus_sd: NDArray[np.float64] | None = None  # posterior SD of each mean defocus (Å)
+    prior: dict | None = None  # the learned height prior (defocus_mode "prior")
+    defocus_mode: str = "ml"
 
     def summary(self) -> dict:
         """JSON-ready summary (matrix, anisotropy, axis, evidence, history, timings)."""
@@ -153,6 +179,14 @@ class GroupResult:
                 "median": float(np.median(self.defocus_change)),
                 "rms": float(np.sqrt(np.mean(self.defocus_change**2))),
             },
+            "defocus_mode": self.defocus_mode,
+            "defocus_sd_A": None
+            if self.defocus_sd is None
+            else {
+                "median": float(np.median(self.defocus_sd)),
+                "p90": float(np.quantile(self.defocus_sd, 0.9)),
+            },
+            "height_prior": self.prior,
             "timing_s": self.timing,
             "contrast_inverted": self.flipped_contrast,
             "displacement_field": self.displacement,
@@ -269,11 +303,14 @@ class _State:
 
     m: NDArray[np.float64]
     z: NDArray[np.float64]
+    z_input: NDArray[np.float64]  # the input mean defocus, carried through the matrix steps
     a1: NDArray[np.float64]
     a2: NDArray[np.float64]
     change: NDArray[np.float64]
     score: NDArray[np.float64]
     sign: float = 1.0
+    sd: NDArray[np.float64] | None = None
+    prior: HeightPrior | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     evidence: list[dict[str, float]] = field(default_factory=list)
     cov: NDArray[np.float64] | None = None
@@ -438,6 +475,8 @@ def _mag_step(su: _Setup, s: _State, rnd: int, it: int) -> None:
     u, v, ang = zaa_to_uva(s.z, s.a1, s.a2)
     u, v, ang = defocus_table_to_true(u, v, ang, np.eye(2) + gstep)
     s.z, s.a1, s.a2 = uva_to_zaa(u, v, ang)
+    u, v, ang = zaa_to_uva(s.z_input, s.a1, s.a2)
+    s.z_input = uva_to_zaa(*defocus_table_to_true(u, v, ang, np.eye(2) + gstep))[0]
     s.evidence = shell_evidence(eqs, m, su.apix, (su.k_lo, su.k_hi), su.st.n_shells)
     if s.first_eqs is None:
         s.first_eqs, s.first_m = eqs, m.copy()
@@ -565,6 +604,9 @@ def _result(su: _Setup, s: _State, m_init: MagMat) -> GroupResult:
         timing=timing,
         flipped_contrast=s.sign < 0,
         displacement=displacement,
+        defocus_sd=s.sd,
+        prior=None if s.prior is None else s.prior.to_dict(),
+        defocus_mode=su.st.defocus_mode,
     )
 
 
@@ -607,6 +649,7 @@ def refine_group(
     s = _State(
         m=m,
         z=z.copy(),
+        z_input=z.copy(),
         a1=a1.copy(),
         a2=a2.copy(),
         change=np.zeros(n),
@@ -619,7 +662,12 @@ def refine_group(
             for it in range(st.mag_iterations):
                 _mag_step(su, s, rnd, it)
         if st.fit_defocus:
-            _defocus_pass(su, s, rnd)
+            if st.defocus_mode == "ml":
+                _defocus_pass(su, s, rnd)
+            else:
+                from anisoctf.refine.posterior_pass import defocus_pass_posterior
+
+                defocus_pass_posterior(su, s, rnd)
         if st.fit_astigmatism:
             _astigmatism_pass(su, s, rnd)
     return _result(su, s, MagMat(m))
