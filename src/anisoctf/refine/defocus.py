@@ -99,6 +99,34 @@ def _scores_sc(
     return num / np.sqrt(den)
 
 
+def _band_terms(
+    x0: NDArray[np.complexfloating],
+    q: NDArray[np.complexfloating],
+    phi0: NDArray[np.floating],
+    envelope: NDArray[np.floating],
+    weight: NDArray[np.floating],
+    *per_pixel: NDArray[np.floating],
+) -> tuple[NDArray, ...]:
+    """The weighted pixels of a batch, flattened: ``xs, ph, qn, en, w`` and ``per_pixel``.
+
+    ``qn = w Re(X̄ Q) E`` and ``en = w |Q|² E²`` are what every score of this module is made
+    of; ``per_pixel`` arrays (broadcastable to one particle's pixels) are cut to the same
+    pixels. Arguments as :func:`defocus_offsets`.
+    """
+    p = x0.shape[0]
+    w = np.broadcast_to(weight, phi0.shape[1:]).reshape(-1)
+    keep = w > 0
+    xs = x0.reshape(p, -1)[:, keep]
+    qs_ = q.reshape(p, -1)[:, keep]
+    ph = phi0.reshape(p, -1)[:, keep]
+    env = np.broadcast_to(envelope, phi0.shape).reshape(p, -1)[:, keep]
+    w = w[keep]
+    qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
+    en = w * (qs_.real**2 + qs_.imag**2) * env * env
+    extra = tuple(np.broadcast_to(a, phi0.shape[1:]).reshape(-1)[keep] for a in per_pixel)
+    return (xs, ph, qn, en, w, *extra)
+
+
 def defocus_offsets(
     x0: NDArray[np.complexfloating],
     q: NDArray[np.complexfloating],
@@ -132,17 +160,7 @@ def defocus_offsets(
         result stays inside ``±search``.
     """
     p = x0.shape[0]
-    xs = x0.reshape(p, -1)
-    qs_ = q.reshape(p, -1)
-    ph = phi0.reshape(p, -1)
-    env = np.broadcast_to(envelope, phi0.shape).reshape(p, -1)
-    w = np.broadcast_to(weight, phi0.shape[1:]).reshape(-1)
-    k2 = np.broadcast_to(k2_true, phi0.shape[1:]).reshape(-1)
-    keep = w > 0
-    xs, qs_, ph, env = xs[:, keep], qs_[:, keep], ph[:, keep], env[:, keep]
-    w, k2 = w[keep], k2[keep]
-    qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
-    en = w * (qs_.real**2 + qs_.imag**2) * env * env
+    _, ph, qn, en, _, k2 = _band_terms(x0, q, phi0, envelope, weight, k2_true)
     a = defocus_phase_rad(k2, wavelength)  # d(chi)/d(z)
 
     coarse = np.arange(-search, search + 0.5 * step, step)
@@ -199,19 +217,9 @@ def defocus_scores(
     data_power : numpy.ndarray
         ``(P,)`` ``Σ w |X|²`` over the weighted pixels.
     """
-    p = x0.shape[0]
-    w = np.broadcast_to(weight, phi0.shape[1:]).reshape(-1)
-    keep = w > 0
-    xs = x0.reshape(p, -1)[:, keep]
-    qs_ = q.reshape(p, -1)[:, keep]
-    ph = phi0.reshape(p, -1)[:, keep]
-    env = np.broadcast_to(envelope, phi0.shape).reshape(p, -1)[:, keep]
-    w = w[keep]
-    k2 = np.broadcast_to(k2_true, phi0.shape[1:]).reshape(-1)[keep]
+    xs, ph, qn, en, w, k2 = _band_terms(x0, q, phi0, envelope, weight, k2_true)
     xr, xi = xs.real.astype(np.float64), xs.imag.astype(np.float64)
     power = np.sum(w * (xr * xr + xi * xi), axis=1)
-    qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
-    en = w * (qs_.real**2 + qs_.imag**2) * env * env
     a = defocus_phase_rad(k2, wavelength)
     if centres is not None:
         ph = ph + np.asarray(centres, dtype=np.float64)[:, None] * a[None, :]
@@ -245,18 +253,7 @@ def astigmatism_scores(
     numpy.ndarray
         ``(P, J)`` correlations.
     """
-    p = x0.shape[0]
-    w = np.broadcast_to(weight, phi0.shape[1:]).reshape(-1)
-    keep = w > 0
-    xs = x0.reshape(p, -1)[:, keep]
-    qs_ = q.reshape(p, -1)[:, keep]
-    ph = phi0.reshape(p, -1)[:, keep]
-    env = np.broadcast_to(envelope, phi0.shape).reshape(p, -1)[:, keep]
-    w = w[keep]
-    c2 = np.broadcast_to(c2_true, phi0.shape[1:]).reshape(-1)[keep]
-    s2 = np.broadcast_to(s2_true, phi0.shape[1:]).reshape(-1)[keep]
-    qn = w * (xs.real * qs_.real + xs.imag * qs_.imag) * env
-    en = w * (qs_.real**2 + qs_.imag**2) * env * env
+    _, ph, qn, en, _, c2, s2 = _band_terms(x0, q, phi0, envelope, weight, c2_true, s2_true)
     s0, c0 = np.sin(ph), np.cos(ph)
     mats = (qn * s0, qn * c0, en * s0 * s0, en * s0 * c0, en * c0 * c0)
     mats = tuple(np.ascontiguousarray(m, dtype=np.float64) for m in mats)
