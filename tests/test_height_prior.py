@@ -95,11 +95,21 @@ def test_scale_integrated_likelihood_limits() -> None:
     assert scale_prior(-np.ones(5), np.ones(5), 1.0) == (0.0, 0.0)
 
 
-@pytest.mark.parametrize(("box", "apix", "snr"), [(64, 2.6, 0.01), (96, 1.3 * 128 / 96, 0.2)])
-def test_refined_defocus_is_never_worse_than_the_input(box: int, apix: float, snr: float) -> None:
-    """Simulated particles, heights SD 80 Å about each micrograph's value (the input)."""
+@pytest.mark.parametrize(
+    ("n", "box", "apix", "snr"),
+    [(1200, 64, 2.6, 0.01), (1200, 96, 1.3 * 128 / 96, 0.2), (600, 64, 2.6, 0.2)],
+)
+def test_refined_defocus_is_never_worse_than_the_input(
+    n: int, box: int, apix: float, snr: float
+) -> None:
+    """Simulated particles, heights SD 80 Å about each micrograph's value (the input).
+
+    The third case (60 particles a micrograph, box 64) pins a bug: its micrograph offsets,
+    learned by Newton steps on likelihoods with several peaks, came out with 22 Å RMS of
+    noise and the posterior at 83 Å against the input's 80.6 Å.
+    """
     spec = ParticleSimSpec(
-        n=1200, box=box, apix=apix, snr=snr, seed=3, height_sigma=80.0, n_micrographs=10,
+        n=n, box=box, apix=apix, snr=snr, seed=3, height_sigma=80.0, n_micrographs=10,
         anisotropy_percent=0.0,
     )  # fmt: skip
     proj = FourierProjector(blob_map(box, seed=4), spec.apix)
@@ -112,6 +122,9 @@ def test_refined_defocus_is_never_worse_than_the_input(box: int, apix: float, sn
     optics = Optics(spec.apix, spec.kv, spec.cs, spec.ac)
     truth = 0.5 * (sim.true_u + sim.true_v)
     rms_in = np.sqrt(np.mean((0.5 * (sim.obs_u + sim.obs_v) - truth) ** 2))
+    mic = sim.micrograph
+    mic_in = np.sqrt(np.mean([np.mean((truth - 0.5 * (sim.obs_u + sim.obs_v))[mic == k]) ** 2
+                              for k in range(spec.n_micrographs)]))  # fmt: skip
     rms = {}
     for mode in ("ml", "prior"):
         st = RefineSettings(defocus_mode=mode, fit_anisomag=False, rounds=1)
@@ -122,7 +135,10 @@ def test_refined_defocus_is_never_worse_than_the_input(box: int, apix: float, sn
             assert r.defocus_sd is not None and np.all(r.defocus_sd > 0)
             z = np.sqrt(np.mean((err / r.defocus_sd) ** 2))
             assert 0.4 < z < 1.5  # conservative where the data say little
+            mic_out = np.sqrt(np.mean([np.mean(err[mic == k]) ** 2
+                                       for k in range(spec.n_micrographs)]))  # fmt: skip
+            assert mic_out < 1.5 * mic_in + 1.0, (mic_out, mic_in)  # offsets not made of noise
     assert rms["prior"] <= 1.01 * rms_in
     assert rms["prior"] < rms["ml"]
-    if snr >= 0.2:
+    if snr >= 0.2 and box >= 96:
         assert rms["prior"] < 0.8 * rms_in  # the particles' evidence is used

@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anisoctf.optics.kernel import CTF_SIGN, defocus_phase_rad
+from anisoctf.refine.peak import parabola_peak
 
 __all__ = ["astigmatism_scores", "defocus_offsets", "defocus_scores"]
 
@@ -159,7 +160,6 @@ def defocus_offsets(
         Offsets searched: ``-search .. +search`` in steps of ``step`` Å, then refined; the
         result stays inside ``±search``.
     """
-    p = x0.shape[0]
     _, ph, qn, en, _, k2 = _band_terms(x0, q, phi0, envelope, weight, k2_true)
     a = defocus_phase_rad(k2, wavelength)  # d(chi)/d(z)
 
@@ -178,14 +178,9 @@ def defocus_offsets(
     fine_step = step / 5.0
     rel = np.arange(-step, step + 0.5 * fine_step, fine_step)
     sf = _scores_sc(qn, en, s1, c1, _trig_tables(a, rel))
-    j = np.clip(np.argmax(sf, axis=1), 1, len(rel) - 2)
-    rows = np.arange(p)
-    y0, y1, y2 = sf[rows, j - 1], sf[rows, j], sf[rows, j + 1]
-    den = y0 - 2 * y1 + y2
-    frac = np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1.0), 0.0)
-    frac = np.clip(frac, -1.0, 1.0)
+    j, frac, _, top = parabola_peak(sf)
     off = np.clip(best + rel[j] + frac * fine_step, -search, search)
-    return off, sf[rows, j]
+    return off, top
 
 
 def defocus_scores(

@@ -54,6 +54,7 @@ from anisoctf.refine.model import (
     uva_to_zaa,
     zaa_to_uva,
 )
+from anisoctf.refine.posterior_pass import defocus_pass_posterior
 from anisoctf.refine.projection import (
     FourierProjector,
     centre_shift_phase,
@@ -285,6 +286,21 @@ class _Setup:
         proj = self.projectors[int(self.particles.which[rows[0]])]
         return proj.slices(self.rots[rows], self.box, self.apix, mcur, band=pixels)
 
+    def band_terms(
+        self, ci: int, rows: NDArray[np.int64], s: _State, gb: GridFeatures
+    ) -> tuple[NDArray[np.complex64], NDArray[np.complex64], NDArray, NDArray]:
+        """Chunk ``ci`` on the band's pixels at the state's defocus and matrix: observed
+        spectra, reference slices, CTF phase (amplitude contrast included) and the signed
+        B-factor envelope, each ``(len(rows), n_band)``; ``gb`` is
+        :meth:`band_features` of ``s.m``."""
+        p = self.particles
+        xb = self.spectra(ci, rows)
+        qb = self.project(rows, s.m, self.band).reshape(len(rows), -1)[:, self.bidx]
+        phi0 = batch_chi(gb, s.z[rows], s.a1[rows], s.a2[rows], self.optics, p.phase_shift[rows])
+        phi0 += ctf_constants(self.optics).amplitude_phase_rad
+        env = s.sign * np.exp(-0.25 * p.bfactor[rows, None, None] * gb.feats.k2[None])
+        return xb, qb, phi0[:, 0], env[:, 0]
+
     def band_features(self, mcur: NDArray[np.float64]) -> GridFeatures:
         """The band's pixels as a (1, n_band) grid: batch_chi gives (P, 1, n_band)."""
         kxb, kyb = self.kx[self.band][None], self.ky[self.band][None]
@@ -496,27 +512,19 @@ def _mag_step(su: _Setup, s: _State, rnd: int, it: int) -> None:
 
 def _defocus_pass(su: _Setup, s: _State, rnd: int) -> None:
     """One per-particle mean-defocus pass on the band's pixels."""
-    p, optics, st = su.particles, su.optics, su.st
+    optics, st = su.optics, su.st
     t0, c0 = time.perf_counter(), time.process_time()
     # only the band's pixels enter the correlation: project and model just those
-    m = s.m
-    gb = su.band_features(m)
-    asin_w = ctf_constants(optics).amplitude_phase_rad
-    w_band = su.w_band
+    gb = su.band_features(s.m)
 
-    def defocus_chunk(
-        ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=s.z, a1=s.a1, a2=s.a2, asin_w=asin_w
-    ) -> tuple[NDArray, NDArray]:
-        xb = su.spectra(ci, rows)
-        qb = su.project(rows, m, su.band).reshape(len(rows), -1)[:, su.bidx]
-        phi0 = batch_chi(gb, z[rows], a1[rows], a2[rows], optics, p.phase_shift[rows]) + asin_w
-        env = s.sign * np.exp(-0.25 * p.bfactor[rows, None, None] * gb.feats.k2[None])
+    def defocus_chunk(ci: int, rows: NDArray[np.int64]) -> tuple[NDArray, NDArray]:
+        xb, qb, phi0, env = su.band_terms(ci, rows, s, gb)
         return defocus_offsets(
             xb,
             qb,
-            phi0[:, 0],
-            env[:, 0],
-            w_band,
+            phi0,
+            env,
+            su.w_band,
             gb.feats.k2[0],
             optics.wavelength,
             st.defocus_search,
@@ -665,8 +673,6 @@ def refine_group(
             if st.defocus_mode == "ml":
                 _defocus_pass(su, s, rnd)
             else:
-                from anisoctf.refine.posterior_pass import defocus_pass_posterior
-
                 defocus_pass_posterior(su, s, rnd)
         if st.fit_astigmatism:
             _astigmatism_pass(su, s, rnd)

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.signal import fftconvolve
+
+from anisoctf.refine.peak import parabola_peak
 
 __all__ = [
     "DefocusPosterior",
@@ -250,48 +253,79 @@ def _laplace(
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Mean and SD from a parabola through the log posterior's best three grid points."""
     lp = loglik - 0.5 * ((offsets - centre[:, None]) / spread) ** 2
-    rows = np.arange(lp.shape[0])
-    j = np.clip(np.argmax(lp, axis=1), 1, lp.shape[1] - 2)
-    y0, y1, y2 = lp[rows, j - 1], lp[rows, j], lp[rows, j + 1]
-    curv = y0 - 2 * y1 + y2  # second difference (per step²)
+    j, frac, curv, _ = parabola_peak(lp)
     ok = curv < 0
-    frac = np.where(ok, 0.5 * (y0 - y2) / np.where(ok, curv, -1.0), 0.0)
-    frac = np.clip(frac, -1.0, 1.0)
-    mean = offsets[rows, j] + frac * step
+    mean = offsets[np.arange(lp.shape[0]), j] + frac * step
     sd = np.where(ok, step / np.sqrt(-np.where(ok, curv, -1.0)), step)
     return mean, sd
+
+
+def _micrograph_loglik(
+    ll: NDArray, d: NDArray, mic: NDArray, tau: float, nm: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Each micrograph's log-likelihood of its offset ``μ`` with the heights integrated out.
+
+    ``ℓ_m(μ) = Σ_{p∈m} log Σ_j L_pj N(d_pj; μ, τ²)``: every particle's likelihood is laid on
+    one absolute grid (the rows' own spacing; linear weights between the two nearest nodes)
+    and convolved with the height density, so no Gaussian approximation of a likelihood with
+    several peaks enters. Returns the grid ``u`` (Å, ``(K,)``) and the table ``(M, K)``.
+    """
+    p, j = ll.shape
+    h = float(d[0, 1] - d[0, 0])
+    lo = float(np.min(d[:, 0]))
+    k = int(np.ceil((float(np.max(d[:, -1])) - lo) / h)) + 2
+    u = lo + h * np.arange(k)
+    top = np.max(ll, axis=1)
+    e = np.exp(ll - top[:, None])
+    pos = (d - lo) / h
+    i0 = np.clip(np.floor(pos).astype(np.int64), 0, k - 2)
+    f = np.clip(pos - i0, 0.0, 1.0)
+    row = np.broadcast_to(np.arange(p)[:, None], (p, j))
+    flat = np.zeros(p * k)
+    np.add.at(flat, (row * k + i0).ravel(), (e * (1.0 - f)).ravel())
+    np.add.at(flat, (row * k + i0 + 1).ravel(), (e * f).ravel())
+    half = int(np.ceil(6.0 * tau / h))
+    x = h * np.arange(-half, half + 1)
+    kern = np.exp(-0.5 * (x / tau) ** 2)
+    kern /= kern.sum()
+    conv = fftconvolve(flat.reshape(p, k), kern[None, :], mode="same", axes=1)
+    lp = np.log(np.maximum(conv, 1e-300)) + top[:, None]
+    order = np.argsort(mic, kind="stable")
+    starts = np.searchsorted(mic[order], np.arange(nm))
+    table = np.zeros((nm, k))
+    present = np.bincount(mic, minlength=nm) > 0
+    table[present] = np.add.reduceat(lp[order], starts[present], axis=0)
+    return u, table
 
 
 def _micrograph_step(
     ll: NDArray,
     d: NDArray,
     mic: NDArray,
-    mu: NDArray,
     tau: float,
-    count: NDArray,
+    nm: int,
     min_spread: float,
-    newton_steps: int = 3,
 ) -> tuple[NDArray[np.float64], float]:
-    """Micrograph offsets: their unshrunk estimates, then shrunk by a learned ``τ_m``.
+    """Micrograph offsets ``μ_m`` and their spread ``τ_m``, by the same evidence rule as ``τ``.
 
-    For a Gaussian likelihood a particle's posterior mean moves by ``s_p = 1 − v_p/τ²`` of a
-    change of its prior centre, so ``μ̂ ← μ̂ + Σ(m_p − μ̂)/Σ s_p`` is Newton's step to the
-    centre that the particles' evidence supports (plain EM moves by only ``s_p`` per step and
-    stalls where the particles say little), with variance ``τ²/Σ s_p``. ``τ_m`` comes from the
-    moments of the ``μ̂`` (their spread less their noise) and each offset is shrunk by
-    ``τ_m² / (τ_m² + var)``.
+    With every micrograph's ``ℓ_m(μ)`` (:func:`_micrograph_loglik`), ``τ_m`` is the smallest
+    spread within :data:`EVIDENCE_SLACK` of the highest evidence ``Σ_m log ∫ e^{ℓ_m(μ)}
+    N(μ; 0, τ_m²) dμ``, and each ``μ_m`` is its posterior mean under ``N(0, τ_m²)``. Offsets
+    the particles do not support are shrunk to zero. (The first version took Newton steps on
+    the particles' posterior means, which divides their noise by gains that a likelihood with
+    several peaks overstates: at box 64 and SNR 0.2 its offsets came out with 22 Å RMS of
+    noise where the true ones have 7 Å.)
     """
-    nm = count.size
-    hat = mu.copy()
-    info = np.ones(nm)
-    for _ in range(newton_steps):
-        mean, var = _moments(ll, d, hat[mic], tau)
-        gain = np.clip(1.0 - var / tau**2, 1e-3, 1.0)
-        info = np.bincount(mic, weights=gain, minlength=nm)
-        hat = hat + np.bincount(mic, weights=mean - hat[mic], minlength=nm) / np.maximum(info, 1e-9)
-    noise = tau**2 / np.maximum(info, 1e-9)
-    tau_m2 = max(float(np.mean(hat**2 - noise)), (0.5 * min_spread) ** 2)
-    return hat * tau_m2 / (tau_m2 + noise), float(np.sqrt(tau_m2))
+    if ll.shape[1] < 2 or nm == 0:
+        return np.zeros(nm), 0.5 * min_spread
+    u, table = _micrograph_loglik(ll, d, mic, tau, nm)
+    h = float(u[1] - u[0])
+    zero = np.zeros(nm)
+    lo_m = 0.5 * min_spread
+    hi_m = max(0.25 * float(u[-1] - u[0]), 2.0 * lo_m)
+    tau_m, _ = _best_spread(table, np.broadcast_to(u, table.shape), zero, lo_m, hi_m)
+    mean, _ = _posterior(table, np.broadcast_to(u, table.shape), zero, tau_m, h)
+    return mean, float(tau_m)
 
 
 def _posterior(
@@ -346,7 +380,10 @@ def posterior_offsets(
         Grid spacing (Å); where the posterior is narrower than it, the mean and SD come from
         a parabola through the log posterior (Laplace) instead of the grid's moments.
     min_spread
-        Floor of ``τ`` (Å).
+        Floor of ``τ`` (Å); never below the grid's spacing, since a prior narrower than the
+        spacing is not represented by the grid's moments (the posterior means then snap to
+        grid points and the micrograph offsets' Newton steps divide that error by gains near
+        zero).
     temperature
         ``β`` that went into ``loglik`` (recorded in the result).
     max_spread
@@ -363,13 +400,15 @@ def posterior_offsets(
     d = np.ascontiguousarray(np.broadcast_to(np.asarray(offsets, dtype=np.float64), (p, j)))
     mic = np.asarray(micrograph, dtype=np.int64)
     nm = int(mic.max()) + 1 if p else 0
-    count = np.bincount(mic, minlength=nm).astype(np.float64)
     span = float(np.max(d) - np.min(d)) if d.size else 1.0
+    if j > 1:
+        min_spread = max(min_spread, float(np.min(np.diff(d[0]))))
     hi = max(span if max_spread is None else max_spread, 2.0 * min_spread)
     if init is not None and init.micrograph_offset_A.size == nm:
         mu, tau, tau_m = init.micrograph_offset_A.copy(), init.spread_A, init.micrograph_spread_A
     else:
         mu, tau, tau_m = np.zeros(nm), max(span / 8.0, min_spread), max(span / 8.0, min_spread)
+    tau = max(tau, min_spread)
     if spread is not None:
         tau = max(float(spread), min_spread)
     iterations = 0
@@ -382,7 +421,9 @@ def posterior_offsets(
             tau_new = tau
         mu_new = mu
         if learn_micrograph_offsets:
-            mu_new, tau_m = _micrograph_step(ll, d, mic, mu, tau_new, count, min_spread)
+            # under the best-supported spread: the smaller one is a tie-break for the
+            # particles, and would understate the offsets' noise (so shrink them too little)
+            mu_new, tau_m = _micrograph_step(ll, d, mic, tau_best, nm, min_spread)
         moved = max(abs(tau_new - tau), float(np.max(np.abs(mu_new - mu))) if nm else 0.0)
         mu, tau = mu_new, tau_new
         if moved < TOLERANCE_A or (spread is not None and not learn_micrograph_offsets):

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from anisoctf.optics.kernel import ctf_constants
 from anisoctf.refine.defocus import defocus_scores
 from anisoctf.refine.height_prior import (
     candidate_loglik,
@@ -22,7 +21,7 @@ from anisoctf.refine.height_prior import (
     posterior_offsets,
     scale_prior,
 )
-from anisoctf.refine.model import batch_chi
+from anisoctf.refine.peak import parabola_peak
 
 if TYPE_CHECKING:
     from anisoctf.refine.group import _Setup, _State
@@ -36,25 +35,17 @@ def _scores_pass(
     """Correlation numerators and denominators ``(n, J)`` of every particle at ``centres +
     offsets`` (Å from its current defocus) and each particle's ``Σ w |X|²``
     (:func:`~anisoctf.refine.defocus.defocus_scores`)."""
-    p, optics = su.particles, su.optics
-    m = s.m
-    gb = su.band_features(m)
-    asin_w = ctf_constants(optics).amplitude_phase_rad
-    w_band = su.w_band
+    optics = su.optics
+    gb = su.band_features(s.m)
 
-    def chunk(
-        ci: int, rows: NDArray[np.int64], m=m, gb=gb, z=s.z, a1=s.a1, a2=s.a2
-    ) -> tuple[NDArray, NDArray, NDArray]:
-        xb = su.spectra(ci, rows)
-        qb = su.project(rows, m, su.band).reshape(len(rows), -1)[:, su.bidx]
-        phi0 = batch_chi(gb, z[rows], a1[rows], a2[rows], optics, p.phase_shift[rows]) + asin_w
-        env = s.sign * np.exp(-0.25 * p.bfactor[rows, None, None] * gb.feats.k2[None])
+    def chunk(ci: int, rows: NDArray[np.int64]) -> tuple[NDArray, NDArray, NDArray]:
+        xb, qb, phi0, env = su.band_terms(ci, rows, s, gb)
         return defocus_scores(
             xb,
             qb,
-            phi0[:, 0],
-            env[:, 0],
-            w_band,
+            phi0,
+            env,
+            su.w_band,
             gb.feats.k2[0],
             optics.wavelength,
             offsets,
@@ -110,7 +101,7 @@ def defocus_pass_posterior(su: _Setup, s: _State, rnd: int) -> None:
         n2, d2, _ = _scores_pass(su, s, window, centre)
         # the coarse grid's prior stands, unless it is too narrow for that grid to measure
         # (below one coarse step): then it is learned again on the windows
-        relearn = st.height_spread is None and post1.prior.spread_A < step
+        relearn = st.height_spread is None and post1.prior.spread_A <= step * (1 + 1e-9)
         post = posterior_offsets(
             loglik(n2, d2),
             (base + centre)[:, None] + window[None, :],
@@ -166,12 +157,8 @@ def _micrograph_offsets(
     ll2 = loglik(n2, d2)
     t2 = np.zeros((nm, len(window)))
     np.add.at(t2, mic, ll2)
-    rows = np.arange(nm)
-    j = np.clip(np.argmax(t2, axis=1), 1, len(window) - 2)
-    y0, y1, y2 = t2[rows, j - 1], t2[rows, j], t2[rows, j + 1]
-    curv = y0 - 2 * y1 + y2
+    j, frac, curv, _ = parabola_peak(t2)
     ok = curv < 0
-    frac = np.clip(np.where(ok, 0.5 * (y0 - y2) / np.where(ok, curv, -1.0), 0.0), -1, 1)
     off_m = centre_m + window[j] + frac * fine
     sd_m = np.where(ok, fine / np.sqrt(-np.where(ok, curv, -1.0)), fine)
     s.sd = sd_m[mic]
