@@ -26,6 +26,28 @@ _SIM = ParticleSimSpec()
 _FITS = {"defocus", "anisomag", "astigmatism"}
 
 
+#: --fsc: RELION CtfRefine's --f, or computed from the half maps
+_FscOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Weight frequencies by the reference's FSC, as RELION CtfRefine's --f does: "
+        "a RELION postprocess.star, or half-maps to compute it from --half-maps (and "
+        "--mask). [no FSC weighting]",
+        show_default=False,
+    ),
+]
+#: --match-amplitudes: the reference's radial gain (refine.reference_gain)
+_MatchOption = Annotated[
+    bool,
+    typer.Option(
+        "--match-amplitudes/--no-match-amplitudes",
+        help="Scale each resolution shell of the prediction to the particles' own "
+        "(measured on the data) before the defocus passes, so that a filtered, noisy or "
+        "low-resolution reference does not move defocus.",
+    ),
+]
+
+
 def _out() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
@@ -90,6 +112,8 @@ def refine_command(
             "input values.",
         ),
     ] = _SET.micrograph_offsets,
+    fsc: _FscOption = None,
+    match_amplitudes: _MatchOption = _SET.match_amplitudes,
     ref_apix: Annotated[
         float | None,
         typer.Option(help="Reference pixel size (Å) if the header has none.", show_default=False),
@@ -128,6 +152,7 @@ def refine_command(
             defocus_mode=defocus_mode,
             height_spread=height_spread,
             micrograph_offsets=micrograph_offsets,
+            match_amplitudes=match_amplitudes,
         )
     except ValueError as exc:
         usage_exit(str(exc))
@@ -154,6 +179,7 @@ def refine_command(
                 ref_apix=ref_apix,
                 log=None if quiet else log,
                 resume=resume,
+                fsc=fsc,
             )
     except (AnisoctfError, ValueError) as exc:
         usage_exit(str(exc))

@@ -31,11 +31,14 @@ from anisoctf.io import labels as L
 from anisoctf.io.atomic import write_text_atomic
 from anisoctf.io.mrc import read_mrc_header, read_stack
 from anisoctf.io.particles import ParticleSet, read_particles
+from anisoctf.io.postprocess_star import read_fsc_star
 from anisoctf.io.star_patch import fmt_defocus, patch_defocus_star, star_layout
 from anisoctf.io.star_tables import read_star_blocks
 from anisoctf.jobs.batch_state import lock_output, remove_stray_temporaries
 from anisoctf.jobs.refine_state import STATE_DIR, group_fingerprint, load_group, save_group
+from anisoctf.records.fsc import FscCurve
 from anisoctf.records.particles import ParticleBatch
+from anisoctf.refine.fsc import half_map_fsc
 from anisoctf.refine.group import GroupResult, RefineSettings, refine_group
 from anisoctf.refine.projection import FourierProjector
 from anisoctf.report.refine_plots import plot_refined_group
@@ -43,6 +46,8 @@ from anisoctf.report.refine_plots import plot_refined_group
 __all__ = ["OUT_STAR", "RefineReport", "load_map", "run_refine", "write_refined_star"]
 
 OUT_STAR = "particles_ctf_refine.star"
+#: ``fsc`` value that computes the FSC from the half maps
+HALF_MAPS_FSC = "half-maps"
 
 
 @dataclass
@@ -143,6 +148,7 @@ def run_refine(
     pad: int = 2,
     log: Callable[[str], None] | None = None,
     resume: bool = True,
+    fsc: str | os.PathLike[str] | None = None,
 ) -> RefineReport:
     """Refine a particle STAR file against a reference and write the outputs into ``out``.
 
@@ -151,10 +157,15 @@ def run_refine(
     state instead of being refined again (:mod:`anisoctf.jobs.refine_state`), so a killed run
     resumes at its first unfinished group.
 
+    ``fsc`` weights the comparison by the reference's FSC (RELION CtfRefine's ``--f``): the
+    path of a RELION post-process STAR, or ``"half-maps"`` to compute it from ``half_maps``
+    (multiplied by ``mask`` when given); see :mod:`anisoctf.refine.fsc`.
+
     Raises
     ------
     InputError
-        Missing poses, reference, stacks, optics; a reference that cannot match the particles.
+        Missing poses, reference, stacks, optics; a reference that cannot match the particles;
+        ``fsc="half-maps"`` without half maps; an unreadable post-process STAR.
     """
     say = log or (lambda _m: None)
     st = settings or RefineSettings()
@@ -194,6 +205,7 @@ def run_refine(
     mask_vol = None
     if mask is not None:
         mask_vol, _ = load_map(mask, next(iter(maps.values()))[1])
+    curve = _fsc_curve(fsc, maps, half_maps, mask_vol, mask, ps.path)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_output(out_dir)
@@ -201,7 +213,7 @@ def run_refine(
         for folder in (out_dir, out_dir / STATE_DIR):
             remove_stray_temporaries(folder)  # left by a killed run; we hold the lock
         return _refine_groups(
-            ps, maps, mask, mask_vol, out_dir, st, pad, ref_apix, half_maps, resume, say
+            ps, maps, mask, mask_vol, out_dir, st, pad, ref_apix, half_maps, resume, say, curve
         )
     finally:
         lock.release()
@@ -219,6 +231,7 @@ def _refine_groups(
     half_maps: tuple[str, str] | None,
     resume: bool,
     say: Callable[[str], None],
+    curve: FscCurve | None = None,
 ) -> RefineReport:
     """Refine every optics group of ``ps`` into ``out_dir`` (under the directory's lock)."""
     report = RefineReport(out_star=out_dir / OUT_STAR)
@@ -255,6 +268,7 @@ def _refine_groups(
         key = group_fingerprint(
             ps.path, [m[2] for m in maps.values()] + ([] if mask is None else [Path(mask)]),
             st, g, pad=pad, ref_apix=ref_apix, half_maps=half_maps is not None,
+            fsc=None if curve is None else [curve.source, curve.fsc.tolist()],
         )  # fmt: skip
         res = load_group(out_dir, g, key) if resume else None
         if res is not None:
@@ -262,8 +276,9 @@ def _refine_groups(
             report.resumed.append(g)
         else:
             res = refine_group(
-                images, particles, optics, box, projectors, settings=st, group=g, log=say
-            )
+                images, particles, optics, box, projectors, settings=st, group=g, log=say,
+                fsc=curve,
+            )  # fmt: skip
             save_group(out_dir, res, key)
         report.groups.append(res)
         summary = res.summary()
@@ -277,6 +292,38 @@ def _refine_groups(
         report.png_files.append(ppath)
     write_refined_star(ps, report.groups, report.out_star, write_mag=st.fit_anisomag)
     return report
+
+
+def _fsc_curve(
+    fsc: str | os.PathLike[str] | None,
+    maps: dict[int, tuple[np.ndarray, float, Path]],
+    half_maps: tuple[str, str] | None,
+    mask_vol: np.ndarray | None,
+    mask: str | os.PathLike[str] | None,
+    star: Path,
+) -> FscCurve | None:
+    """The FSC that weights the comparison: read, computed from the half maps, or none."""
+    if fsc is None:
+        return None
+    if str(fsc) == HALF_MAPS_FSC:
+        if half_maps is None:
+            raise InputError(
+                "--fsc half-maps needs --half-maps H1.mrc H2.mrc (or give --fsc "
+                "postprocess.star)",
+                path=star,
+            )
+        (v1, a1, p1), (v2, _a2, p2) = maps[1], maps[2]
+        if v1.shape != v2.shape:
+            raise InputError(
+                f"the half maps are {v1.shape} and {v2.shape}; give two of one size", path=p2
+            )
+        if mask_vol is not None and mask_vol.shape != v1.shape:
+            raise InputError(
+                f"the mask is {mask_vol.shape} but the half maps {v1.shape}", path=mask
+            )
+        curve = half_map_fsc(v1, v2, a1, mask_vol)
+        return FscCurve(curve.k_inv_A, curve.fsc, source=f"half maps {p1.name}, {p2.name}")
+    return read_fsc_star(fsc)
 
 
 def read_star_blocks_names(path: Path) -> list[str]:

@@ -88,6 +88,7 @@ def save_group(out_dir: str | os.PathLike[str], result: GroupResult, fingerprint
         "flipped_contrast": bool(result.flipped_contrast),
         "displacement": result.displacement,
         "prior": result.prior,
+        "reference": result.reference,
         "defocus_mode": result.defocus_mode,
     }
     write_text_atomic(js, json.dumps(doc) + "\n")  # NaN kept as NaN (JSON5-style), as read
@@ -121,6 +122,7 @@ def load_group(out_dir: str | os.PathLike[str], group: int, fingerprint: str) ->
             displacement=doc["displacement"],
             defocus_sd=sd,
             prior=doc.get("prior"),
+            reference=doc.get("reference"),
             defocus_mode=str(doc.get("defocus_mode", "ml")),
             **arrays,
         )

@@ -35,6 +35,7 @@ from anisoctf.optics.ctf import Optics, frequency_features
 from anisoctf.optics.frames import defocus_table_to_true
 from anisoctf.optics.kernel import ctf_constants
 from anisoctf.optics.magmat import MagMat
+from anisoctf.records.fsc import FscCurve
 from anisoctf.records.particles import ParticleBatch
 from anisoctf.refine.anisomag import (
     MagEquations,
@@ -44,7 +45,9 @@ from anisoctf.refine.anisomag import (
     solve_matrix,
     update_matrix,
 )
-from anisoctf.refine.defocus import astigmatism_scores, defocus_offsets
+from anisoctf.refine.astigmatism_pass import astigmatism_pass
+from anisoctf.refine.defocus import defocus_offsets
+from anisoctf.refine.fsc import fsc_weight
 from anisoctf.refine.height_prior import HeightPrior
 from anisoctf.refine.model import (
     GridFeatures,
@@ -61,6 +64,7 @@ from anisoctf.refine.projection import (
     euler_to_matrix,
     image_frequencies,
 )
+from anisoctf.refine.reference_gain import amplitude_gain, gain_at, reference_summary
 
 #: scipy.fft costs 0.1–0.3 s to import; only the commands that need it pay for it
 sfft = lazy("scipy.fft")
@@ -116,6 +120,7 @@ class RefineSettings:
     defocus_mode: str = "prior"  # "prior" (posterior), "ml" (best correlation), "micrograph"
     height_spread: float | None = None  # fix the prior's height SD (Å); None: learn it
     micrograph_offsets: bool = True  # learn a prior centre offset per micrograph
+    match_amplitudes: bool = True  # scale the reference's shells to the data's (defocus passes)
 
     def __post_init__(self) -> None:
         if self.defocus_mode not in DEFOCUS_MODES:
@@ -157,6 +162,7 @@ class GroupResult:
     defocus_sd: NDArray[np.float64] | None = None  # posterior SD of each mean defocus (Å)
     prior: dict | None = None  # the learned height prior (defocus_mode "prior")
     defocus_mode: str = "ml"
+    reference: dict | None = None  # FSC weighting and the reference's radial gain
 
     def summary(self) -> dict:
         """JSON-ready summary (matrix, anisotropy, axis, evidence, history, timings)."""
@@ -188,6 +194,7 @@ class GroupResult:
                 "p90": float(np.quantile(self.defocus_sd, 0.9)),
             },
             "height_prior": self.prior,
+            "reference_weighting": self.reference,
             "timing_s": self.timing,
             "contrast_inverted": self.flipped_contrast,
             "displacement_field": self.displacement,
@@ -232,6 +239,7 @@ class _Setup:
     mic: NDArray[np.int64]
     keep_spectra: bool
     n_threads: int
+    fsc: FscCurve | None = None
     spectra_cache: dict[int, NDArray[np.complex64]] = field(default_factory=dict)
     read_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -296,6 +304,8 @@ class _Setup:
         p = self.particles
         xb = self.spectra(ci, rows)
         qb = self.project(rows, s.m, self.band).reshape(len(rows), -1)[:, self.bidx]
+        if s.gain is not None:
+            qb = qb * gain_at(s.gain, gb.feats.k2[0]).astype(np.float32)
         phi0 = batch_chi(gb, s.z[rows], s.a1[rows], s.a2[rows], self.optics, p.phase_shift[rows])
         phi0 += ctf_constants(self.optics).amplitude_phase_rad
         env = s.sign * np.exp(-0.25 * p.bfactor[rows, None, None] * gb.feats.k2[None])
@@ -327,6 +337,8 @@ class _State:
     sign: float = 1.0
     sd: NDArray[np.float64] | None = None
     prior: HeightPrior | None = None
+    # the reference's radial gain: (shell frequencies 1/Å, gain), see _amplitude_gain
+    gain: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     evidence: list[dict[str, float]] = field(default_factory=list)
     cov: NDArray[np.float64] | None = None
@@ -359,8 +371,11 @@ def _setup(
     st: RefineSettings,
     group: int,
     say: Callable[[str], None],
+    fsc: FscCurve | None = None,
 ) -> _Setup:
-    """Band, chunks and noise weights of one group (reads the first chunk's images)."""
+    """Band, chunks and noise weights of one group (reads the first chunk's images); with
+    ``fsc`` the weights are multiplied by :func:`~anisoctf.refine.fsc.fsc_weight` and the band
+    ends where it falls to zero."""
     n = particles.n
     apix = optics.pixel_size
     which = particles.which
@@ -375,8 +390,22 @@ def _setup(
     kx, ky = image_frequencies(box)
     k_obs = np.hypot(kx, ky) / apix
     band = (k_obs >= k_lo) & (k_obs <= k_hi)
+    shell_w = None
+    if fsc is not None:
+        shell_w = fsc_weight(fsc, k_obs)
+        band &= shell_w > 0
+        if band.any():
+            k_hi = min(k_hi, float(np.max(k_obs[band])))
+        src = fsc.source or "the reference"
+        say(
+            f"optics group {group}: comparison weighted by the FSC of {src} (0.143 at "
+            f"{fsc.resolution_A():.1f} Å; band ends at {1 / k_hi:.1f} Å)"
+        )
     if band.sum() < 20:
-        raise ValueError(f"the band {st.min_res}–{1 / k_hi:.1f} Å holds too few pixels")
+        raise ValueError(
+            f"the band {st.min_res}–{1 / k_hi:.1f} Å holds too few pixels"
+            + ("" if fsc is None else " (the FSC falls to zero before the band's end)")
+        )
     order = np.argsort(which, kind="stable")
     chunks = [order[i : i + st.chunk] for i in range(0, n, st.chunk)]
     # split chunks so that each uses one projector
@@ -388,6 +417,8 @@ def _setup(
         weight = np.where(band, 1.0 / _radial_noise(x_first, box), 0.0)
     else:
         weight = band.astype(np.float64)
+    if shell_w is not None:
+        weight = weight * shell_w
     bidx = np.flatnonzero(band.ravel())
     mic = (
         np.zeros(n, dtype=np.int64)
@@ -418,6 +449,7 @@ def _setup(
         # the observed band spectra do not change between passes: keep them when they fit
         keep_spectra=n * bidx.size * 8 <= st.cache_mb * 2**20,
         n_threads=max(1, min(st.threads or _available_cpus(), len(chunks))),
+        fsc=fsc,
     )
 
 
@@ -544,38 +576,6 @@ def _defocus_pass(su: _Setup, s: _State, rnd: int) -> None:
     )
 
 
-def _astigmatism_pass(su: _Setup, s: _State, rnd: int) -> None:
-    """Per-micrograph Cartesian astigmatism: a coarse then a fine grid search."""
-    p, optics, st, mic = su.particles, su.optics, su.st, su.mic
-    t0 = time.perf_counter()
-    g = grid_features(su.box, su.apix, s.m)
-    asin_w = ctf_constants(optics).amplitude_phase_rad
-    nm = int(mic.max()) + 1
-    total = np.zeros((nm, 2))
-    for half, stp in ((st.astig_search, st.astig_step), (st.astig_step, st.astig_step / 5)):
-        d = np.arange(-half, half + 0.5 * stp, stp)
-        cand = np.stack(np.meshgrid(d, d, indexing="ij"), -1).reshape(-1, 2)
-        sums = np.zeros((nm, len(cand)))
-        for rows in su.chunks:
-            x0, q = su.batch(rows, s.m)
-            phi0 = batch_chi(g, s.z[rows], s.a1[rows], s.a2[rows], optics, p.phase_shift[rows])
-            phi0 += asin_w
-            env = s.sign * np.exp(-0.25 * p.bfactor[rows, None, None] * g.feats.k2[None])
-            sc = astigmatism_scores(
-                x0, q, phi0, env, su.weight, g.feats.c2, g.feats.s2, optics.wavelength, cand
-            )
-            np.add.at(sums, mic[rows], sc)
-        best = cand[np.argmax(sums, axis=1)]
-        s.a1 += best[mic, 0]
-        s.a2 += best[mic, 1]
-        total += best
-    s.t_ast += time.perf_counter() - t0
-    su.say(
-        f"optics group {su.group}: round {rnd + 1} astigmatism: median |change| "
-        f"{np.median(np.hypot(total[:, 0], total[:, 1])) * 2:.0f} Å in U − V"
-    )
-
-
 def _result(su: _Setup, s: _State, m_init: MagMat) -> GroupResult:
     """The group's :class:`GroupResult` from the final state."""
     n = su.n
@@ -615,6 +615,7 @@ def _result(su: _Setup, s: _State, m_init: MagMat) -> GroupResult:
         defocus_sd=s.sd,
         prior=None if s.prior is None else s.prior.to_dict(),
         defocus_mode=su.st.defocus_mode,
+        reference=reference_summary(su, s),
     )
 
 
@@ -627,6 +628,7 @@ def refine_group(
     settings: RefineSettings | None = None,
     group: int = 1,
     log: Callable[[str], None] | None = None,
+    fsc: FscCurve | None = None,
 ) -> GroupResult:
     """Refine the magnification matrix and per-particle defocus of one optics group.
 
@@ -647,10 +649,14 @@ def refine_group(
         Reference projectors, keyed as ``particles.which`` (half maps: the random subset).
     settings, group, log
         What to fit; the group's number (for messages and the result); a message sink.
+    fsc
+        The reference's FSC: every frequency's weight is multiplied by it, and frequencies
+        from where it first falls to zero are left out (:mod:`anisoctf.refine.fsc`; RELION
+        CtfRefine's ``--f``). ``None``: weights from the data's noise only.
     """
     st = settings or RefineSettings()
     say = log or (lambda _m: None)
-    su = _setup(images, particles, optics, box, projectors, st, group, say)
+    su = _setup(images, particles, optics, box, projectors, st, group, say, fsc)
     m = np.array(optics.M)
     z, a1, a2 = uva_to_zaa(particles.defocus_u, particles.defocus_v, particles.defocus_angle)
     n = particles.n
@@ -670,10 +676,15 @@ def refine_group(
             for it in range(st.mag_iterations):
                 _mag_step(su, s, rnd, it)
         if st.fit_defocus:
+            if st.match_amplitudes:
+                t0, c0 = time.perf_counter(), time.process_time()
+                s.gain = amplitude_gain(su, s)
+                s.t_def += time.perf_counter() - t0  # counted in the defocus pass's time
+                s.c_def += time.process_time() - c0
             if st.defocus_mode == "ml":
                 _defocus_pass(su, s, rnd)
             else:
                 defocus_pass_posterior(su, s, rnd)
         if st.fit_astigmatism:
-            _astigmatism_pass(su, s, rnd)
+            astigmatism_pass(su, s, rnd)
     return _result(su, s, MagMat(m))
